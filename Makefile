@@ -1,0 +1,50 @@
+# mmstream: `make demo` and `make test` each do all of their own set-up.
+SHELL := /bin/bash
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODEL_KERAS := .cache/reference-model/model.keras
+MODEL_ONNX := .cache/reference-onnx
+IMAGE_SIZE ?= 64
+
+.PHONY: help install lint test test-fast demo model kafka kafka-stop clean
+help:
+	@echo "make demo        train+export the reference model (cached), start Kafka, run the demo"
+	@echo "make test        lint, type-check and run the full test suite (real Kafka broker)"
+	@echo "make kafka       start the local broker on 127.0.0.1:9092; make kafka-stop stops it"
+	@echo "make model       train and export the reference model only"
+
+install: $(STAMP)
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,test,dev]'
+	touch $@
+
+lint: install
+	$(BIN)/ruff check worker export tests
+	$(BIN)/ruff format --check worker export tests
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not integration"
+
+$(MODEL_KERAS): | $(STAMP)
+	$(BIN)/mmstream train-reference --out $(dir $@) --image-size $(IMAGE_SIZE)
+
+$(MODEL_ONNX)/manifest.json: $(MODEL_KERAS)
+	$(BIN)/mmstream export --model $< --out $(MODEL_ONNX)
+
+model: $(MODEL_ONNX)/manifest.json
+
+demo: model kafka
+	$(BIN)/mmstream demo --model $(MODEL_ONNX) --bootstrap-servers 127.0.0.1:$(KAFKA_PORT)
+
+clean:
+	rm -rf .cache/reference-model .cache/reference-onnx .pytest_cache .mypy_cache .ruff_cache
+
+include deploy/local/kafka.mk

@@ -1,0 +1,152 @@
+"""``train-reference`` and ``export`` command bodies, for the CLI in ``worker/cli.py``.
+
+Importing this module is cheap and does not import TensorFlow: the parser
+helpers only add arguments, and TensorFlow is loaded when a command runs.
+The commands take already-parsed arguments (the CLI applies environment
+variables) and return an exit code; errors are raised as ``MMStreamError``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from worker.errors import ConfigError
+
+DEFAULT_REFERENCE_DIR = ".cache/reference-model"
+DEFAULT_OPSET = 17
+DEFAULT_TOLERANCE = 1e-4
+
+
+def add_train_reference_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``train-reference``: out, image_size, epochs, n_train, seed."""
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(DEFAULT_REFERENCE_DIR),
+        help="directory for model.keras and mmstream-spec.json (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--image-size",
+        dest="image_size",
+        type=int,
+        default=64,
+        help="square image input size in pixels, e.g. 64 or 256 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=10, help="training epochs (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--n-train",
+        dest="n_train",
+        type=int,
+        default=4000,
+        help="number of generated training samples (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed of data and weights (default: %(default)s)"
+    )
+
+
+def add_export_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``export``: model, out, spec, opset, tolerance, version."""
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=Path(DEFAULT_REFERENCE_DIR),
+        help="the .keras file, or a directory holding model.keras (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="model directory to write (model.onnx, manifest.json); required; a previous "
+        "export there is replaced",
+    )
+    parser.add_argument(
+        "--spec",
+        type=Path,
+        default=None,
+        help="sidecar with input specs, labels and model card "
+        "(default: mmstream-spec.json beside the model)",
+    )
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=DEFAULT_OPSET,
+        help="ONNX opset, at most 18 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="largest allowed Keras vs ONNX Runtime abs difference (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--version",
+        default=None,
+        help="model version for the manifest (default: the sidecar's)",
+    )
+
+
+def train_reference_main(args: argparse.Namespace) -> int:
+    """Train the reference model into ``args.out`` and print its model card's numbers."""
+    from export.reference_model import train_reference
+
+    result = train_reference(
+        args.out,
+        image_size=args.image_size,
+        n_train=args.n_train,
+        epochs=args.epochs,
+        seed=args.seed,
+    )
+    card = result["model_card"]
+    ev, tr = card["evaluation"], card["training"]
+    acc, clean = ev["accuracy"], ev["clean_accuracy"]
+    print(f"reference model written to {result['out_dir']}")
+    print(
+        f"  trained {tr['epochs']} epochs on {tr['n_train']} samples "
+        f"(corrupt_p {tr['corrupt_p']}, seed {tr['seed']}) in {tr['seconds']} s"
+    )
+    print(
+        f"  held-out accuracy (n={ev['n']}, corrupt_p {ev['corrupt_p']}): fused {acc['fused']:.4f}"
+        f"  image {acc['image_only']:.4f}  text {acc['text_only']:.4f}"
+        f"  audio {acc['audio_only']:.4f}"
+    )
+    print(f"  clean test accuracy: fused {clean['fused']:.4f}")
+    failed = [name for name, ok in ev["checks"].items() if not ok]
+    if failed:
+        print(f"  WARNING: quality checks failed: {', '.join(failed)}")
+    return 0
+
+
+def export_main(args: argparse.Namespace) -> int:
+    """Export ``args.model`` to ``args.out`` and print the parity numbers."""
+    import time
+
+    from export.convert import export_model
+
+    if args.out is None:
+        raise ConfigError("export needs an output directory: --out DIR")
+    started = time.perf_counter()
+    manifest = export_model(
+        args.model,
+        args.out,
+        spec_path=args.spec,
+        opset=args.opset,
+        tolerance=args.tolerance,
+        version=args.version,
+    )
+    parity = manifest.parity
+    print(f"exported {manifest.name} {manifest.version} to {Path(args.out)}")
+    print(
+        f"  opset {manifest.opset}, sha256 {manifest.sha256[:12]}..., "
+        f"{time.perf_counter() - started:.1f} s"
+    )
+    print(
+        f"  parity Keras vs ONNX Runtime: max abs diff {parity['max_abs_diff']:.3g} "
+        f"(tolerance {parity['tolerance']:.3g}), argmax agreement "
+        f"{parity['argmax_agreement']:.4f}, batch sizes {parity['batch_sizes']}"
+    )
+    print(f"  inputs: {', '.join(f'{i.name} {i.dtype}{list(i.shape)}' for i in manifest.inputs)}")
+    return 0

@@ -1,0 +1,42 @@
+"""Shared fixtures: a real Kafka broker for the integration tests (see kafka_broker.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from kafka_broker import bootstrap_servers, create_topic, wait_ready
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap servers of a ready broker: KAFKA_BOOTSTRAP_SERVERS, testcontainers or jars."""
+    bootstrap, stop = bootstrap_servers(tmp_path_factory.mktemp("kafka"))
+    try:
+        wait_ready(bootstrap)
+        yield bootstrap
+    finally:
+        stop()
+
+
+@pytest.fixture
+def topic_factory(kafka_bootstrap: str) -> Callable[..., str]:
+    """``topic_factory(partitions=3)`` creates a fresh, uniquely named topic and returns it."""
+
+    def make(partitions: int = 3) -> str:
+        return create_topic(kafka_bootstrap, partitions)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small model of the reference family (16x16 images), trained briefly and exported.
+
+    Built once per session with the real export path (Keras -> tf2onnx -> manifest).
+    """
+    from model_fixture import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))

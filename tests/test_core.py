@@ -1,0 +1,172 @@
+"""Pure stages: assembly, batching, offset tracking, model runner (fake session)."""
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+
+from worker.assemble import Assembler
+from worker.batcher import Batcher
+from worker.errors import InferenceError
+from worker.model import ModelRunner, SessionInfo
+from worker.offsets import OffsetTracker
+
+from factories import event, part, small_manifest
+
+# ------------------------------------------------------------------ assembler
+
+
+def test_event_completes_when_every_input_arrived_in_any_order() -> None:
+    asm = Assembler(frozenset({"a", "b", "c"}))
+    assert asm.add(part("e1", "c", 0), now_ms=10) is None
+    assert asm.add(part("e2", "a", 1), now_ms=11) is None
+    assert asm.add(part("e1", "a", 2), now_ms=12) is None
+    ev = asm.add(part("e1", "b", 3), now_ms=13)
+    assert ev is not None and ev.event_id == "e1" and set(ev.parts) == {"a", "b", "c"}
+    assert (ev.first_seen_ms, ev.completed_ms) == (10, 13)
+    assert len(asm) == 1  # e2 still pending
+
+
+def test_same_key_on_two_partitions_are_two_events() -> None:
+    asm = Assembler(frozenset({"a", "b"}))
+    asm.add(part("e", "a", 0, partition=0), 0)
+    assert asm.add(part("e", "b", 0, partition=1), 0) is None
+    assert len(asm) == 2
+
+
+def test_duplicate_part_later_wins_and_is_kept_for_its_offset() -> None:
+    asm = Assembler(frozenset({"a", "b"}))
+    asm.add(part("e", "a", 0, value=1.0), 0)
+    asm.add(part("e", "a", 1, value=2.0), 0)
+    ev = asm.add(part("e", "b", 2), 0)
+    assert ev is not None and float(ev.parts["a"].tensor[0]) == 2.0
+    assert [s.offset for s in ev.duplicates] == [0]
+    assert sorted(s.offset for s in ev.sources) == [0, 1, 2]
+    assert asm.duplicate_parts == 1
+
+
+def test_drop_partitions_forgets_only_those() -> None:
+    asm = Assembler(frozenset({"a", "b"}))
+    asm.add(part("x", "a", 0, partition=0), 0)
+    asm.add(part("y", "a", 0, partition=1), 0)
+    assert asm.drop_partitions({0}) == 1 and len(asm) == 1
+
+
+# ------------------------------------------------------------------ batcher
+
+
+def test_batch_ready_when_full_or_oldest_waited_the_delay() -> None:
+    b = Batcher(max_size=3, max_delay_ms=10)
+    assert not b.ready(0) and b.wait_ms(0) is None
+    b.add(event("1"), now_ms=100)
+    b.add(event("2"), now_ms=105)
+    assert not b.ready(109) and b.wait_ms(105) == 5
+    assert b.ready(110)
+    b.add(event("3"), now_ms=106)
+    assert b.ready(106) and b.wait_ms(106) == 0
+    assert [e.event_id for e in b.take()] == ["1", "2", "3"] and len(b) == 0
+
+
+def test_take_returns_at_most_max_size_in_order() -> None:
+    b = Batcher(max_size=2, max_delay_ms=0)
+    for i in range(5):
+        b.add(event(str(i)), 0)
+    assert [[e.event_id for e in b.take()] for _ in range(3)] == [["0", "1"], ["2", "3"], ["4"]]
+
+
+def test_batcher_drops_revoked_partitions() -> None:
+    b = Batcher(max_size=10, max_delay_ms=10)
+    b.add(event("a", partition=0), 0)
+    b.add(event("b", partition=1), 0)
+    assert b.drop_partitions({1}) == 1 and [e.event_id for e in b.take()] == ["a"]
+
+
+# ------------------------------------------------------------------ offsets
+
+TP = ("in", 0)
+
+
+def test_commit_position_never_passes_an_open_offset() -> None:
+    t = OffsetTracker()
+    for o in range(5):
+        t.track(TP, o)
+    assert t.safe_position(TP) == 0
+    t.done(TP, 1)
+    t.done(TP, 2)
+    assert t.safe_position(TP) == 0  # 0 still open
+    t.done(TP, 0)
+    assert t.safe_position(TP) == 3
+    t.done(TP, 4)
+    assert t.committable() == {TP: 3}
+    t.done(TP, 3)
+    assert t.committable() == {TP: 5} and t.open_count() == 0
+
+
+def test_committable_only_reports_progress() -> None:
+    t = OffsetTracker()
+    t.track(TP, 7)
+    t.done(TP, 7)
+    assert t.committable() == {TP: 8}
+    t.mark_committed({TP: 8})
+    assert t.committable() == {}
+    t.track(TP, 8)
+    assert t.committable() == {}
+
+
+def test_forget_drops_state_and_ignores_late_acks() -> None:
+    t = OffsetTracker()
+    t.track(TP, 0)
+    t.forget({TP})
+    t.done(TP, 0)
+    assert t.committable() == {} and t.safe_position(TP) is None
+
+
+# ------------------------------------------------------------------ model runner
+
+
+class FakeSession:
+    def __init__(self, fail_on: float | None = None) -> None:
+        self.fail_on = fail_on
+        self.feeds: list[dict[str, Any]] = []
+
+    def run(self, output_names: Sequence[str] | None, input_feed: dict[str, Any]) -> list[Any]:
+        self.feeds.append(input_feed)
+        audio = input_feed["audio"]
+        if self.fail_on is not None and (audio == self.fail_on).any():
+            raise ValueError("poison")
+        n = audio.shape[0]
+        probs = np.zeros((n, 10), dtype=np.float32)
+        probs[np.arange(n), np.arange(n) % 10] = 0.9
+        return [probs]
+
+
+def full_event(event_id: str, fill: float = 0.0) -> Any:
+    from worker.records import Event, Part
+
+    from factories import source
+
+    m = small_manifest()
+    parts = {
+        i.name: Part(event_id, i.name, np.full(i.shape, fill, dtype=i.dtype), source(n))
+        for n, i in enumerate(m.inputs)
+    }
+    return Event(event_id, 0, parts, first_seen_ms=1, completed_ms=2)
+
+
+def test_runner_feeds_by_name_with_manifest_dtypes_and_labels_argmax() -> None:
+    session = FakeSession()
+    runner = ModelRunner(small_manifest(), session, SessionInfo("CPUExecutionProvider", ()))
+    preds = runner.predict([full_event("a"), full_event("b")], clock=lambda: 99)
+    feed = session.feeds[0]
+    assert set(feed) == {"audio", "image", "text"}
+    assert feed["text"].dtype == np.int32 and feed["image"].shape == (2, 16, 16, 3)
+    assert [p.label for p in preds] == ["0", "1"] and preds[1].score == pytest.approx(0.9)
+    assert preds[0].timing["inferred_ms"] == 99 and preds[0].timing["batch_size"] == 2
+    assert preds[0].modalities == ("audio", "image", "text")
+
+
+def test_runner_wraps_ort_failures_in_inference_error() -> None:
+    runner = ModelRunner(small_manifest(), FakeSession(fail_on=5.0), SessionInfo("CPU", ()))
+    with pytest.raises(InferenceError, match="poison"):
+        runner.predict([full_event("a", 5.0)], clock=lambda: 0)

@@ -1,0 +1,145 @@
+"""Decode stage: every content type, and every way a record can be refused (with its reason)."""
+
+import io
+import wave
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from worker.decode import Limits, decode_record
+from worker.errors import Reason, RecordError
+from worker.produce import npy_bytes, png_bytes, wav_bytes
+from worker.records import CONTENT_NPY
+
+from factories import raw, small_manifest
+
+M = small_manifest(16)
+LIMITS = Limits(max_part_bytes=1_000_000, max_image_pixels=512 * 512)
+
+
+def reason_of(record) -> Reason:  # type: ignore[no-untyped-def]
+    with pytest.raises(RecordError) as info:
+        decode_record(record, M, LIMITS)
+    return info.value.reason
+
+
+def test_npy_part_is_taken_as_is() -> None:
+    arr = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    part = decode_record(raw(npy_bytes(arr), modality="image", ctype=CONTENT_NPY), M, LIMITS)
+    assert part.event_id == "ev-1" and part.input_name == "image"
+    assert np.array_equal(part.tensor, arr)
+
+
+@pytest.mark.parametrize(
+    ("arr", "reason"),
+    [
+        (np.zeros((16, 16, 3), dtype=np.float64), Reason.SHAPE_MISMATCH),
+        (np.zeros((8, 8, 3), dtype=np.float32), Reason.SHAPE_MISMATCH),
+        (np.full((16, 16, 3), np.nan, dtype=np.float32), Reason.DECODE_ERROR),
+    ],
+)
+def test_npy_with_wrong_dtype_shape_or_nan_is_refused(arr: np.ndarray, reason: Reason) -> None:
+    assert reason_of(raw(npy_bytes(arr), modality="image", ctype=CONTENT_NPY)) == reason
+
+
+def test_pickled_npy_is_refused() -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert (
+        reason_of(raw(buf.getvalue(), modality="image", ctype=CONTENT_NPY)) == Reason.DECODE_ERROR
+    )
+
+
+def test_png_jpeg_text_and_wav_decode_to_model_tensors() -> None:
+    digit = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
+    png = decode_record(raw(png_bytes(digit), modality="image", ctype="image/png"), M, LIMITS)
+    assert png.tensor.shape == (16, 16, 3) and png.tensor.dtype == np.float32
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (0, 128, 255)).save(buf, format="JPEG")
+    jpg = decode_record(raw(buf.getvalue(), modality="image", ctype="image/jpeg"), M, LIMITS)
+    assert abs(float(jpg.tensor[..., 2].mean()) - 1.0) < 0.02
+    text = decode_record(raw(b"the number 7"), M, LIMITS)
+    assert text.tensor.dtype == np.int32 and text.tensor.shape == (16,)
+    tone = np.sin(np.arange(4000) / 8000 * 2 * np.pi * 697).astype(np.float32) * 0.5
+    audio = decode_record(
+        raw(wav_bytes(tone, 8000), modality="audio", ctype="audio/wav"), M, LIMITS
+    )
+    assert audio.tensor.shape == (48, 40) and np.isfinite(audio.tensor).all()
+
+
+def test_stereo_wav_is_downmixed() -> None:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.ones((8000, 2)) * 1000).astype("<i2").tobytes())
+    part = decode_record(raw(buf.getvalue(), modality="audio", ctype="audio/x-wav"), M, LIMITS)
+    assert part.tensor.shape == (48, 40)
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        (raw(b"x", key=None), Reason.MISSING_KEY),
+        (raw(b"x", key=b"\xff\xfe"), Reason.MISSING_KEY),
+        (raw(b"x", modality=None), Reason.UNKNOWN_MODALITY),
+        (raw(b"x", modality="video"), Reason.UNKNOWN_MODALITY),
+        (raw(b"x", ctype=None), Reason.UNSUPPORTED_CONTENT_TYPE),
+        (raw(b"x", ctype="application/pdf"), Reason.UNSUPPORTED_CONTENT_TYPE),
+        (raw(b"x", modality="image", ctype="text/plain"), Reason.UNSUPPORTED_CONTENT_TYPE),
+        (raw(b"x", ctype="text/plain; charset=latin-1"), Reason.UNSUPPORTED_CONTENT_TYPE),
+        (raw(b"\xff\xfe\xfa"), Reason.DECODE_ERROR),
+        (raw(None), Reason.DECODE_ERROR),
+        (raw(b"not a png", modality="image", ctype="image/png"), Reason.DECODE_ERROR),
+        (raw(b"RIFF....", modality="audio", ctype="audio/wav"), Reason.DECODE_ERROR),
+        (raw(b"a" * 1_000_001), Reason.PAYLOAD_TOO_LARGE),
+        (raw(b"a " * 5000), Reason.PAYLOAD_TOO_LARGE),
+        (raw(b"x", extra=(("mm-event-time", b"yesterday"),)), Reason.DECODE_ERROR),
+    ],
+)
+def test_bad_records_get_their_reason(record, reason: Reason) -> None:  # type: ignore[no-untyped-def]
+    assert reason_of(record) == reason
+
+
+def test_image_bomb_is_refused_from_its_header() -> None:
+    buf = io.BytesIO()
+    Image.new("L", (2000, 2000)).save(buf, format="PNG")  # 4 Mpx declared, tiny file
+    record = raw(buf.getvalue(), modality="image", ctype="image/png")
+    assert len(buf.getvalue()) < 100_000
+    assert reason_of(record) == Reason.PAYLOAD_TOO_LARGE
+
+
+def test_8bit_wav_is_unsupported() -> None:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(1)
+        w.setframerate(8000)
+        w.writeframes(bytes(800))
+    record = raw(buf.getvalue(), modality="audio", ctype="audio/wav")
+    assert reason_of(record) == Reason.UNSUPPORTED_CONTENT_TYPE
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=st.one_of(st.none(), st.binary(max_size=300)),
+    key=st.one_of(st.none(), st.binary(max_size=8)),
+    modality=st.one_of(st.none(), st.sampled_from(["image", "text", "audio", "x"])),
+    ctype=st.one_of(
+        st.none(),
+        st.sampled_from(["image/png", "image/jpeg", "text/plain", "audio/wav", CONTENT_NPY, "a/b"]),
+    ),
+)
+def test_random_records_decode_or_fail_with_a_reason(value, key, modality, ctype) -> None:  # type: ignore[no-untyped-def]
+    record = raw(value, key=key, modality=modality, ctype=ctype)
+    try:
+        part = decode_record(record, M, LIMITS)
+    except RecordError as err:
+        assert isinstance(err.reason, Reason)
+    else:
+        info = M.input(part.input_name)
+        assert info is not None and part.tensor.shape == info.shape

@@ -1,0 +1,315 @@
+"""Keras -> ONNX export: manifest, sha256, parity, refusals, and TF kept out of the worker."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# find_spec, not importorskip: collecting this module must not import TensorFlow (~3 s).
+if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("tf2onnx") is None:
+    pytest.skip("needs the export extra (tensorflow, tf2onnx)", allow_module_level=True)
+
+import onnxruntime as ort  # noqa: E402
+
+from export import KERAS_FILE, SIDECAR_FILE  # noqa: E402
+from worker.errors import ConfigError, ExportError  # noqa: E402
+from worker.manifest import MANIFEST_FILE, MODEL_FILE, load_manifest, sha256_file  # noqa: E402
+from worker.reference_data import samples  # noqa: E402
+
+try:
+    from tests.model_fixture import build_tiny_model_dir
+except ImportError:  # tests/ is on sys.path (no tests/__init__.py)
+    from model_fixture import build_tiny_model_dir  # type: ignore[no-redef]
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = ROOT / "schemas" / "manifest.schema.json"
+IMAGE_SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model, trained and exported once for the module; returns the model dir."""
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny"), image_size=IMAGE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def keras_file(exported: Path) -> Path:
+    return exported.parent / "keras" / KERAS_FILE
+
+
+@pytest.fixture(scope="module")
+def keras_model(keras_file: Path) -> Any:
+    import keras
+
+    import export.reference_model  # noqa: F401  (registers MaskedMean)
+
+    return keras.saving.load_model(keras_file, compile=False)
+
+
+def _session(model_dir: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(model_dir / MODEL_FILE), providers=["CPUExecutionProvider"])
+
+
+def _run(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> np.ndarray:
+    names = [o.name for o in session.get_outputs()]
+    return np.asarray(session.run(names, {i.name: feed[i.name] for i in session.get_inputs()})[0])
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+# ---------------------------------------------------------------- the exported directory
+
+
+def test_manifest_validates_against_schema(exported: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    manifest = json.loads((exported / MANIFEST_FILE).read_text())
+    jsonschema.Draft202012Validator(schema).validate(manifest)
+    assert sorted(p.name for p in exported.iterdir()) == [MANIFEST_FILE, MODEL_FILE]
+
+
+def test_manifest_facts(exported: Path) -> None:
+    manifest = load_manifest(exported)  # verifies the sha256 too
+    assert manifest.sha256 == sha256_file(exported / MODEL_FILE)
+    assert manifest.name == "digits-seen-read-heard"
+    assert manifest.version == "0.0.1-test"
+    assert manifest.opset == 17
+    assert set(manifest.producer) == {"tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime"}
+    assert [(i.name, i.modality, i.dtype) for i in manifest.inputs] == [
+        ("image", "image", "float32"),
+        ("text", "text", "int32"),
+        ("audio", "audio", "float32"),
+    ]
+    assert manifest.inputs[0].shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert [(o.name, o.dtype, o.shape) for o in manifest.outputs] == [
+        ("probabilities", "float32", (10,))
+    ]
+    assert manifest.labels == tuple(str(d) for d in range(10))
+    assert manifest.label_output == "probabilities"
+    assert manifest.parity["passed"] is True
+    assert 0 <= manifest.parity["max_abs_diff"] <= 1e-4
+    assert manifest.parity["argmax_agreement"] == 1.0
+    assert manifest.model_card["training"]["image_size"] == IMAGE_SIZE
+
+
+def test_manifest_names_are_the_onnx_names(exported: Path) -> None:
+    manifest = load_manifest(exported)
+    session = _session(exported)
+    assert {i.name for i in manifest.inputs} == {i.name for i in session.get_inputs()}
+    assert [o.name for o in manifest.outputs] == [o.name for o in session.get_outputs()]
+
+
+def test_ort_equals_keras_on_real_features(
+    exported: Path, keras_model: Any, tmp_path: Path
+) -> None:
+    from export.reference_model import featurize
+
+    manifest = load_manifest(exported)
+    specs = {i.name: i.preprocessing for i in manifest.inputs}
+    batch = samples(12, np.random.default_rng(5), split="test", corrupt_p=0.3)
+    features = featurize(batch, specs)
+    for name, arr in features.items():  # through .npy files, as a client would send them
+        np.save(tmp_path / f"{name}.npy", arr)
+    loaded = {name: np.load(tmp_path / f"{name}.npy") for name in features}
+    for info in manifest.inputs:
+        assert loaded[info.name].dtype == np.dtype(info.dtype)
+        assert loaded[info.name].shape[1:] == info.shape
+
+    got = _run(_session(exported), loaded)
+    want = np.asarray(keras_model.predict_on_batch(loaded))
+    assert got.shape == want.shape == (12, 10)
+    assert np.max(np.abs(got - want)) <= 1e-4
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
+
+
+def test_all_padding_text_is_finite(exported: Path, keras_model: Any) -> None:
+    from export.reference_model import blank_features
+
+    manifest = load_manifest(exported)
+    specs = {i.name: i.preprocessing for i in manifest.inputs}
+    feed = blank_features(3, specs)
+    assert (feed["text"] == 0).all()
+    got = _run(_session(exported), feed)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
+    assert np.isfinite(np.asarray(keras_model.predict_on_batch(feed))).all()
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_opset_19_is_refused(keras_file: Path, tmp_path: Path) -> None:
+    from export.convert import export_model
+
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match=r"opset 19 is not supported.*<= 18"):
+        export_model(keras_file, out, opset=19)
+    assert not out.exists()
+
+
+def test_missing_sidecar_is_refused(keras_file: Path, tmp_path: Path) -> None:
+    from export.convert import export_model
+
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    shutil.copy(keras_file, lonely / KERAS_FILE)
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match=rf"no sidecar .*{SIDECAR_FILE}.*labels"):
+        export_model(lonely / KERAS_FILE, out)
+    assert not out.exists()
+
+
+def test_foreign_out_dir_is_not_replaced(keras_file: Path, tmp_path: Path) -> None:
+    from export.convert import export_model
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="refusing to replace"):
+        export_model(keras_file, out)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_failed_parity_leaves_nothing(
+    keras_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import export.convert as convert
+
+    real = convert.check_parity
+
+    def off_by_a_lot(*args: Any, **kwargs: Any) -> convert.ParityResult:
+        result = real(*args, **kwargs)
+        return convert.ParityResult(0.5, result.argmax_agreement, result.batch_sizes, 1e-4)
+
+    monkeypatch.setattr(convert, "check_parity", off_by_a_lot)
+    out = tmp_path / "out"
+    with pytest.raises(
+        ExportError, match=r"parity failed: .*max abs diff 0\.5 > tolerance 0\.0001"
+    ):
+        convert.export_model(keras_file, out, parity_batch_sizes=(2,))
+    assert not out.exists()
+    assert _leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------- commands
+
+
+def test_parsers_defaults() -> None:
+    from export.commands import add_export_args, add_train_reference_args
+
+    train = argparse.ArgumentParser()
+    add_train_reference_args(train)
+    t = train.parse_args([])
+    assert (t.out, t.image_size, t.seed) == (Path(".cache/reference-model"), 64, 0)
+    assert t.epochs >= 1 and t.n_train >= 1
+    assert train.parse_args(["--image-size", "256"]).image_size == 256
+
+    exp = argparse.ArgumentParser()
+    add_export_args(exp)
+    e = exp.parse_args(["--out", "m"])
+    assert (e.out, e.opset, e.tolerance, e.spec, e.version) == (Path("m"), 17, 1e-4, None, None)
+    assert e.model == Path(".cache/reference-model")
+
+
+def test_export_main_replaces_a_previous_export(
+    keras_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from export.commands import add_export_args, export_main
+
+    parser = argparse.ArgumentParser()
+    add_export_args(parser)
+    out = tmp_path / "served"
+    out.mkdir()
+    (out / MODEL_FILE).write_bytes(b"stale")
+    args = parser.parse_args(
+        ["--model", str(keras_file.parent), "--out", str(out), "--version", "9.9.9"]
+    )
+    assert export_main(args) == 0
+    printed = capsys.readouterr().out
+    manifest = load_manifest(out)
+    assert manifest.version == "9.9.9"
+    assert manifest.sha256[:12] in printed and "max abs diff" in printed
+    assert _leftovers(tmp_path) == []
+
+    with pytest.raises(ConfigError, match="--out"):
+        export_main(parser.parse_args([]))
+
+
+# ---------------------------------------------------------------- the model family
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["in-memory", "batch-by-batch"])
+def test_train_reference_writes_model_and_sidecar(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batched: bool
+) -> None:
+    import export.reference_model
+    from export.reference_model import train_reference
+
+    if batched:  # the path big (e.g. 256x256) images take
+        monkeypatch.setattr(export.reference_model, "MAX_IN_MEMORY_BYTES", 0)
+
+    result = train_reference(
+        tmp_path / "ref", image_size=IMAGE_SIZE, n_train=200, epochs=1, n_test=100
+    )
+    assert (tmp_path / "ref" / KERAS_FILE).is_file()
+    side = json.loads((tmp_path / "ref" / SIDECAR_FILE).read_text())
+    assert list(side["inputs"]) == ["image", "text", "audio"]
+    assert side["label_output"] == "probabilities"
+    card = side["model_card"]
+    assert card == result["model_card"]
+    assert set(card["evaluation"]["accuracy"]) == {
+        "fused",
+        "image_only",
+        "text_only",
+        "audio_only",
+    }
+    assert {"n_train", "epochs", "corrupt_p", "seed", "seconds"} <= set(card["training"])
+
+
+def test_featurize_and_256_model_shapes() -> None:
+    from export.reference_model import build_model, featurize, reference_specs
+
+    specs = reference_specs(256)
+    x = featurize(samples(3, np.random.default_rng(0)), specs)
+    assert x["image"].dtype == np.float32 and x["image"].shape == (3, 256, 256, 3)
+    assert x["text"].dtype == np.int32 and x["text"].shape == (3, 16)
+    assert x["audio"].dtype == np.float32 and x["audio"].shape == (3, 48, 40)
+    model = build_model(specs)
+    out = np.asarray(model.predict_on_batch(x))
+    assert out.shape == (3, 10) and np.isfinite(out).all()
+    assert model.count_params() < 200_000
+
+
+# ---------------------------------------------------------------- TF stays out of the worker
+
+
+@pytest.mark.parametrize(
+    "modules",
+    ["worker.manifest, worker.preprocess, worker.reference_data", "export.commands"],
+)
+def test_no_tensorflow_import(modules: str) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    code = f"import {modules}, sys; print('tensorflow' in sys.modules)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
+    assert proc.stdout.strip() == "False"

@@ -1,0 +1,265 @@
+"""The worker end to end against a real Kafka broker and a real exported ONNX model.
+
+An independent kafka-python producer writes parts (npy and raw media),
+shuffled across keys and interleaved; the worker runs on a thread; the test
+reads the output and dead-letter topics with its own consumer.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import numpy as np
+import onnxruntime as ort
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from worker.config import WorkerConfig
+from worker.manifest import MODEL_FILE, load_manifest
+from worker.model import ModelRunner
+from worker.pipeline import Worker, WorkerStats
+from worker.produce import encode_sample
+from worker.reference_data import samples
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+PREDICTION_SCHEMA = json.loads((ROOT / "schemas" / "prediction.schema.json").read_text())
+DLQ_SCHEMA = json.loads((ROOT / "schemas" / "dead-letter-headers.schema.json").read_text())
+
+Rec = tuple[str, str, bytes, str]  # key, modality, value, content type
+
+
+def send_all(bootstrap: str, topic: str, records: list[Rec], raw_headers: bool = True) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    futures = []
+    for key, modality, value, ctype in records:
+        headers = []
+        if modality:
+            headers.append(("mm-modality", modality.encode()))
+        if ctype:
+            headers.append(("content-type", ctype.encode()))
+        futures.append(
+            producer.send(topic, key=key.encode() if key else None, value=value, headers=headers)
+        )
+    producer.flush()
+    for f in futures:
+        f.get(timeout=10)
+    producer.close()
+
+
+def read_topic(
+    bootstrap: str, topic: str, until: Callable[[list[Any]], bool], timeout_s: float
+) -> list[Any]:
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not until(out) and time.monotonic() < deadline:
+            for recs in consumer.poll(timeout_ms=300).values():
+                out.extend(recs)
+    finally:
+        consumer.close()
+    return out
+
+
+class RunningWorker:
+    """A Worker on a thread, stopped (drained) on exit."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.worker = Worker(config, ModelRunner.load(config.model, "cpu"))
+        self.stop = threading.Event()
+        self.stats: WorkerStats | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.stats = self.worker.run(self.stop)
+        except BaseException as exc:  # surfaced by the test
+            self.error = exc
+
+    def __enter__(self) -> RunningWorker:
+        self.thread.start()
+        if not self.worker.ready.wait(30):
+            raise TimeoutError("worker did not get its partitions")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(60)
+        if self.error is not None:
+            raise self.error
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int | None]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return {p: consumer.committed(TopicPartition(topic, p)) for p in range(partitions)}
+    finally:
+        consumer.close()
+
+
+def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        ends = consumer.end_offsets([TopicPartition(topic, p) for p in range(partitions)])
+        return {tp.partition: off for tp, off in ends.items()}
+    finally:
+        consumer.close()
+
+
+def make_config(
+    bootstrap: str, topics: tuple[str, str, str], model: Path, **kw: Any
+) -> WorkerConfig:
+    t_in, t_out, t_dlq = topics
+    return WorkerConfig(
+        bootstrap_servers=bootstrap,
+        input_topic=t_in,
+        output_topic=t_out,
+        dlq_topic=t_dlq,
+        group_id=f"g-{t_in}",
+        model=model,
+        device="cpu",
+        max_batch_size=8,
+        max_batch_delay_ms=20,
+        commit_interval_ms=100,
+        **kw,
+    )
+
+
+def test_npy_and_raw_parts_give_one_prediction_per_event(
+    kafka_bootstrap: str, topic_factory: Callable[..., str], tiny_model_dir: Path
+) -> None:
+    topics = (topic_factory(3), topic_factory(1), topic_factory(1))
+    manifest = load_manifest(tiny_model_dir)
+    rng = np.random.default_rng(3)
+    batch = samples(40, rng, split="test")
+    records: list[Rec] = []
+    npy_ids = []
+    for i, s in enumerate(batch):
+        content = "npy" if i % 2 == 0 else "raw"
+        event_id = f"{content}-{i}"
+        if content == "npy":
+            npy_ids.append(event_id)
+        records += encode_sample(event_id, s, content, manifest)
+    random.Random(5).shuffle(records)  # parts of all events interleaved, any order
+
+    with RunningWorker(make_config(kafka_bootstrap, topics, tiny_model_dir)) as running:
+        send_all(kafka_bootstrap, topics[0], records)
+        out = read_topic(kafka_bootstrap, topics[1], lambda got: len(got) >= 40, 60)
+        # Wait a little more so a duplicate prediction would show up.
+        time.sleep(0.5)
+    out += read_topic(kafka_bootstrap, topics[1], lambda got: False, 1.0)[len(out) :]
+
+    predictions = {r.key.decode(): json.loads(r.value) for r in out}
+    assert len(out) == 40 and len(predictions) == 40, "exactly one prediction per event"
+    assert running.stats is not None and running.stats.provider == "CPUExecutionProvider"
+    for pred in predictions.values():
+        jsonschema.validate(pred, PREDICTION_SCHEMA)
+        assert pred["model"]["sha256"] == manifest.sha256
+
+    # npy parts: the worker's scores equal an offline ONNX Runtime run on the same tensors.
+    session = ort.InferenceSession(
+        str(tiny_model_dir / MODEL_FILE), providers=["CPUExecutionProvider"]
+    )
+    by_key: dict[str, dict[str, np.ndarray]] = {}
+    for key, modality, value, _ctype in records:
+        if key in npy_ids:
+            import io
+
+            by_key.setdefault(key, {})[modality] = np.load(io.BytesIO(value))
+    names = [o.name for o in session.get_outputs()]
+    feed = {i.name: np.stack([by_key[k][i.name] for k in npy_ids]) for i in manifest.inputs}
+    offline = session.run(names, feed)[names.index("probabilities")]
+    worker_scores = np.array([predictions[k]["outputs"]["probabilities"] for k in npy_ids])
+    assert np.max(np.abs(worker_scores - offline)) <= 1e-5
+
+    # Offsets: everything was finished and acknowledged, so the commit reached the end.
+    assert committed(kafka_bootstrap, f"g-{topics[0]}", topics[0], 3) == end_offsets(
+        kafka_bootstrap, topics[0], 3
+    )
+
+
+def test_bad_records_are_dead_lettered_and_a_poison_event_is_isolated(
+    kafka_bootstrap: str, topic_factory: Callable[..., str], tiny_model_dir: Path
+) -> None:
+    topics = (topic_factory(1), topic_factory(1), topic_factory(1))
+    manifest = load_manifest(tiny_model_dir)
+    good = samples(3, np.random.default_rng(4), split="test")
+    records: list[Rec] = []
+    for i, s in enumerate(good):
+        records += encode_sample(f"good-{i}", s, "npy", manifest)
+    # Token ids beyond the vocabulary pass decoding (right dtype and shape) but make
+    # ONNX Runtime's Gather fail: the batch is split until this event stands alone.
+    import io
+
+    poison = io.BytesIO()
+    np.save(poison, np.full(16, 10_000, dtype=np.int32))
+    records = [
+        *(
+            r if r[0] != "good-1" or r[1] != "text" else ("good-1", "text", poison.getvalue(), r[3])
+            for r in records
+        ),
+        ("", "text", b"no key", "text/plain"),
+        ("k1", "video", b"x", "video/mp4"),
+        ("k2", "image", b"not a png", "image/png"),
+    ]
+    expected_dlq = {
+        "missing_key": 1,
+        "unknown_modality": 1,
+        "decode_error": 1,
+        "inference_error": 3,
+    }
+
+    config = make_config(kafka_bootstrap, topics, tiny_model_dir)
+    with RunningWorker(config):
+        send_all(kafka_bootstrap, topics[0], records)
+        out = read_topic(kafka_bootstrap, topics[1], lambda got: len(got) >= 2, 60)
+        dlq = read_topic(kafka_bootstrap, topics[2], lambda got: len(got) >= 6, 60)
+
+    assert sorted(r.key.decode() for r in out) == ["good-0", "good-2"]
+    reasons: dict[str, int] = {}
+    for r in dlq:
+        headers = {k: v.decode() for k, v in r.headers}
+        jsonschema.validate(headers, DLQ_SCHEMA)
+        assert headers["mm-source"].startswith(f"{topics[0]}/0/")
+        reasons[headers["mm-error"]] = reasons.get(headers["mm-error"], 0) + 1
+    assert reasons == expected_dlq
+    garbage = [r for r in dlq if r.key == b"k2"]
+    assert garbage[0].value == b"not a png"  # original value kept
+    assert committed(kafka_bootstrap, config.group_id, topics[0], 1) == end_offsets(
+        kafka_bootstrap, topics[0], 1
+    )
+
+
+def test_incomplete_event_holds_back_the_commit(
+    kafka_bootstrap: str, topic_factory: Callable[..., str], tiny_model_dir: Path
+) -> None:
+    topics = (topic_factory(1), topic_factory(1), topic_factory(1))
+    manifest = load_manifest(tiny_model_dir)
+    s1, s2 = samples(2, np.random.default_rng(6), split="test")
+    first = encode_sample("incomplete", s1, "npy", manifest)[:2]  # third part never sent
+    rest = encode_sample("complete", s2, "npy", manifest)
+    config = make_config(kafka_bootstrap, topics, tiny_model_dir)
+    with RunningWorker(config):
+        send_all(kafka_bootstrap, topics[0], first + rest)
+        out = read_topic(kafka_bootstrap, topics[1], lambda got: len(got) >= 1, 60)
+        time.sleep(0.5)  # several commit intervals
+    assert [r.key for r in out] == [b"complete"]
+    # The committed offset stops at the incomplete event's first part (offset 0),
+    # so a restarted worker re-reads it: nothing is lost.
+    assert committed(kafka_bootstrap, config.group_id, topics[0], 1) == {0: 0}

@@ -1,0 +1,285 @@
+"""``mmstream``: the one command line, with subcommands.
+
+    mmstream train-reference   train the reference "digits seen, read and heard" model  [export]
+    mmstream export            Keras model -> model.onnx + manifest.json, parity-checked [export]
+    mmstream worker            the streaming worker
+    mmstream produce           sample / load traffic for the input topic
+    mmstream demo              produce, run the worker, print a summary
+
+Every flag can also come from an ``MMSTREAM_*`` variable (named in ``--help``).
+Errors print one line, ``mmstream: error: ...``, and exit 2 (bad input or
+config) or 1 (a runtime failure such as an unreachable broker).
+
+This module imports no TensorFlow: the ``[export]`` subcommands load it only
+when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import NoReturn
+
+from worker import __version__
+from worker.config import WorkerConfig, bind_env, check_unknown_env, env_snapshot
+from worker.errors import BrokerError, InferenceError, MMStreamError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (``--help`` shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--bootstrap-servers", required=True, help="Kafka bootstrap servers, host:port[,...]"
+    )
+    p.add_argument("--input-topic", required=True, help="topic of the event parts")
+    p.add_argument("--output-topic", required=True, help="topic for predictions")
+    p.add_argument("--dlq-topic", default="", help="dead-letter topic (default: <input-topic>.dlq)")
+    p.add_argument("--group-id", required=True, help="consumer group shared by all worker pods")
+    p.add_argument(
+        "--model", required=True, type=Path, help="model directory (model.onnx + manifest.json)"
+    )
+    p.add_argument("--max-batch-size", type=int, default=32, help="events per inference batch")
+    p.add_argument(
+        "--max-batch-delay-ms",
+        type=int,
+        default=10,
+        help="run a partial batch once its oldest event waited this long",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="ONNX Runtime device; auto = CUDA when it works, else CPU",
+    )
+    p.add_argument(
+        "--intra-op-threads", type=int, default=0, help="ORT intra-op threads (0 = ORT default)"
+    )
+    p.add_argument(
+        "--max-part-bytes",
+        type=int,
+        default=16 * 1024 * 1024,
+        help="larger part records go to the dead-letter topic",
+    )
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=4096 * 4096,
+        help="images declaring more pixels are refused before decoding",
+    )
+    p.add_argument(
+        "--commit-interval-ms", type=int, default=500, help="how often offsets are committed"
+    )
+    p.add_argument("--max-poll-records", type=int, default=500, help="records per poll")
+    p.add_argument(
+        "--auto-offset-reset",
+        choices=("earliest", "latest"),
+        default="earliest",
+        help="where a group without committed offsets starts",
+    )
+    p.add_argument("--client-id", default="mmstream-worker", help="Kafka client id")
+    p.add_argument(
+        "--max-events",
+        type=int,
+        default=0,
+        help="exit after this many predictions are acknowledged (0 = run until stopped)",
+    )
+    p.add_argument(
+        "--shutdown-timeout-s",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, how long to wait for outstanding acknowledgements",
+    )
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+
+
+def _add_produce_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap-servers", required=True, help="Kafka bootstrap servers")
+    p.add_argument("--topic", required=True, help="input topic to write parts to")
+    p.add_argument("--count", type=int, default=300, help="events to produce")
+    p.add_argument("--rate", type=float, default=0.0, help="events/s (0 = as fast as possible)")
+    p.add_argument(
+        "--content",
+        choices=("raw", "npy"),
+        default="raw",
+        help="raw media (PNG, text, WAV) or the model's tensors as .npy",
+    )
+    p.add_argument("--model", type=Path, default=None, help="model directory (needed for npy)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same events)")
+    p.add_argument(
+        "--corrupt-p",
+        type=float,
+        default=0.0,
+        help="probability that each modality of an event is replaced by noise",
+    )
+    p.add_argument(
+        "--shuffle-window",
+        type=int,
+        default=16,
+        help="parts are shuffled within windows of this many events",
+    )
+    p.add_argument(
+        "--labels-out", type=Path, default=None, help="write {event_id, label} JSON lines here"
+    )
+    p.add_argument("--key-prefix", default="", help="event id prefix (default ev-<seed>-)")
+    p.add_argument("--client-id", default="mmstream-produce", help="Kafka client id")
+
+
+def _add_demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap-servers", default="127.0.0.1:9092", help="Kafka bootstrap servers")
+    p.add_argument(
+        "--model", type=Path, default=Path(".cache/reference-onnx"), help="model directory"
+    )
+    p.add_argument("--count", type=int, default=400, help="events to produce")
+    p.add_argument("--rate", type=float, default=1000.0, help="events/s produced (0 = burst)")
+    p.add_argument("--content", choices=("raw", "npy"), default="raw", help="part encoding")
+    p.add_argument("--partitions", type=int, default=3, help="partitions of the demo topics")
+    p.add_argument("--seed", type=int, default=7, help="random seed")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ORT device")
+    p.add_argument("--timeout-s", type=float, default=120.0, help="give up after this long")
+
+
+# ------------------------------------------------------------------ handlers
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from worker.pipeline import run_worker
+
+    config = WorkerConfig.from_mapping(_settings(args))
+    logging.getLogger().setLevel(config.log_level.upper())
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: stopping (draining in-flight work)", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stats = run_worker(config, stop)
+    print(
+        json.dumps(
+            {
+                "predicted": stats.predicted,
+                "dead_lettered": stats.dead_lettered,
+                "consumed": stats.consumed,
+                "provider": stats.provider,
+            }
+        )
+    )
+    return 0
+
+
+def _cmd_produce(args: argparse.Namespace) -> int:
+    from worker.produce import ProduceConfig, produce
+
+    result = produce(ProduceConfig.from_mapping(_settings(args)))
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from worker.demo import DemoConfig, format_summary, run_demo
+
+    config = DemoConfig.from_mapping(_settings(args))
+    with tempfile.TemporaryDirectory(prefix="mmstream-demo-") as tmp:
+        summary = run_demo(config, Path(tmp))
+    print(format_summary(summary))
+    return 0
+
+
+def _export_handler(name: str) -> Handler:
+    def handler(args: argparse.Namespace) -> int:
+        from export import commands
+
+        main: Handler = getattr(commands, name)
+        return main(args)
+
+    return handler
+
+
+def _settings(args: argparse.Namespace) -> dict[str, object]:
+    return {k: v for k, v in vars(args).items() if k not in ("command", "handler")}
+
+
+def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    from export.commands import add_export_args, add_train_reference_args
+
+    environ = env_snapshot() if environ is None else environ
+    parser = _Parser(
+        prog="mmstream",
+        description="Streaming multimodal inference: Kafka parts in, ONNX Runtime predictions out.",
+        epilog="Every flag can also be set by the MMSTREAM_* variable named in its help.",
+    )
+    parser.add_argument("--version", action="version", version=f"mmstream {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Handler]] = [
+        (
+            "train-reference",
+            "train the reference model (needs the [export] extra)",
+            add_train_reference_args,
+            _export_handler("train_reference_main"),
+        ),
+        (
+            "export",
+            "convert a Keras model to model.onnx + manifest.json (needs [export])",
+            add_export_args,
+            _export_handler("export_main"),
+        ),
+        ("worker", "run the streaming worker", _add_worker_args, _cmd_worker),
+        ("produce", "produce reference events to the input topic", _add_produce_args, _cmd_produce),
+        ("demo", "produce events, run the worker, print a summary", _add_demo_args, _cmd_demo),
+    ]
+    known: set[str] = set()
+    for name, help_text, add_args, handler in commands:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(handler=handler)
+        known |= bind_env(p, environ)
+    parser.set_defaults(known_env=known)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        check_unknown_env(args.known_env, env_snapshot())
+        del args.known_env
+        handler: Handler = args.handler
+        return handler(args)
+    except (BrokerError, InferenceError) as exc:
+        print(f"mmstream: error: {exc}", file=sys.stderr)
+        return 1
+    except MMStreamError as exc:
+        print(f"mmstream: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Kafka at the edges: building clients and converting their records.
+
+Everything that touches kafka-python lives here and in :mod:`worker.pipeline`;
+the stages in between are pure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from worker.errors import BrokerError
+from worker.records import RawRecord, SourceRef
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """Partitions taken away from this consumer (revoked or lost)."""
+
+    partitions: frozenset[tuple[str, int]]
+
+
+class QueueingListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Forwards revocations to the poll loop (callbacks run on kafka-python's IO thread)."""
+
+    def __init__(self) -> None:
+        self.events: queue.SimpleQueue[Revocation] = queue.SimpleQueue()
+        self.assigned: set[tuple[str, int]] = set()
+
+    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        tps = frozenset((tp.topic, tp.partition) for tp in revoked)
+        if tps:
+            log.info("partitions revoked: %s", sorted(tps))
+            self.events.put(Revocation(tps))
+        self.assigned -= tps
+
+    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        tps = {(tp.topic, tp.partition) for tp in assigned}
+        log.info("partitions assigned: %s", sorted(tps))
+        self.assigned |= tps
+
+    def on_partitions_lost(self, lost: Iterable[TopicPartition]) -> None:
+        self.on_partitions_revoked(lost)
+
+
+def make_consumer(
+    bootstrap_servers: str,
+    group_id: str,
+    client_id: str,
+    auto_offset_reset: str,
+    max_poll_records: int,
+) -> KafkaConsumer:
+    try:
+        return KafkaConsumer(
+            bootstrap_servers=bootstrap_servers.split(","),
+            group_id=group_id,
+            client_id=client_id,
+            enable_auto_commit=False,
+            auto_offset_reset=auto_offset_reset,
+            max_poll_records=max_poll_records,
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_partition_fetch_bytes=16 * 1024 * 1024,
+        )
+    except KafkaError as exc:
+        raise BrokerError(f"cannot connect consumer to {bootstrap_servers}: {exc}") from exc
+
+
+def make_producer(bootstrap_servers: str, client_id: str) -> KafkaProducer:
+    try:
+        return KafkaProducer(
+            bootstrap_servers=bootstrap_servers.split(","),
+            client_id=client_id,
+            acks="all",
+            linger_ms=5,
+            max_request_size=32 * 1024 * 1024,
+        )
+    except KafkaError as exc:
+        raise BrokerError(f"cannot connect producer to {bootstrap_servers}: {exc}") from exc
+
+
+def to_raw(record: Any) -> RawRecord:
+    """A kafka-python ``ConsumerRecord`` -> :class:`RawRecord`."""
+    return RawRecord(
+        source=SourceRef(record.topic, record.partition, record.offset, record.timestamp),
+        key=record.key,
+        value=record.value,
+        headers=tuple((k, v if v is not None else b"") for k, v in (record.headers or ())),
+    )
+
+
+def commit(consumer: KafkaConsumer, positions: dict[tuple[str, int], int]) -> None:
+    """Synchronously commit ``positions`` (next offset to read per partition)."""
+    consumer.commit(
+        offsets={
+            TopicPartition(topic, part): OffsetAndMetadata(pos, "", -1)
+            for (topic, part), pos in positions.items()
+        }
+    )
+
+
+def ensure_topics(bootstrap_servers: str, topics: dict[str, int]) -> None:
+    """Create the topics that do not exist yet (name -> partitions, replication 1)."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers.split(","))
+    except KafkaError as exc:
+        raise BrokerError(f"cannot reach Kafka at {bootstrap_servers}: {exc}") from exc
+    try:
+        existing = set(admin.list_topics())
+        new = [NewTopic(n, p, 1) for n, p in topics.items() if n not in existing]
+        if new:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics(new)
+    except KafkaError as exc:
+        raise BrokerError(f"cannot create topics {sorted(topics)}: {exc}") from exc
+    finally:
+        admin.close()
