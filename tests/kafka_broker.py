@@ -30,6 +30,8 @@ from typing import Any
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 
+from worker.kafka_io import ensure_topics
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -92,18 +94,8 @@ def create_topic(bootstrap: str, partitions: int = 3) -> str:
     if partitions < 1:
         raise ValueError(f"partitions must be >= 1, got {partitions}")
     name = f"mm-test-{uuid.uuid4().hex}"
-    with _admin(bootstrap) as admin:
-        admin.create_topics({name: {"num_partitions": partitions, "replication_factor": 1}})
-        deadline = time.monotonic() + 30
-        while True:
-            ready = _partitions_with_leader(admin, name)
-            if ready == partitions:
-                return name
-            if time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"topic {name}: {ready} of {partitions} partitions have a leader after 30 s"
-                )
-            time.sleep(0.1)
+    ensure_topics(bootstrap, {name: partitions})
+    return name
 
 
 # --- internals ---------------------------------------------------------------------------------
@@ -131,22 +123,6 @@ def _any_port_accepts(bootstrap: str) -> bool:
         except OSError:
             continue
     return False
-
-
-def _partitions_with_leader(admin: KafkaAdminClient, topic: str) -> int:
-    try:
-        described = admin.describe_topics([topic])
-    except KafkaError as exc:
-        log.debug("describe_topics(%s) failed: %r", topic, exc)
-        return 0
-    for info in described:
-        if info.get("name") == topic and info.get("error_code", 0) == 0:
-            return sum(
-                1
-                for p in info.get("partitions") or []
-                if p.get("error_code", 0) == 0 and p.get("leader_id", -1) >= 0
-            )
-    return 0
 
 
 def _docker_answers() -> bool:

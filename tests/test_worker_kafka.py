@@ -263,3 +263,19 @@ def test_incomplete_event_holds_back_the_commit(
     # The committed offset stops at the incomplete event's first part (offset 0),
     # so a restarted worker re-reads it: nothing is lost.
     assert committed(kafka_bootstrap, config.group_id, topics[0], 1) == {0: 0}
+
+
+def test_demo_runs_end_to_end_and_summarises(
+    kafka_bootstrap: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from worker.demo import DemoConfig, format_summary, run_demo
+
+    config = DemoConfig(
+        bootstrap_servers=kafka_bootstrap, model=tiny_model_dir, count=60, rate=0, device="cpu"
+    )
+    summary = run_demo(config, tmp_path)
+    assert summary["predicted"] == 60 and summary["duplicates"] == 0
+    assert summary["accuracy"] >= 0.9  # the tiny model is ~1.0 on clean events
+    assert summary["provider"] == "CPUExecutionProvider"
+    assert summary["latency_p99_ms"] >= summary["latency_p50_ms"] >= 0
+    assert "accuracy      " in format_summary(summary)

@@ -148,7 +148,7 @@ def _add_demo_args(p: argparse.ArgumentParser) -> None:
         "--model", type=Path, default=Path(".cache/reference-onnx"), help="model directory"
     )
     p.add_argument("--count", type=int, default=400, help="events to produce")
-    p.add_argument("--rate", type=float, default=1000.0, help="events/s produced (0 = burst)")
+    p.add_argument("--rate", type=float, default=300.0, help="events/s produced (0 = burst)")
     p.add_argument("--content", choices=("raw", "npy"), default="raw", help="part encoding")
     p.add_argument("--partitions", type=int, default=3, help="partitions of the demo topics")
     p.add_argument("--seed", type=int, default=7, help="random seed")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -27,7 +29,6 @@ from worker.errors import BrokerError, ConfigError, MMStreamError
 from worker.kafka_io import ensure_topics
 from worker.model import ModelRunner
 from worker.pipeline import Worker, WorkerStats
-from worker.produce import ProduceConfig, produce
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class DemoConfig(FrozenConfig):
     bootstrap_servers: str
     model: Path
     count: int = 400
-    rate: float = 1000.0
+    rate: float = 300.0
     content: str = "raw"
     partitions: int = 3
     seed: int = 7
@@ -74,7 +75,10 @@ def read_predictions(
 
 
 def summarise(
-    preds: list[tuple[dict[str, Any], int]], labels: dict[str, str], stats: WorkerStats
+    preds: list[tuple[dict[str, Any], int]],
+    labels: dict[str, str],
+    stats: WorkerStats,
+    rate: float,
 ) -> dict[str, Any]:
     by_event = {p["event_id"]: (p, ts) for p, ts in preds}
     correct = sum(1 for eid, (p, _) in by_event.items() if p.get("label") == labels.get(eid))
@@ -91,6 +95,7 @@ def summarise(
         "provider": stats.provider,
         "dead_lettered": sum(stats.dead_lettered.values()),
         "batches": stats.batches,
+        "rate": rate,
     }
 
 
@@ -125,19 +130,24 @@ def run_demo(config: DemoConfig, workdir: Path) -> dict[str, Any]:
         stop.set()
         raise BrokerError("the worker did not join its consumer group within 30 s")
     labels_path = workdir / f"demo-{run}-labels.jsonl"
-    produce(
-        ProduceConfig(
-            bootstrap_servers=config.bootstrap_servers,
-            topic=t_in,
-            count=config.count,
-            rate=config.rate,
-            content=config.content,
-            model=config.model,
-            seed=config.seed,
-            labels_out=labels_path,
-            key_prefix=f"demo-{run}-",
-        )
-    )
+    # The producer runs in its own process, as real producers do, so it does not
+    # compete with the worker for this interpreter's GIL.
+    argv = [
+        sys.executable, "-m", "worker.cli", "produce",
+        "--bootstrap-servers", config.bootstrap_servers,
+        "--topic", t_in,
+        "--count", str(config.count),
+        "--rate", str(config.rate),
+        "--content", config.content,
+        "--model", str(config.model),
+        "--seed", str(config.seed),
+        "--labels-out", str(labels_path),
+        "--key-prefix", f"demo-{run}-",
+    ]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=config.timeout_s)
+    if proc.returncode != 0:
+        stop.set()
+        raise BrokerError(f"the producer failed: {proc.stderr.strip().splitlines()[-1:]}")
     thread.join(timeout=config.timeout_s)
     if thread.is_alive():
         stop.set()
@@ -152,7 +162,7 @@ def run_demo(config: DemoConfig, workdir: Path) -> dict[str, Any]:
         d["event_id"]: d["label"] for d in map(json.loads, labels_path.read_text().splitlines())
     }
     preds = read_predictions(config.bootstrap_servers, t_out, config.count, 30)
-    return summarise(preds, labels, result["stats"])
+    return summarise(preds, labels, result["stats"], config.rate)
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -162,7 +172,8 @@ def format_summary(s: dict[str, Any]) -> str:
             f"  events        {s['predicted']}/{s['events']} predicted"
             f" ({s['duplicates']} duplicates, {s['dead_lettered']} dead-lettered)",
             f"  accuracy      {s['accuracy']:.3f}",
-            f"  throughput    {s['events_per_s']:.0f} events/s ({s['batches']} batches)",
+            f"  throughput    {s['events_per_s']:.0f} events/s in {s['batches']} batches"
+            + (f" (producer paced at {s['rate']:.0f} events/s)" if s["rate"] else " (burst)"),
             f"  latency       p50 {s['latency_p50_ms']:.0f} ms, p99 {s['latency_p99_ms']:.0f} ms"
             " (last part written -> prediction written)",
             f"  provider      {s['provider']}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -109,8 +110,12 @@ def commit(consumer: KafkaConsumer, positions: dict[tuple[str, int], int]) -> No
     )
 
 
-def ensure_topics(bootstrap_servers: str, topics: dict[str, int]) -> None:
-    """Create the topics that do not exist yet (name -> partitions, replication 1)."""
+def ensure_topics(bootstrap_servers: str, topics: dict[str, int], timeout_s: float = 30) -> None:
+    """Create the topics that do not exist yet (name -> partitions, replication 1).
+
+    Returns once every partition of every topic has a leader, so a consumer group
+    joining right after sees all partitions.
+    """
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
@@ -124,7 +129,30 @@ def ensure_topics(bootstrap_servers: str, topics: dict[str, int]) -> None:
         if new:
             with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics(new)
+        deadline = time.monotonic() + timeout_s
+        while (ready := _partitions_with_leader(admin, topics)) != topics:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"topics not ready after {timeout_s} s: {ready} of {topics}")
+            time.sleep(0.1)
     except KafkaError as exc:
         raise BrokerError(f"cannot create topics {sorted(topics)}: {exc}") from exc
     finally:
         admin.close()
+
+
+def _partitions_with_leader(admin: Any, topics: dict[str, int]) -> dict[str, int]:
+    """Per topic, how many partitions have a leader (0 while it is not known yet)."""
+    ready = dict.fromkeys(topics, 0)
+    try:
+        described = admin.describe_topics(list(topics))
+    except KafkaError as exc:
+        log.debug("describe_topics failed: %r", exc)
+        return ready
+    for info in described:
+        if info.get("name") in ready and info.get("error_code", 0) == 0:
+            ready[info["name"]] = sum(
+                1
+                for p in info.get("partitions") or []
+                if p.get("error_code", 0) == 0 and p.get("leader_id", -1) >= 0
+            )
+    return ready
