@@ -77,6 +77,7 @@ class Sidecar:
     labels: tuple[str, ...]
     label_output: str | None
     model_card: dict[str, Any]
+    accepts_missing: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ def load_sidecar(path: Path) -> Sidecar:
         labels=tuple(labels),
         label_output=None if label_output is None else str(label_output),
         model_card=card,
+        accepts_missing=bool(raw.get("accepts_missing", False)),
     )
 
 
@@ -492,6 +494,7 @@ def export_model(
             producer=_producer(),
             parity=parity.to_dict(),
             model_card=side.model_card,
+            accepts_missing=side.accepts_missing,
         )
         manifest.write(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700

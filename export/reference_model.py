@@ -39,6 +39,7 @@ from worker.preprocess import (
     ImageSpec,
     Spec,
     TextSpec,
+    blank_input,
     image_from_pixels,
     log_mel,
     prepare_image,
@@ -110,16 +111,15 @@ def featurize(samples: Sequence[Sample], specs: Mapping[str, Spec]) -> dict[str,
 
 
 def blank_features(n: int, specs: Mapping[str, Spec]) -> dict[str, NDArray[Any]]:
-    """What ``n`` absent modalities look like: zero image, empty text, silent audio."""
-    image_spec, text_spec, audio_spec = _typed_specs(specs)
-    image = prepare_image(image_from_pixels(np.zeros((8, 8), dtype=np.uint8)), image_spec)
-    text = tokenize("", text_spec)
-    audio = log_mel(np.zeros(audio_spec.num_samples, dtype=np.float32), audio_spec)
-    return {
-        "image": np.broadcast_to(image, (n, *image.shape)).copy(),
-        "text": np.broadcast_to(text, (n, *text.shape)).copy(),
-        "audio": np.broadcast_to(audio, (n, *audio.shape)).copy(),
-    }
+    """What ``n`` absent modalities look like: zero image, empty text, silent audio.
+
+    The same :func:`worker.preprocess.blank_input` the worker uses to fill missing inputs.
+    """
+    out = {}
+    for name, spec in specs.items():
+        blank = blank_input(spec)
+        out[name] = np.broadcast_to(blank, (n, *blank.shape)).copy()
+    return out
 
 
 def only(
@@ -292,6 +292,9 @@ def sidecar(
         "labels": list(LABELS),
         "label_output": LABEL_OUTPUT,
         "model_card": dict(model_card),
+        # Trained with modalities dropped (blank image, empty text, silence), so an
+        # event missing a modality can be scored with that input blanked.
+        "accepts_missing": True,
     }
 
 

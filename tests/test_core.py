@@ -10,7 +10,7 @@ from worker.assemble import Assembler
 from worker.batcher import Batcher
 from worker.errors import InferenceError
 from worker.model import ModelRunner, SessionInfo
-from worker.offsets import OffsetTracker
+from worker.offsets import METADATA_MAX_CHARS, OffsetTracker, decode_done, encode_done
 
 from factories import event, part, small_manifest
 
@@ -98,17 +98,17 @@ def test_commit_position_never_passes_an_open_offset() -> None:
     t.done(TP, 0)
     assert t.safe_position(TP) == 3
     t.done(TP, 4)
-    assert t.committable() == {TP: 3}
+    assert t.committable() == {TP: (3, "mm1:1")}  # 4 is finished beyond position 3
     t.done(TP, 3)
-    assert t.committable() == {TP: 5} and t.open_count() == 0
+    assert t.committable() == {TP: (5, "")} and t.open_count() == 0
 
 
 def test_committable_only_reports_progress() -> None:
     t = OffsetTracker()
     t.track(TP, 7)
     t.done(TP, 7)
-    assert t.committable() == {TP: 8}
-    t.mark_committed({TP: 8})
+    assert t.committable() == {TP: (8, "")}
+    t.mark_committed({TP: (8, "")})
     assert t.committable() == {}
     t.track(TP, 8)
     assert t.committable() == {}
@@ -170,3 +170,74 @@ def test_runner_wraps_ort_failures_in_inference_error() -> None:
     runner = ModelRunner(small_manifest(), FakeSession(fail_on=5.0), SessionInfo("CPU", ()))
     with pytest.raises(InferenceError, match="poison"):
         runner.predict([full_event("a", 5.0)], clock=lambda: 0)
+
+
+def test_done_offsets_round_trip_through_commit_metadata() -> None:
+    done = {12, 13, 14, 20, 31, 32}
+    meta = encode_done(10, done)
+    assert meta == "mm1:2-4,10,21-22"
+    assert decode_done(10, meta) == done
+    assert decode_done(10, "") == set() and decode_done(10, "garbage") == set()
+    assert decode_done(10, "mm1:0-3") == set()  # offsets at or before the position are invalid
+
+
+def test_metadata_is_capped_and_the_cut_is_only_lost_work() -> None:
+    done = set(range(1, 20_000, 2))  # 10k single offsets
+    meta = encode_done(0, done)
+    assert len(meta) <= METADATA_MAX_CHARS
+    decoded = decode_done(0, meta)
+    assert decoded and decoded < done  # a prefix: the rest is re-processed, never skipped wrongly
+
+
+def test_seeded_partition_skips_what_the_last_commit_finished() -> None:
+    t = OffsetTracker()
+    t.seed(TP, 5, "mm1:2-3")  # offsets 7 and 8 were finished beyond position 5
+    assert t.finished_before(TP, 7) and t.finished_before(TP, 8)
+    assert not t.finished_before(TP, 5) and not t.finished_before(TP, 6)
+    for o in range(5, 9):
+        t.track(TP, o)
+    t.done(TP, 7)
+    t.done(TP, 8)
+    # 5 and 6 still open: position and metadata are what was committed: nothing to do
+    assert t.committable() == {}
+    t.done(TP, 5)
+    t.done(TP, 6)
+    assert t.committable() == {TP: (9, "")}
+
+
+def test_uncommitted_counts_records_past_the_commit() -> None:
+    t = OffsetTracker()
+    t.seed(TP, 0, "")
+    for o in range(4):
+        t.track(TP, o)
+    assert t.uncommitted() == 4
+    t.done(TP, 0)
+    t.mark_committed({TP: (1, "")})
+    assert t.uncommitted() == 3
+
+
+def test_expire_returns_only_events_past_the_timeout_oldest_first() -> None:
+    asm = Assembler(frozenset({"a", "b"}))
+    asm.add(part("old", "a", 0), now_ms=0)
+    asm.add(part("new", "a", 1), now_ms=500)
+    assert asm.pending_bytes > 0
+    assert asm.expire(now_ms=999, timeout_ms=1000) == []
+    expired = asm.expire(now_ms=1000, timeout_ms=1000)
+    assert [e.event_id for e in expired] == ["old"] and expired[0].missing == ("b",)
+    assert len(asm) == 1
+    asm.expire(now_ms=1500, timeout_ms=1000)
+    assert len(asm) == 0 and asm.pending_bytes == 0
+
+
+def test_runner_blanks_missing_inputs_of_an_incomplete_event() -> None:
+    from worker.records import Event
+
+    session = FakeSession()
+    runner = ModelRunner(small_manifest(), session, SessionInfo("CPU", ()))
+    full = full_event("x", fill=1.0)
+    partial = Event("x", 0, {"image": full.parts["image"]}, 0, 0, missing=("audio", "text"))
+    preds = runner.predict([partial], clock=lambda: 0)
+    feed = session.feeds[0]
+    assert (feed["text"] == 0).all() and feed["audio"].shape == (1, 48, 40)
+    assert np.isfinite(feed["audio"]).all() and (feed["image"] == 1.0).all()
+    assert preds[0].missing == ("audio", "text") and preds[0].modalities == ("image",)

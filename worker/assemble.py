@@ -4,6 +4,10 @@ Pure: the caller passes the clock (``now_ms``). An event is complete when
 every model input has a part. Parts of one event share a key, hence a
 partition, so state is per partition and can be dropped when a partition is
 revoked (its new owner re-reads the parts from the committed offset).
+
+Incomplete events older than the assembly timeout are handed back by
+:meth:`Assembler.expire` for the caller to dead-letter, drop or infer. The
+assembler counts the events and bytes it holds so the pipeline can bound them.
 """
 
 from __future__ import annotations
@@ -20,7 +24,32 @@ log = logging.getLogger(__name__)
 class _Pending:
     parts: dict[str, Part] = field(default_factory=dict)
     first_seen_ms: int = 0
-    duplicates: list[SourceRef] = field(default_factory=list)
+    duplicates: list[Part] = field(default_factory=list)
+    nbytes: int = 0
+
+
+@dataclass(frozen=True)
+class Incomplete:
+    """An event whose assembly timed out.
+
+    Attributes:
+        event_id, partition: its key and partition.
+        parts: the parts that did arrive, by input name.
+        duplicates: earlier parts replaced by later ones (their offsets settle with it).
+        first_seen_ms: worker clock when its first part arrived.
+        missing: required inputs that never arrived.
+    """
+
+    event_id: str
+    partition: int
+    parts: dict[str, Part]
+    duplicates: tuple[Part, ...]
+    first_seen_ms: int
+    missing: tuple[str, ...]
+
+    @property
+    def all_parts(self) -> tuple[Part, ...]:
+        return (*self.parts.values(), *self.duplicates)
 
 
 class Assembler:
@@ -28,8 +57,10 @@ class Assembler:
 
     def __init__(self, required: frozenset[str]) -> None:
         self.required = required
+        # Insertion order = order of first parts, so the oldest pending event is first.
         self._pending: dict[tuple[int, str], _Pending] = {}
         self.duplicate_parts = 0
+        self.pending_bytes = 0
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -45,26 +76,63 @@ class Assembler:
             # Deterministic: the later record replaces the earlier one; the earlier
             # is kept as a duplicate so its offset is settled with the event.
             self.duplicate_parts += 1
-            pending.duplicates.append(old.source)
+            pending.duplicates.append(old)
             log.debug(
                 "duplicate %s part for event %r at %s", part.input_name, part.event_id, part.source
             )
         pending.parts[part.input_name] = part
+        pending.nbytes += part.nbytes
+        self.pending_bytes += part.nbytes
         if not self.required.issubset(pending.parts):
             return None
-        del self._pending[key]
+        self._remove(key)
         return Event(
             event_id=part.event_id,
             partition=part.source.partition,
             parts=pending.parts,
             first_seen_ms=pending.first_seen_ms,
             completed_ms=now_ms,
-            duplicates=tuple(pending.duplicates),
+            duplicates=tuple(d.source for d in pending.duplicates),
         )
+
+    def expire(self, now_ms: int, timeout_ms: int) -> list[Incomplete]:
+        """Remove and return the events still incomplete ``timeout_ms`` after their first part."""
+        out: list[Incomplete] = []
+        for key, pending in self._pending.items():
+            if now_ms - pending.first_seen_ms < timeout_ms:
+                break  # the rest arrived later
+            out.append(
+                Incomplete(
+                    event_id=key[1],
+                    partition=key[0],
+                    parts=pending.parts,
+                    duplicates=tuple(pending.duplicates),
+                    first_seen_ms=pending.first_seen_ms,
+                    missing=tuple(sorted(self.required - set(pending.parts))),
+                )
+            )
+        for inc in out:
+            self._remove((inc.partition, inc.event_id))
+        return out
+
+    def _remove(self, key: tuple[int, str]) -> None:
+        pending = self._pending.pop(key)
+        self.pending_bytes -= pending.nbytes
 
     def drop_partitions(self, partitions: set[int]) -> int:
         """Forget incomplete events of ``partitions``; return how many were dropped."""
         keys = [k for k in self._pending if k[0] in partitions]
         for k in keys:
-            del self._pending[k]
+            self._remove(k)
         return len(keys)
+
+    def clear(self) -> int:
+        """Forget everything (after an aborted transaction); return how many were dropped."""
+        n = len(self._pending)
+        self._pending.clear()
+        self.pending_bytes = 0
+        return n
+
+
+def sources_of(parts: tuple[Part, ...]) -> tuple[SourceRef, ...]:
+    return tuple(p.source for p in parts)

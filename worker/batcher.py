@@ -43,6 +43,11 @@ class Batcher:
         n = min(self.max_size, len(self._queue))
         return [self._queue.popleft()[1] for _ in range(n)]
 
+    def clear(self) -> int:
+        n = len(self._queue)
+        self._queue.clear()
+        return n
+
     def drop_partitions(self, partitions: set[int]) -> int:
         kept = deque((t, e) for t, e in self._queue if e.partition not in partitions)
         dropped = len(self._queue) - len(kept)

@@ -32,10 +32,13 @@ from typing import NoReturn
 from worker import __version__
 from worker.config import WorkerConfig, bind_env, check_unknown_env, env_snapshot
 from worker.errors import BrokerError, InferenceError, MMStreamError
+from worker.logs import configure_logging
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[argparse.Namespace], int]
+#: The one secret: read from the environment only, never from a flag, never logged.
+SASL_PASSWORD_ENV = "MMSTREAM_SASL_PASSWORD"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -108,6 +111,82 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
         help="on SIGTERM, how long to wait for outstanding acknowledgements",
     )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines as text or as one JSON object per line",
+    )
+    p.add_argument(
+        "--guarantee",
+        choices=("at-least-once", "exactly-once"),
+        default="at-least-once",
+        help="exactly-once: predictions, dead letters and offsets in one transaction",
+    )
+    p.add_argument(
+        "--transactional-id",
+        default="",
+        help="exactly-once producer id (default: <group-id>-<group-instance-id or client-id>)",
+    )
+    p.add_argument(
+        "--assembly-timeout-ms",
+        type=int,
+        default=30_000,
+        help="an event still incomplete this long after its first part is handled "
+        "by --on-incomplete (0 = wait forever)",
+    )
+    p.add_argument(
+        "--on-incomplete",
+        choices=("dlq", "drop", "infer"),
+        default="dlq",
+        help="timed-out incomplete events: dead-letter their parts, drop them (counted), "
+        "or infer with the missing inputs blanked (only if the manifest allows)",
+    )
+    p.add_argument(
+        "--max-pending-events",
+        type=int,
+        default=10_000,
+        help="incomplete + unbatched events held; at the limit fetching pauses",
+    )
+    p.add_argument(
+        "--max-pending-bytes",
+        type=int,
+        default=512 * 1024 * 1024,
+        help="bytes of held parts; at the limit fetching pauses",
+    )
+    p.add_argument(
+        "--group-instance-id",
+        default="",
+        help="static group membership id, e.g. the pod name (empty = dynamic)",
+    )
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=0,
+        help="serve /metrics, /healthz and /readyz on this port (0 = off)",
+    )
+    p.add_argument("--http-host", default="0.0.0.0", help="address the HTTP server binds")
+    p.add_argument(
+        "--security-protocol",
+        default="PLAINTEXT",
+        choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+        help="Kafka security protocol",
+    )
+    p.add_argument(
+        "--sasl-mechanism",
+        default="",
+        help="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (SASL_* protocols)",
+    )
+    p.add_argument("--sasl-username", default="", help="SASL user name")
+    p.add_argument(
+        "--sasl-password-file",
+        type=Path,
+        default=None,
+        help=f"file holding the SASL password (or set {SASL_PASSWORD_ENV}; never a flag)",
+    )
+    p.add_argument("--ssl-cafile", type=Path, default=None, help="CA bundle to verify brokers")
+    p.add_argument("--ssl-certfile", type=Path, default=None, help="client certificate (mTLS)")
+    p.add_argument("--ssl-keyfile", type=Path, default=None, help="client private key (mTLS)")
 
 
 def _add_produce_args(p: argparse.ArgumentParser) -> None:
@@ -162,8 +241,10 @@ def _add_demo_args(p: argparse.ArgumentParser) -> None:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from worker.pipeline import run_worker
 
-    config = WorkerConfig.from_mapping(_settings(args))
-    logging.getLogger().setLevel(config.log_level.upper())
+    settings = _settings(args)
+    settings["sasl_password"] = os.environ.get(SASL_PASSWORD_ENV, "")
+    config = WorkerConfig.from_mapping(settings)
+    configure_logging(config.log_level, config.log_format)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -252,17 +333,12 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
         add_args(p)
         p.set_defaults(handler=handler)
         known |= bind_env(p, environ)
-    parser.set_defaults(known_env=known)
+    parser.set_defaults(known_env=known | {SASL_PASSWORD_ENV})
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    configure_logging("INFO", "text")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         parser = build_parser()

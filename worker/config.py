@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
@@ -44,6 +44,13 @@ class FrozenConfig:
         return cls(**values)
 
 
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(
+            f"--{name.replace('_', '-')} must be one of {list(allowed)}, not {value!r}"
+        )
+
+
 def _positive(name: str, value: int, *, zero_ok: bool = False) -> None:
     if value < 0 or (value == 0 and not zero_ok):
         raise ConfigError(f"--{name.replace('_', '-')} must be {'>= 0' if zero_ok else '> 0'}")
@@ -72,6 +79,25 @@ class WorkerConfig(FrozenConfig):
     max_events: int = 0
     shutdown_timeout_s: float = 30.0
     log_level: str = "INFO"
+    log_format: str = "text"
+    guarantee: str = "at-least-once"
+    transactional_id: str = ""
+    assembly_timeout_ms: int = 30_000
+    on_incomplete: str = "dlq"
+    max_pending_events: int = 10_000
+    max_pending_bytes: int = 512 * 1024 * 1024
+    group_instance_id: str = ""
+    session_timeout_ms: int = 45_000
+    http_port: int = 0
+    http_host: str = "0.0.0.0"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)
+    sasl_password_file: Path | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("bootstrap_servers", "input_topic", "output_topic", "group_id"):
@@ -92,6 +118,65 @@ class WorkerConfig(FrozenConfig):
             raise ConfigError("--auto-offset-reset must be earliest or latest")
         if self.shutdown_timeout_s <= 0:
             raise ConfigError("--shutdown-timeout-s must be > 0")
+        _choice("log_format", self.log_format, ("text", "json"))
+        _choice("guarantee", self.guarantee, ("at-least-once", "exactly-once"))
+        _choice("on_incomplete", self.on_incomplete, ("dlq", "drop", "infer"))
+        for name in ("max_pending_events", "max_pending_bytes", "session_timeout_ms"):
+            _positive(name, getattr(self, name))
+        for name in ("assembly_timeout_ms", "http_port"):
+            _positive(name, getattr(self, name), zero_ok=True)
+        if not 0 <= self.http_port <= 65535:
+            raise ConfigError("--http-port must be within 0..65535 (0 = no HTTP server)")
+        if self.guarantee == "exactly-once" and not self.transactional_id:
+            # One id per consumer instance: a restarted pod fences its zombie predecessor.
+            suffix = self.group_instance_id or self.client_id
+            object.__setattr__(self, "transactional_id", f"{self.group_id}-{suffix}")
+        _choice(
+            "security_protocol",
+            self.security_protocol,
+            ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+        )
+        if self.security_protocol.startswith("SASL"):
+            _choice(
+                "sasl_mechanism",
+                self.sasl_mechanism,
+                ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
+            )
+            if not self.sasl_username:
+                raise ConfigError(f"--sasl-username is required with {self.security_protocol}")
+            if self.sasl_password and self.sasl_password_file:
+                raise ConfigError("give the SASL password by env or by file, not both")
+            if self.sasl_password_file is not None:
+                try:
+                    secret = Path(self.sasl_password_file).read_text().strip()
+                except OSError as exc:
+                    raise ConfigError(f"--sasl-password-file: {exc.strerror}") from exc
+                object.__setattr__(self, "sasl_password", secret)
+            if not self.sasl_password:
+                raise ConfigError(
+                    "a SASL password is required: MMSTREAM_SASL_PASSWORD or --sasl-password-file"
+                )
+        elif self.sasl_mechanism or self.sasl_username:
+            raise ConfigError("--sasl-* settings need --security-protocol SASL_PLAINTEXT/SASL_SSL")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                raise ConfigError(f"--{name.replace('_', '-')}: no such file {value}")
+
+    def kafka_security(self) -> dict[str, Any]:
+        """kafka-python keyword arguments for the security settings (secrets included)."""
+        out: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.security_protocol.startswith("SASL"):
+            out.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password,
+            )
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = str(value)
+        return out
 
 
 # ------------------------------------------------------------ env vars for argparse

@@ -228,6 +228,7 @@ def decode_record(record: RawRecord, manifest: Manifest, limits: Limits) -> Part
         tensor=tensor,
         source=record.source,
         event_time_ms=_event_time(record),
+        raw=record,
     )
 
 

@@ -16,9 +16,11 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from worker.config import WorkerConfig
 from worker.errors import BrokerError
 from worker.records import RawRecord, SourceRef
 
@@ -38,6 +40,7 @@ class QueueingListener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self) -> None:
         self.events: queue.SimpleQueue[Revocation] = queue.SimpleQueue()
         self.assigned: set[tuple[str, int]] = set()
+        self.joined = False  # set at the first assignment, even an empty one
 
     def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         tps = frozenset((tp.topic, tp.partition) for tp in revoked)
@@ -50,34 +53,41 @@ class QueueingListener(ConsumerRebalanceListener):  # type: ignore[misc]
         tps = {(tp.topic, tp.partition) for tp in assigned}
         log.info("partitions assigned: %s", sorted(tps))
         self.assigned |= tps
+        self.joined = True
 
     def on_partitions_lost(self, lost: Iterable[TopicPartition]) -> None:
         self.on_partitions_revoked(lost)
 
 
-def make_consumer(
-    bootstrap_servers: str,
-    group_id: str,
-    client_id: str,
-    auto_offset_reset: str,
-    max_poll_records: int,
-) -> KafkaConsumer:
+def make_consumer(config: WorkerConfig) -> KafkaConsumer:
+    """The worker's consumer: manual commits, cooperative-sticky, optional static membership."""
+    kwargs: dict[str, Any] = dict(
+        bootstrap_servers=config.bootstrap_servers.split(","),
+        group_id=config.group_id,
+        client_id=config.client_id,
+        enable_auto_commit=False,
+        auto_offset_reset=config.auto_offset_reset,
+        max_poll_records=config.max_poll_records,
+        fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+        partition_assignment_strategy=[CooperativeStickyAssignor()],
+        session_timeout_ms=config.session_timeout_ms,
+        heartbeat_interval_ms=max(500, min(3000, config.session_timeout_ms // 3)),
+        isolation_level=(
+            "read_committed" if config.guarantee == "exactly-once" else "read_uncommitted"
+        ),
+        **config.kafka_security(),
+    )
+    if config.group_instance_id:
+        kwargs["group_instance_id"] = config.group_instance_id
     try:
-        return KafkaConsumer(
-            bootstrap_servers=bootstrap_servers.split(","),
-            group_id=group_id,
-            client_id=client_id,
-            enable_auto_commit=False,
-            auto_offset_reset=auto_offset_reset,
-            max_poll_records=max_poll_records,
-            fetch_max_bytes=64 * 1024 * 1024,
-            max_partition_fetch_bytes=16 * 1024 * 1024,
-        )
+        return KafkaConsumer(**kwargs)
     except KafkaError as exc:
-        raise BrokerError(f"cannot connect consumer to {bootstrap_servers}: {exc}") from exc
+        raise BrokerError(f"cannot connect consumer to {config.bootstrap_servers}: {exc}") from exc
 
 
-def make_producer(bootstrap_servers: str, client_id: str) -> KafkaProducer:
+def make_producer(bootstrap_servers: str, client_id: str, **extra: Any) -> KafkaProducer:
+    """An idempotent producer with acks=all (``extra``: transactional_id, security, ...)."""
     try:
         return KafkaProducer(
             bootstrap_servers=bootstrap_servers.split(","),
@@ -85,6 +95,7 @@ def make_producer(bootstrap_servers: str, client_id: str) -> KafkaProducer:
             acks="all",
             linger_ms=5,
             max_request_size=32 * 1024 * 1024,
+            **extra,
         )
     except KafkaError as exc:
         raise BrokerError(f"cannot connect producer to {bootstrap_servers}: {exc}") from exc
@@ -100,14 +111,22 @@ def to_raw(record: Any) -> RawRecord:
     )
 
 
-def commit(consumer: KafkaConsumer, positions: dict[tuple[str, int], int]) -> None:
-    """Synchronously commit ``positions`` (next offset to read per partition)."""
-    consumer.commit(
-        offsets={
-            TopicPartition(topic, part): OffsetAndMetadata(pos, "", -1)
-            for (topic, part), pos in positions.items()
-        }
-    )
+def to_offsets(
+    positions: dict[tuple[str, int], tuple[int, str]],
+) -> dict[TopicPartition, OffsetAndMetadata]:
+    """(topic, partition) -> (next offset, metadata) as kafka-python wants them."""
+    return {
+        TopicPartition(topic, part): OffsetAndMetadata(pos, meta, -1)
+        for (topic, part), (pos, meta) in positions.items()
+    }
+
+
+def committed(consumer: KafkaConsumer, tp: tuple[str, int]) -> tuple[int | None, str]:
+    """The group's committed position and metadata of one partition."""
+    found = consumer.committed(TopicPartition(*tp), metadata=True)
+    if found is None:
+        return None, ""
+    return found.offset, found.metadata or ""
 
 
 def ensure_topics(bootstrap_servers: str, topics: dict[str, int], timeout_s: float = 30) -> None:

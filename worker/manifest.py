@@ -94,6 +94,9 @@ class Manifest:
         producer: tool versions used for the export (tensorflow, tf2onnx, ...).
         parity: result of the TF vs ONNX Runtime check.
         model_card: free-form facts (training data, held-out accuracies).
+        accepts_missing: the model was trained with absent modalities given as blank
+            inputs (:func:`worker.preprocess.blank_input`), so an incomplete event may
+            be inferred with its missing inputs blanked.
     """
 
     name: str
@@ -107,6 +110,7 @@ class Manifest:
     producer: dict[str, str] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
     model_card: dict[str, Any] = field(default_factory=dict)
+    accepts_missing: bool = False
 
     def input(self, name: str) -> InputInfo | None:
         for info in self.inputs:
@@ -129,6 +133,7 @@ class Manifest:
             "label_output": self.label_output,
             "parity": dict(self.parity),
             "model_card": dict(self.model_card),
+            "accepts_missing": self.accepts_missing,
         }
 
     @classmethod
@@ -151,6 +156,7 @@ class Manifest:
                 producer=dict(d.get("producer", {})),
                 parity=dict(d.get("parity", {})),
                 model_card=dict(d.get("model_card", {})),
+                accepts_missing=bool(d.get("accepts_missing", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"manifest is malformed: {type(exc).__name__}: {exc}") from exc

@@ -19,6 +19,7 @@ from numpy.typing import NDArray
 
 from worker.errors import ConfigError, InferenceError, ModelError
 from worker.manifest import MODEL_FILE, Manifest, load_manifest
+from worker.preprocess import blank_input
 from worker.records import Event, Prediction, as_f32_list
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class ModelRunner:
             "version": manifest.version,
             "sha256": manifest.sha256,
         }
+        self._blanks: dict[str, NDArray[Any]] = {}
         self._label_index = (
             self.output_names.index(manifest.label_output)
             if manifest.labels and manifest.label_output in self.output_names
@@ -107,10 +109,22 @@ class ModelRunner:
         return frozenset(i.name for i in self.manifest.inputs)
 
     def feed(self, events: Sequence[Event]) -> dict[str, NDArray[Any]]:
-        return {
-            i.name: np.stack([e.parts[i.name].tensor for e in events]).astype(i.dtype, copy=False)
-            for i in self.manifest.inputs
-        }
+        """Stack each input over the batch; inputs an incomplete event lacks are blanked."""
+        feed = {}
+        for i in self.manifest.inputs:
+            rows = [
+                e.parts[i.name].tensor if i.name in e.parts else self._blank(i.name) for e in events
+            ]
+            feed[i.name] = np.stack(rows).astype(i.dtype, copy=False)
+        return feed
+
+    def _blank(self, name: str) -> NDArray[Any]:
+        if name not in self._blanks:
+            info = self.manifest.input(name)
+            if info is None:
+                raise InferenceError(f"no model input {name!r}")
+            self._blanks[name] = blank_input(info.preprocessing).astype(info.dtype)
+        return self._blanks[name]
 
     def run(self, feed: dict[str, NDArray[Any]]) -> list[NDArray[Any]]:
         try:
@@ -141,6 +155,7 @@ class ModelRunner:
                     label=label,
                     score=score,
                     modalities=tuple(sorted(event.parts)),
+                    missing=event.missing,
                     timing={
                         "last_part_ms": event.last_part_ms,
                         "completed_ms": event.completed_ms,

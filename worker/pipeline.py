@@ -2,23 +2,32 @@
 
     consume -> decode -> assemble -> batch -> infer -> publish -> commit
 
-* consume: ``KafkaConsumer.poll`` (auto-commit off); each record is tracked
-  as open in the :class:`~worker.offsets.OffsetTracker`.
+* consume: ``KafkaConsumer.poll`` (auto-commit off, cooperative-sticky). Each
+  record is tracked as open in the :class:`~worker.offsets.OffsetTracker`;
+  records the last commit's metadata lists as already finished are skipped.
+  While the held events or bytes are at their bound, fetching is paused (the
+  loop keeps polling, so the consumer stays in its group).
 * decode: :func:`~worker.decode.decode_record` -> a part, or a dead-letter
   record with a reason code.
-* assemble: :class:`~worker.assemble.Assembler` -> complete events.
+* assemble: :class:`~worker.assemble.Assembler` -> complete events. Events
+  still incomplete after ``assembly_timeout_ms`` are dead-lettered, dropped
+  (counted) or inferred with blank inputs, as ``on_incomplete`` says.
 * batch: :class:`~worker.batcher.Batcher` -> batches of up to ``max_batch_size``,
   released when full or when the oldest event waited ``max_batch_delay_ms``.
 * infer: :class:`~worker.model.ModelRunner` (ONNX Runtime). A batch that makes
   ORT fail is split in halves until the poison event is isolated; it goes to
   the dead-letter topic and the rest are predicted.
-* publish: one prediction per event (acks=all); its delivery callback marks
-  every source offset of the event done.
-* commit: every ``commit_interval_ms`` the tracker's safe positions are
-  committed: never past a record whose output is not yet acknowledged.
+* publish: one prediction per event (acks=all).
+* commit, at-least-once: a record's offset is done when every output depending
+  on it is acknowledged; every ``commit_interval_ms`` the safe positions (plus
+  the offsets finished beyond them, in the metadata) are committed.
+* commit, exactly-once: outputs and offsets go in one Kafka transaction per
+  commit interval (``send_offsets_to_transaction``). Any failure, or a
+  revocation, aborts it and rewinds every partition to its committed position,
+  so read_committed readers see each prediction once.
 
-A failed delivery stops the worker with :class:`BrokerError` and commits
-nothing beyond it, so a restart re-reads the work (at-least-once).
+In at-least-once mode a delivery that the broker does not acknowledge stops
+the worker with :class:`BrokerError` before anything beyond it is committed.
 """
 
 from __future__ import annotations
@@ -34,18 +43,27 @@ from typing import Any
 
 from kafka.errors import CommitFailedError, KafkaError
 
-from worker.assemble import Assembler
+from worker.assemble import Assembler, Incomplete
 from worker.batcher import Batcher
 from worker.config import WorkerConfig
 from worker.decode import Limits, decode_record
-from worker.errors import BrokerError, InferenceError, Reason, RecordError
-from worker.kafka_io import QueueingListener, commit, make_consumer, make_producer, to_raw
+from worker.errors import BrokerError, ConfigError, InferenceError, Reason, RecordError
+from worker.kafka_io import (
+    QueueingListener,
+    committed,
+    make_consumer,
+    make_producer,
+    to_offsets,
+    to_raw,
+)
+from worker.metrics import WorkerMetrics
 from worker.model import ModelRunner
 from worker.offsets import OffsetTracker
 from worker.records import (
     HEADER_CONTENT_TYPE,
     HEADER_ERROR,
     HEADER_ERROR_DETAIL,
+    HEADER_MODALITY,
     HEADER_SOURCE,
     Event,
     Prediction,
@@ -56,6 +74,8 @@ from worker.records import (
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], int]
+#: Resume fetching once held events/bytes fall below this share of their bound.
+RESUME_AT = 0.8
 
 
 def wall_ms() -> int:
@@ -71,19 +91,44 @@ class WorkerStats:
     dead_lettered: dict[str, int] = field(default_factory=dict)
     batches: int = 0
     duplicate_parts: int = 0
+    skipped_finished: int = 0
+    incomplete: int = 0
     commits: int = 0
+    aborts: int = 0
     provider: str = ""
     first_consumed_ms: int | None = None
     last_acked_ms: int | None = None
 
 
+@dataclass(frozen=True)
+class _Ack:
+    kind: str  # "prediction" or a dead-letter reason
+    sources: tuple[SourceRef, ...]
+    last_part_ms: int | None
+    generation: int
+
+
 class Worker:
     """Runs the pipeline until ``stop`` is set or ``max_events`` predictions are acknowledged."""
 
-    def __init__(self, config: WorkerConfig, runner: ModelRunner, clock: Clock = wall_ms) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        runner: ModelRunner,
+        clock: Clock = wall_ms,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        if config.on_incomplete == "infer" and not runner.manifest.accepts_missing:
+            raise ConfigError(
+                "--on-incomplete infer: the model's manifest does not say it accepts missing "
+                "inputs (accepts_missing); use dlq or drop"
+            )
         self.config = config
         self.runner = runner
         self.clock = clock
+        self.metrics = metrics or WorkerMetrics()
+        self.metrics.set_provider(runner.info.provider)
+        self.eos = config.guarantee == "exactly-once"
         self.limits = Limits(config.max_part_bytes, config.max_image_pixels)
         self.assembler = Assembler(runner.required_inputs)
         self.batcher = Batcher(config.max_batch_size, config.max_batch_delay_ms)
@@ -91,37 +136,43 @@ class Worker:
         self.stats = WorkerStats(provider=runner.info.provider)
         self.listener = QueueingListener()
         # Delivery results arrive on the producer's IO thread.
-        self._acks: queue.SimpleQueue[tuple[str, tuple[SourceRef, ...]]] = queue.SimpleQueue()
-        self._failures: queue.SimpleQueue[BaseException] = queue.SimpleQueue()
+        self._acks: queue.SimpleQueue[_Ack] = queue.SimpleQueue()
+        self._failures: queue.SimpleQueue[tuple[int, BaseException]] = queue.SimpleQueue()
+        self._generation = 0  # bumped by every abort: late callbacks of aborted sends are ignored
+        self._in_txn = False
+        self._paused = False
         self._last_commit_ms = 0
-        self.consumer = make_consumer(
-            config.bootstrap_servers,
-            config.group_id,
-            config.client_id,
-            config.auto_offset_reset,
-            config.max_poll_records,
-        )
-        self.producer = make_producer(config.bootstrap_servers, config.client_id)
+        self.consumer = make_consumer(config)
+        extra: dict[str, Any] = dict(config.kafka_security())
+        if self.eos:
+            extra["transactional_id"] = config.transactional_id
+        self.producer = make_producer(config.bootstrap_servers, config.client_id, **extra)
         self.ready = threading.Event()
 
     # ------------------------------------------------------------------ loop
 
     def run(self, stop: threading.Event) -> WorkerStats:
-        self.consumer.subscribe([self.config.input_topic], listener=self.listener)
-        log.info(
-            "worker: %s -> %s (dlq %s), group %s, model %s %s on %s",
-            self.config.input_topic,
-            self.config.output_topic,
-            self.config.dlq_topic,
-            self.config.group_id,
-            self.runner.manifest.name,
-            self.runner.manifest.version,
-            self.stats.provider,
-        )
+        c = self.config
         try:
+            if self.eos:
+                self.producer.init_transactions()
+            self.consumer.subscribe([c.input_topic], listener=self.listener)
+            log.info(
+                "worker: %s -> %s (dlq %s), group %s, %s, model %s %s on %s",
+                c.input_topic,
+                c.output_topic,
+                c.dlq_topic,
+                c.group_id,
+                c.guarantee,
+                self.runner.manifest.name,
+                self.runner.manifest.version,
+                self.stats.provider,
+            )
             while not stop.is_set() and not self._done():
                 self._step()
             self._drain()
+        except KafkaError as exc:
+            raise BrokerError(f"Kafka failed: {exc!r}") from exc
         finally:
             self.consumer.close(autocommit=False)
             self.producer.close(timeout=5)
@@ -129,55 +180,115 @@ class Worker:
         return self.stats
 
     def _step(self) -> None:
+        self.metrics.beat(time.time())
+        room = self._backpressure()
         wait = self.batcher.wait_ms(self.clock())
         timeout = 100 if wait is None else min(wait, 100)
-        polled = self.consumer.poll(timeout_ms=timeout)
+        polled = self.consumer.poll(
+            timeout_ms=timeout, max_records=max(1, min(self.config.max_poll_records, room))
+        )
         self._handle_revocations()
-        if self.listener.assigned:
+        if self.listener.joined:
             self.ready.set()
         for records in polled.values():
             for rec in records:
                 self._consume(to_raw(rec))
+        self._expire()
         while self.batcher.ready(self.clock()):
             self._infer(self.batcher.take())
         self._settle()
         self._maybe_commit(force=False)
+        self._update_gauges()
 
     def _done(self) -> bool:
         return 0 < self.config.max_events <= self.stats.predicted
 
     def _drain(self) -> None:
-        """Finish what was consumed: run pending batches, wait for acks, commit."""
+        """Finish what was assembled: run pending batches, wait for acks, commit."""
         while len(self.batcher):
             self._infer(self.batcher.take())
-        deadline = time.monotonic() + self.config.shutdown_timeout_s
-        try:
-            self.producer.flush(timeout=max(0.1, deadline - time.monotonic()))
-        except KafkaError as exc:
-            log.error("flush at shutdown failed: %s", exc)
+        if not self.eos:
+            try:
+                self.producer.flush(timeout=self.config.shutdown_timeout_s)
+            except KafkaError as exc:
+                log.error("flush at shutdown failed: %s", exc)
         self._settle()
         self._maybe_commit(force=True)
+        self._settle()
 
     # ------------------------------------------------------------------ stages
 
     def _consume(self, raw: RawRecord) -> None:
         src = raw.source
+        tp = (src.topic, src.partition)
         now = self.clock()
         self.stats.consumed += 1
         if self.stats.first_consumed_ms is None:
             self.stats.first_consumed_ms = now
-        self.tracker.track((src.topic, src.partition), src.offset)
+        if not self.tracker.known(tp):
+            self.tracker.seed(tp, *committed(self.consumer, tp))
+        self.tracker.track(tp, src.offset)
+        modality = raw.header(HEADER_MODALITY)
+        self.metrics.records_consumed.labels(
+            modality.decode("utf-8", "replace")[:32] if modality else "unknown"
+        ).inc()
+        if self.tracker.finished_before(tp, src.offset):
+            # Its event was predicted before the last restart (commit metadata says so).
+            self.stats.skipped_finished += 1
+            self.tracker.done(tp, src.offset)
+            return
         try:
             part = decode_record(raw, self.runner.manifest, self.limits)
         except RecordError as err:
             self._dead_letter(raw, err.reason, str(err))
             return
         event = self.assembler.add(part, now)
-        self.stats.duplicate_parts = self.assembler.duplicate_parts
+        if self.assembler.duplicate_parts > self.stats.duplicate_parts:
+            self.metrics.duplicate_parts.inc(
+                self.assembler.duplicate_parts - self.stats.duplicate_parts
+            )
+            self.stats.duplicate_parts = self.assembler.duplicate_parts
         if event is not None:
+            self.metrics.events_completed.inc()
             self.batcher.add(event, now)
 
+    def _expire(self) -> None:
+        timeout = self.config.assembly_timeout_ms
+        if timeout <= 0:
+            return
+        now = self.clock()
+        for inc in self.assembler.expire(now, timeout):
+            self._incomplete(inc, now)
+
+    def _incomplete(self, inc: Incomplete, now: int) -> None:
+        action = self.config.on_incomplete
+        self.stats.incomplete += 1
+        self.metrics.events_incomplete.labels(action).inc()
+        detail = (
+            f"event {inc.event_id!r} still lacks {list(inc.missing)} "
+            f"{self.config.assembly_timeout_ms} ms after its first part"
+        )
+        if action == "infer":
+            event = Event(
+                event_id=inc.event_id,
+                partition=inc.partition,
+                parts=inc.parts,
+                first_seen_ms=inc.first_seen_ms,
+                completed_ms=now,
+                duplicates=tuple(p.source for p in inc.duplicates),
+                missing=inc.missing,
+            )
+            self.batcher.add(event, now)
+        elif action == "dlq":
+            for part in inc.all_parts:
+                if part.raw is not None:
+                    self._dead_letter(part.raw, Reason.INCOMPLETE_EVENT, detail)
+        else:  # drop: the operator's explicit choice; counted and logged
+            log.info("dropping incomplete %s", detail)
+            self._mark_done(tuple(p.source for p in inc.all_parts))
+
     def _infer(self, events: Sequence[Event]) -> None:
+        started = time.perf_counter()
         try:
             preds = self.runner.predict(events, self.clock)
         except InferenceError as err:
@@ -188,6 +299,8 @@ class Worker:
                 self._infer(events[:mid])
                 self._infer(events[mid:])
             return
+        self.metrics.inference_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(events))
         self.stats.batches += 1
         for event, pred in zip(events, preds, strict=True):
             self._publish(event, pred)
@@ -202,29 +315,27 @@ class Worker:
             headers,
             "prediction",
             event.sources,
+            event.last_part_ms,
         )
 
     def _dead_letter(self, raw: RawRecord, reason: Reason, detail: str) -> None:
         log.warning("dead-letter %s: %s: %s", raw.source, reason.value, detail)
-        headers = [
-            (k, v)
-            for k, v in raw.headers
-            if k.lower() not in (HEADER_ERROR, HEADER_ERROR_DETAIL, HEADER_SOURCE)
-        ]
+        drop = (HEADER_ERROR, HEADER_ERROR_DETAIL, HEADER_SOURCE)
+        headers = [(k, v) for k, v in raw.headers if k.lower() not in drop]
         headers += [
             (HEADER_ERROR, reason.value.encode()),
             (HEADER_ERROR_DETAIL, detail.encode("utf-8", "replace")[:4000]),
             (HEADER_SOURCE, str(raw.source).encode()),
         ]
-        self._send(self.config.dlq_topic, raw.key, raw.value, headers, reason.value, (raw.source,))
+        self._send(
+            self.config.dlq_topic, raw.key, raw.value, headers, reason.value, (raw.source,), None
+        )
 
     def _dead_letter_event(self, event: Event, detail: str) -> None:
         for part in event.parts.values():
-            # The decoded tensor is what failed; the original bytes are on the input topic
-            # at mm-source, so the dead-letter value is empty and points there.
-            raw = RawRecord(part.source, event.event_id.encode(), b"", ())
+            raw = part.raw or RawRecord(part.source, event.event_id.encode(), b"", ())
             self._dead_letter(raw, Reason.INFERENCE_ERROR, detail)
-        self.tracker_done(event.duplicates)
+        self._mark_done(event.duplicates)
 
     def _send(
         self,
@@ -234,34 +345,58 @@ class Worker:
         headers: list[tuple[str, bytes]],
         kind: str,
         sources: tuple[SourceRef, ...],
+        last_part_ms: int | None,
     ) -> None:
+        if self.eos and not self._in_txn:
+            self.producer.begin_transaction()
+            self._in_txn = True
         try:
             future = self.producer.send(topic, key=key, value=value, headers=headers)
         except KafkaError as exc:
             raise BrokerError(f"cannot send to {topic}: {exc}") from exc
-        future.add_callback(lambda _md: self._acks.put((kind, sources)))
-        future.add_errback(self._failures.put)
+        if self.eos:
+            # Committed atomically with the offsets, or aborted with them.
+            self._mark_done(sources)
+        ack = _Ack(kind, sources, last_part_ms, self._generation)
+        future.add_callback(lambda _md: self._acks.put(ack))
+        gen = self._generation
+        future.add_errback(lambda exc: self._failures.put((gen, exc)))
 
     # ------------------------------------------------------------------ commit
 
-    def tracker_done(self, sources: tuple[SourceRef, ...]) -> None:
+    def _mark_done(self, sources: tuple[SourceRef, ...]) -> None:
         for s in sources:
             self.tracker.done((s.topic, s.partition), s.offset)
 
     def _settle(self) -> None:
         """Apply delivery results from the producer's thread."""
-        if not self._failures.empty():
-            exc = self._failures.get()
+        while not self._failures.empty():
+            gen, exc = self._failures.get()
+            if gen != self._generation:
+                continue  # a send of an aborted transaction
+            if self.eos:
+                log.warning("send failed inside a transaction (%s): aborting", exc)
+                self._abort_and_rewind()
+                return
             raise BrokerError(f"a record was not acknowledged by the broker: {exc}")
         now = self.clock()
         while not self._acks.empty():
-            kind, sources = self._acks.get()
-            self.tracker_done(sources)
+            ack = self._acks.get()
+            if ack.generation != self._generation:
+                continue
+            if not self.eos:
+                self._mark_done(ack.sources)
             self.stats.last_acked_ms = now
-            if kind == "prediction":
+            if ack.kind == "prediction":
                 self.stats.predicted += 1
+                self.metrics.predictions.inc()
+                if ack.last_part_ms is not None:
+                    self.metrics.end_to_end_seconds.observe(
+                        max(0.0, (now - ack.last_part_ms) / 1000.0)
+                    )
             else:
-                self.stats.dead_lettered[kind] = self.stats.dead_lettered.get(kind, 0) + 1
+                self.stats.dead_lettered[ack.kind] = self.stats.dead_lettered.get(ack.kind, 0) + 1
+                self.metrics.dead_letters.labels(ack.kind).inc()
 
     def _maybe_commit(self, force: bool) -> None:
         now = self.clock()
@@ -269,24 +404,82 @@ class Worker:
             return
         self._last_commit_ms = now
         positions = {
-            tp: pos
-            for tp, pos in self.tracker.committable().items()
-            if tp in self.listener.assigned
+            tp: pm for tp, pm in self.tracker.committable().items() if tp in self.listener.assigned
         }
+        if self.eos:
+            self._commit_transaction(positions)
+            return
         if not positions:
             return
         try:
-            commit(self.consumer, positions)
+            self.consumer.commit(offsets=to_offsets(positions))
         except (CommitFailedError, KafkaError) as exc:
+            self.metrics.commits.labels("failed").inc()
             log.warning("commit of %s failed (will retry): %s", positions, exc)
             return
         self.tracker.mark_committed(positions)
         self.stats.commits += 1
-        log.debug("committed %s", positions)
+        self.metrics.commits.labels("ok").inc()
+
+    def _commit_transaction(self, positions: dict[tuple[str, int], tuple[int, str]]) -> None:
+        if not positions and not self._in_txn:
+            return
+        try:
+            if not self._in_txn:
+                self.producer.begin_transaction()
+                self._in_txn = True
+            if positions:
+                self.producer.send_offsets_to_transaction(
+                    to_offsets(positions), self.consumer.group_metadata()
+                )
+            self.producer.commit_transaction()
+        except KafkaError as exc:
+            log.warning("transaction commit failed (%r): aborting and rewinding", exc)
+            self._abort_and_rewind()
+            return
+        self._in_txn = False
+        self.tracker.mark_committed(positions)
+        self.stats.commits += 1
+        self.metrics.transactions.labels("committed").inc()
+        self.metrics.commits.labels("ok").inc()
+        self._settle()
+
+    def _abort_and_rewind(self) -> None:
+        """Exactly-once: abort the open transaction and re-read from the committed positions."""
+        self._generation += 1
+        if self._in_txn:
+            try:
+                self.producer.abort_transaction()
+            except KafkaError as exc:
+                raise BrokerError(
+                    f"cannot abort the transaction ({exc!r}): the producer is unusable"
+                ) from exc
+            self._in_txn = False
+        self.stats.aborts += 1
+        self.metrics.transactions.labels("aborted").inc()
+        self.assembler.clear()
+        self.batcher.clear()
+        self.tracker.clear()
+        for tp in self.consumer.assignment():
+            pos, _meta = committed(self.consumer, (tp.topic, tp.partition))
+            if pos is None:
+                if self.config.auto_offset_reset == "earliest":
+                    self.consumer.seek_to_beginning(tp)
+                else:
+                    self.consumer.seek_to_end(tp)
+            else:
+                self.consumer.seek(tp, pos)
+        log.info("transaction aborted; rewound %d partitions", len(self.consumer.assignment()))
 
     def _handle_revocations(self) -> None:
         while not self.listener.events.empty():
             rev = self.listener.events.get()
+            self.metrics.rebalances.inc()
+            if self.eos:
+                # Outputs in the open transaction may belong to revoked partitions: abort it
+                # and rewind the partitions we keep. Nothing of it becomes visible.
+                self._abort_and_rewind()
+                continue
             parts = {p for _, p in rev.partitions}
             dropped = self.assembler.drop_partitions(parts) + self.batcher.drop_partitions(parts)
             self.tracker.forget(set(rev.partitions))
@@ -297,15 +490,75 @@ class Worker:
                     dropped,
                 )
 
+    # ------------------------------------------------------------------ bounds, gauges
+
+    def _pending_events(self) -> int:
+        return len(self.assembler) + len(self.batcher)
+
+    def _backpressure(self) -> int:
+        """Pause fetching at the bounds, resume below them; return how many records may come."""
+        c = self.config
+        events = self._pending_events()
+        nbytes = self.assembler.pending_bytes
+        full = events >= c.max_pending_events or nbytes >= c.max_pending_bytes
+        if full:
+            assigned = self.consumer.assignment()
+            if assigned:
+                self.consumer.pause(*assigned)  # also covers newly assigned partitions
+            if not self._paused:
+                log.info("pending bound reached (%d events, %d bytes): pausing", events, nbytes)
+            self._paused = True
+        elif self._paused and (
+            events <= RESUME_AT * c.max_pending_events and nbytes <= RESUME_AT * c.max_pending_bytes
+        ):
+            self.consumer.resume(*self.consumer.paused())
+            self._paused = False
+            log.info("pending below the bound (%d events, %d bytes): resuming", events, nbytes)
+        return max(0, c.max_pending_events - events)
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        m.pending_events.set(self._pending_events())
+        m.pending_bytes.set(self.assembler.pending_bytes)
+        m.paused_partitions.set(len(self.consumer.paused()))
+        m.assigned_partitions.set(len(self.listener.assigned))
+        m.uncommitted_records.set(self.tracker.uncommitted())
+
 
 def run_worker(
     config: WorkerConfig,
     stop: threading.Event | None = None,
     on_ready: Callable[[Worker], Any] | None = None,
 ) -> WorkerStats:
-    """Load the model, connect, and run until stopped."""
-    runner = ModelRunner.load(config.model, config.device, config.intra_op_threads)
-    worker = Worker(config, runner)
-    if on_ready is not None:
-        on_ready(worker)
-    return worker.run(stop or threading.Event())
+    """Load the model, connect, serve probes (``--http-port``), and run until stopped."""
+    from worker.http import ProbeServer, loop_health
+
+    metrics = WorkerMetrics()
+    server: ProbeServer | None = None
+    holder: dict[str, Worker] = {}
+    if config.http_port:
+        server = ProbeServer(
+            config.http_host,
+            config.http_port,
+            metrics,
+            healthy=loop_health(metrics, max_stall_s=60.0),
+            ready=lambda: _readiness(holder.get("worker")),
+        )
+        server.start()
+    try:
+        runner = ModelRunner.load(config.model, config.device, config.intra_op_threads)
+        worker = holder["worker"] = Worker(config, runner, metrics=metrics)
+        if on_ready is not None:
+            on_ready(worker)
+        return worker.run(stop or threading.Event())
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _readiness(worker: Worker | None) -> tuple[bool, str]:
+    if worker is None:
+        return False, "loading the model"
+    if not worker.ready.is_set():
+        return False, "joining the consumer group"
+    return True, f"ready on {worker.stats.provider}"

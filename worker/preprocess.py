@@ -262,3 +262,13 @@ def resample(wave: F32, src_rate: int, dst_rate: int) -> F32:
     n_out = round(len(wave) * dst_rate / src_rate)
     t_out = np.arange(n_out, dtype=np.float64) * (src_rate / dst_rate)
     return np.interp(t_out, np.arange(len(wave)), wave).astype(np.float32)
+
+
+def blank_input(spec: Spec) -> NDArray[Any]:
+    """What an absent modality looks like to the model (as in training's dropped inputs):
+    a black image, an all-padding text, silence."""
+    if isinstance(spec, ImageSpec):
+        return np.zeros(spec.shape(), dtype=np.float32)
+    if isinstance(spec, TextSpec):
+        return tokenize("", spec)
+    return log_mel(np.zeros(spec.num_samples, dtype=np.float32), spec)

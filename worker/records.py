@@ -77,6 +77,7 @@ class Part:
         tensor: per-example tensor in the model's dtype and shape.
         source: where the record came from.
         event_time_ms: ``mm-event-time`` if sent, else None.
+        raw: the original record (dead-letter records carry its key, value and headers).
     """
 
     event_id: str
@@ -84,6 +85,13 @@ class Part:
     tensor: NDArray[Any]
     source: SourceRef
     event_time_ms: int | None = None
+    raw: RawRecord | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held for this part: tensor plus original value."""
+        raw_len = len(self.raw.value or b"") if self.raw is not None else 0
+        return int(self.tensor.nbytes) + raw_len
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,8 @@ class Event:
         first_seen_ms, completed_ms: worker clock when the first part arrived
             and when the last one completed the event.
         duplicates: parts for an input that already had one (the later replaced it).
+        missing: inputs absent when an incomplete event is inferred anyway
+            (``--on-incomplete infer``); they are filled with the model's blank input.
     """
 
     event_id: str
@@ -105,6 +115,7 @@ class Event:
     first_seen_ms: int
     completed_ms: int
     duplicates: tuple[SourceRef, ...] = ()
+    missing: tuple[str, ...] = ()
 
     @property
     def sources(self) -> tuple[SourceRef, ...]:
@@ -125,6 +136,7 @@ class Prediction:
         outputs: output name -> values of this event (lists of floats).
         label, score: argmax class name and its probability, when the manifest has labels.
         modalities: inputs that were present.
+        missing: inputs that were absent and blanked (``--on-incomplete infer``).
         timing: ms since epoch: ``last_part_ms`` (newest part record),
             ``completed_ms`` (event assembled), ``inferred_ms`` (batch returned);
             and ``batch_size``.
@@ -136,6 +148,7 @@ class Prediction:
     score: float | None
     modalities: tuple[str, ...]
     timing: dict[str, int]
+    missing: tuple[str, ...] = ()
 
     def to_json_dict(self, model: dict[str, str]) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -145,6 +158,8 @@ class Prediction:
             "modalities": list(self.modalities),
             "timing": self.timing,
         }
+        if self.missing:
+            out["missing"] = list(self.missing)
         if self.label is not None:
             out["label"] = self.label
             out["score"] = self.score
