@@ -149,3 +149,41 @@ def test_errors_share_one_root_with_retriable_flag() -> None:
 def test_dead_letter_schema_lists_exactly_the_reason_codes() -> None:
     schema = json.loads((ROOT / "schemas" / "dead-letter-headers.schema.json").read_text())
     assert set(schema["properties"]["mm-error"]["enum"]) == {r.value for r in Reason}
+
+
+def test_sasl_password_only_from_env_or_file_and_never_in_repr(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret-from-file\n")
+    sasl = {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_username": "svc",
+    }
+    cfg = WorkerConfig.from_mapping({**BASE, **sasl, "sasl_password_file": secret})
+    assert cfg.sasl_password == "s3cret-from-file" and "s3cret" not in repr(cfg)
+    assert cfg.kafka_security()["sasl_plain_password"] == "s3cret-from-file"
+    with pytest.raises(ConfigError, match="SASL password is required"):
+        WorkerConfig.from_mapping({**BASE, **sasl})
+    with pytest.raises(ConfigError, match="one of"):
+        WorkerConfig.from_mapping({**BASE, **sasl, "sasl_mechanism": "GSSAPI"})
+    parser = build_parser({})
+    worker_actions = parser._subparsers._group_actions[0].choices["worker"]._actions  # type: ignore[union-attr]
+    assert not any("--sasl-password" in a.option_strings for a in worker_actions)
+
+
+def test_exactly_once_gets_a_transactional_id_per_instance() -> None:
+    cfg = WorkerConfig.from_mapping(
+        {**BASE, "guarantee": "exactly-once", "group_instance_id": "pod-3"}
+    )
+    assert cfg.transactional_id == "g-pod-3"
+
+
+def test_json_log_format_is_one_object_per_line() -> None:
+    import logging
+
+    from worker.logs import JsonFormatter
+
+    record = logging.LogRecord("worker.x", logging.WARNING, "f", 1, "took %d ms", (5,), None)
+    line = JsonFormatter().format(record)
+    parsed = json.loads(line)
+    assert parsed["msg"] == "took 5 ms" and parsed["level"] == "WARNING" and "\n" not in line

@@ -7,6 +7,7 @@ reads the output and dead-letter topics with its own consumer.
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import threading
@@ -22,6 +23,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from worker.config import WorkerConfig
+from worker.errors import Reason
 from worker.manifest import MODEL_FILE, load_manifest
 from worker.model import ModelRunner
 from worker.pipeline import Worker, WorkerStats
@@ -35,6 +37,12 @@ PREDICTION_SCHEMA = json.loads((ROOT / "schemas" / "prediction.schema.json").rea
 DLQ_SCHEMA = json.loads((ROOT / "schemas" / "dead-letter-headers.schema.json").read_text())
 
 Rec = tuple[str, str, bytes, str]  # key, modality, value, content type
+
+
+def npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
 
 
 def send_all(bootstrap: str, topic: str, records: list[Rec], raw_headers: bool = True) -> None:
@@ -179,8 +187,6 @@ def test_npy_and_raw_parts_give_one_prediction_per_event(
     by_key: dict[str, dict[str, np.ndarray]] = {}
     for key, modality, value, _ctype in records:
         if key in npy_ids:
-            import io
-
             by_key.setdefault(key, {})[modality] = np.load(io.BytesIO(value))
     names = [o.name for o in session.get_outputs()]
     feed = {i.name: np.stack([by_key[k][i.name] for k in npy_ids]) for i in manifest.inputs}
@@ -205,31 +211,39 @@ def test_bad_records_are_dead_lettered_and_a_poison_event_is_isolated(
         records += encode_sample(f"good-{i}", s, "npy", manifest)
     # Token ids beyond the vocabulary pass decoding (right dtype and shape) but make
     # ONNX Runtime's Gather fail: the batch is split until this event stands alone.
-    import io
-
-    poison = io.BytesIO()
-    np.save(poison, np.full(16, 10_000, dtype=np.int32))
+    poison = npy(np.full(16, 10_000, dtype=np.int32))
     records = [
         *(
-            r if r[0] != "good-1" or r[1] != "text" else ("good-1", "text", poison.getvalue(), r[3])
+            r if r[0] != "good-1" or r[1] != "text" else ("good-1", "text", poison, r[3])
             for r in records
         ),
         ("", "text", b"no key", "text/plain"),
         ("k1", "video", b"x", "video/mp4"),
         ("k2", "image", b"not a png", "image/png"),
+        ("k3", "image", b"%PDF-1.4", "application/pdf"),
+        ("k4", "audio", npy(np.zeros((10, 40), dtype=np.float32)), "application/x-npy"),
+        ("k5", "text", b"seven " * 2000, "text/plain"),  # over --max-part-bytes
+        ("lonely", "text", b"the number 3", "text/plain"),  # never completed
     ]
     expected_dlq = {
         "missing_key": 1,
         "unknown_modality": 1,
         "decode_error": 1,
+        "unsupported_content_type": 1,
+        "shape_mismatch": 1,
+        "payload_too_large": 1,
+        "incomplete_event": 1,
         "inference_error": 3,
     }
+    assert set(expected_dlq) == {r.value for r in Reason}  # every reason code is exercised
 
-    config = make_config(kafka_bootstrap, topics, tiny_model_dir)
+    config = make_config(
+        kafka_bootstrap, topics, tiny_model_dir, max_part_bytes=8000, assembly_timeout_ms=1000
+    )
     with RunningWorker(config):
         send_all(kafka_bootstrap, topics[0], records)
         out = read_topic(kafka_bootstrap, topics[1], lambda got: len(got) >= 2, 60)
-        dlq = read_topic(kafka_bootstrap, topics[2], lambda got: len(got) >= 6, 60)
+        dlq = read_topic(kafka_bootstrap, topics[2], lambda got: len(got) >= 10, 60)
 
     assert sorted(r.key.decode() for r in out) == ["good-0", "good-2"]
     reasons: dict[str, int] = {}
@@ -241,6 +255,11 @@ def test_bad_records_are_dead_lettered_and_a_poison_event_is_isolated(
     assert reasons == expected_dlq
     garbage = [r for r in dlq if r.key == b"k2"]
     assert garbage[0].value == b"not a png"  # original value kept
+    lonely = [r for r in dlq if r.key == b"lonely"]
+    assert lonely[0].value == b"the number 3"
+    assert "['audio', 'image']" in dict(lonely[0].headers)["mm-error-detail"].decode()
+    poisoned = [r for r in dlq if dict(r.headers)["mm-error"] == b"inference_error"]
+    assert {r.key for r in poisoned} == {b"good-1"} and all(r.value for r in poisoned)
     assert committed(kafka_bootstrap, config.group_id, topics[0], 1) == end_offsets(
         kafka_bootstrap, topics[0], 1
     )
@@ -279,3 +298,41 @@ def test_demo_runs_end_to_end_and_summarises(
     assert summary["provider"] == "CPUExecutionProvider"
     assert summary["latency_p99_ms"] >= summary["latency_p50_ms"] >= 0
     assert "accuracy      " in format_summary(summary)
+
+
+def test_restart_skips_events_finished_beyond_the_commit_position(
+    kafka_bootstrap: str, topic_factory: Callable[..., str], tiny_model_dir: Path
+) -> None:
+    topics = (topic_factory(1), topic_factory(1), topic_factory(1))
+    manifest = load_manifest(tiny_model_dir)
+    held, *rest = samples(11, np.random.default_rng(8), split="test")
+    held_parts = encode_sample("held", held, "npy", manifest)
+    records = held_parts[:2]  # offsets 0-1: an event that stays incomplete for now
+    for i, s in enumerate(rest):
+        records += encode_sample(f"done-{i}", s, "npy", manifest)  # offsets 2-31
+    config = make_config(kafka_bootstrap, topics, tiny_model_dir, assembly_timeout_ms=0)
+
+    with RunningWorker(config):
+        send_all(kafka_bootstrap, topics[0], records)
+        first = read_topic(kafka_bootstrap, topics[1], lambda got: len(got) >= 10, 60)
+        time.sleep(0.5)  # let a commit carry the finished offsets
+    assert len(first) == 10
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=config.group_id)
+    try:
+        meta = consumer.committed(TopicPartition(topics[0], 0), metadata=True)
+    finally:
+        consumer.close()
+    assert meta is not None and meta.offset == 0  # held back by the incomplete event
+    assert meta.metadata == "mm1:2-31"  # ...but offsets 2-31 are recorded as finished
+
+    with RunningWorker(config) as second:
+        send_all(kafka_bootstrap, topics[0], held_parts[2:])  # completes "held"
+        out = read_topic(kafka_bootstrap, topics[1], lambda got: len(got) >= 11, 60)
+        time.sleep(0.5)
+    out += read_topic(kafka_bootstrap, topics[1], lambda got: False, 1.0)[len(out) :]
+    keys = [r.key.decode() for r in out]
+    assert len(keys) == 11 and keys.count("held") == 1  # nothing re-emitted after the restart
+    assert second.stats is not None and second.stats.skipped_finished == 30
+    assert committed(kafka_bootstrap, config.group_id, topics[0], 1) == end_offsets(
+        kafka_bootstrap, topics[0], 1
+    )
