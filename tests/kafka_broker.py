@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from worker.kafka_io import ensure_topics
@@ -96,6 +96,25 @@ def create_topic(bootstrap: str, partitions: int = 3) -> str:
     name = f"mm-test-{uuid.uuid4().hex}"
     ensure_topics(bootstrap, {name: partitions})
     return name
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, Any]:
+    """The group's committed offset of each partition (None where nothing is committed)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return {p: consumer.committed(TopicPartition(topic, p)) for p in range(partitions)}
+    finally:
+        consumer.close()
+
+
+def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
+    """The log-end offset of each partition."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        ends = consumer.end_offsets([TopicPartition(topic, p) for p in range(partitions)])
+        return {tp.partition: off for tp, off in ends.items()}
+    finally:
+        consumer.close()
 
 
 # --- internals ---------------------------------------------------------------------------------

@@ -45,12 +45,27 @@ def test_npy_with_wrong_dtype_shape_or_nan_is_refused(arr: np.ndarray, reason: R
     assert reason_of(raw(npy_bytes(arr), modality="image", ctype=CONTENT_NPY)) == reason
 
 
-def test_pickled_npy_is_refused() -> None:
+def test_pickled_npy_is_refused_without_unpickling() -> None:
     buf = io.BytesIO()
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    assert (
-        reason_of(raw(buf.getvalue(), modality="image", ctype=CONTENT_NPY)) == Reason.DECODE_ERROR
+    record = raw(buf.getvalue(), modality="image", ctype=CONTENT_NPY)
+    with pytest.raises(RecordError, match="dtype object") as info:
+        decode_record(record, M, LIMITS)
+    assert info.value.reason == Reason.SHAPE_MISMATCH
+
+
+def test_forged_npy_header_cannot_make_the_worker_allocate() -> None:
+    # A header declaring 10^12 floats, followed by 16 bytes: refused from the header alone.
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (10**12,)}
     )
+    forged = header.getvalue() + bytes(16)  # the header includes the magic
+    record = raw(forged, modality="image", ctype=CONTENT_NPY)
+    assert reason_of(record) == Reason.SHAPE_MISMATCH
+    good = npy_bytes(np.zeros((16, 16, 3), dtype=np.float32))
+    truncated = raw(good[:-4], modality="image", ctype=CONTENT_NPY)
+    assert reason_of(truncated) == Reason.DECODE_ERROR
 
 
 def test_png_jpeg_text_and_wav_decode_to_model_tensors() -> None:

@@ -30,6 +30,8 @@ from worker.pipeline import Worker, WorkerStats
 from worker.produce import encode_sample
 from worker.reference_data import samples
 
+from kafka_broker import committed_offsets, end_offsets
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,23 +115,6 @@ class RunningWorker:
             raise self.error
 
 
-def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int | None]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        return {p: consumer.committed(TopicPartition(topic, p)) for p in range(partitions)}
-    finally:
-        consumer.close()
-
-
-def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
-    try:
-        ends = consumer.end_offsets([TopicPartition(topic, p) for p in range(partitions)])
-        return {tp.partition: off for tp, off in ends.items()}
-    finally:
-        consumer.close()
-
-
 def make_config(
     bootstrap: str, topics: tuple[str, str, str], model: Path, **kw: Any
 ) -> WorkerConfig:
@@ -195,7 +180,7 @@ def test_npy_and_raw_parts_give_one_prediction_per_event(
     assert np.max(np.abs(worker_scores - offline)) <= 1e-5
 
     # Offsets: everything was finished and acknowledged, so the commit reached the end.
-    assert committed(kafka_bootstrap, f"g-{topics[0]}", topics[0], 3) == end_offsets(
+    assert committed_offsets(kafka_bootstrap, f"g-{topics[0]}", topics[0], 3) == end_offsets(
         kafka_bootstrap, topics[0], 3
     )
 
@@ -260,7 +245,7 @@ def test_bad_records_are_dead_lettered_and_a_poison_event_is_isolated(
     assert "['audio', 'image']" in dict(lonely[0].headers)["mm-error-detail"].decode()
     poisoned = [r for r in dlq if dict(r.headers)["mm-error"] == b"inference_error"]
     assert {r.key for r in poisoned} == {b"good-1"} and all(r.value for r in poisoned)
-    assert committed(kafka_bootstrap, config.group_id, topics[0], 1) == end_offsets(
+    assert committed_offsets(kafka_bootstrap, config.group_id, topics[0], 1) == end_offsets(
         kafka_bootstrap, topics[0], 1
     )
 
@@ -281,7 +266,7 @@ def test_incomplete_event_holds_back_the_commit(
     assert [r.key for r in out] == [b"complete"]
     # The committed offset stops at the incomplete event's first part (offset 0),
     # so a restarted worker re-reads it: nothing is lost.
-    assert committed(kafka_bootstrap, config.group_id, topics[0], 1) == {0: 0}
+    assert committed_offsets(kafka_bootstrap, config.group_id, topics[0], 1) == {0: 0}
 
 
 def test_demo_runs_end_to_end_and_summarises(
@@ -333,6 +318,6 @@ def test_restart_skips_events_finished_beyond_the_commit_position(
     keys = [r.key.decode() for r in out]
     assert len(keys) == 11 and keys.count("held") == 1  # nothing re-emitted after the restart
     assert second.stats is not None and second.stats.skipped_finished == 30
-    assert committed(kafka_bootstrap, config.group_id, topics[0], 1) == end_offsets(
+    assert committed_offsets(kafka_bootstrap, config.group_id, topics[0], 1) == end_offsets(
         kafka_bootstrap, topics[0], 1
     )

@@ -19,6 +19,7 @@ import io
 import wave
 from collections.abc import Callable
 from dataclasses import dataclass
+from tokenize import TokenError
 from typing import Any
 
 import numpy as np
@@ -71,22 +72,36 @@ def _media_type(content_type: str) -> tuple[str, dict[str, str]]:
 
 
 def decode_npy(value: bytes, info: InputInfo) -> NDArray[Any]:
+    """One example saved with ``numpy.save``: dtype and shape are checked from the
+    header before any data is read (a forged header cannot make us allocate)."""
+    fmt = np.lib.format
+    buf = io.BytesIO(value)
     try:
-        arr = np.load(io.BytesIO(value), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+        version = fmt.read_magic(buf)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(buf)
+        else:
+            shape, fortran, dtype = fmt.read_array_header_2_0(buf)
+    except (ValueError, OSError, EOFError, SyntaxError, TokenError, UnicodeDecodeError) as exc:
         raise RecordError(Reason.DECODE_ERROR, f"not a valid .npy array: {exc}") from exc
-    if not isinstance(arr, np.ndarray):
-        raise RecordError(Reason.DECODE_ERROR, "npy payload is not a single array")
-    if arr.dtype != np.dtype(info.dtype):
+    if dtype != np.dtype(info.dtype):
         raise RecordError(
             Reason.SHAPE_MISMATCH,
-            f"{info.name}: dtype {arr.dtype} but the model takes {info.dtype}",
+            f"{info.name}: dtype {dtype} but the model takes {info.dtype}",
         )
-    if arr.shape != info.shape:
+    if tuple(shape) != info.shape:
         raise RecordError(
             Reason.SHAPE_MISMATCH,
-            f"{info.name}: shape {list(arr.shape)} but the model takes {list(info.shape)}",
+            f"{info.name}: shape {list(shape)} but the model takes {list(info.shape)}",
         )
+    data = value[buf.tell() :]
+    if len(data) != dtype.itemsize * int(np.prod(shape)):
+        raise RecordError(
+            Reason.DECODE_ERROR,
+            f"{info.name}: npy data holds {len(data)} bytes, the header says "
+            f"{dtype.itemsize * int(np.prod(shape))}",
+        )
+    arr = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise RecordError(Reason.DECODE_ERROR, f"{info.name}: array holds NaN or infinity")
     return arr

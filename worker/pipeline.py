@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 
 from worker.assemble import Assembler, Incomplete
 from worker.batcher import Batcher
@@ -415,7 +415,9 @@ class Worker:
             self.consumer.commit(offsets=to_offsets(positions))
         except (CommitFailedError, KafkaError) as exc:
             self.metrics.commits.labels("failed").inc()
-            log.warning("commit of %s failed (will retry): %s", positions, exc)
+            # Expected while a rebalance is in progress; anything else is worth a warning.
+            level = logging.DEBUG if isinstance(exc, RebalanceInProgressError) else logging.WARNING
+            log.log(level, "commit of %s failed (will retry): %r", positions, exc)
             return
         self.tracker.mark_committed(positions)
         self.stats.commits += 1
