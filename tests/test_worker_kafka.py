@@ -47,7 +47,8 @@ def npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def send_all(bootstrap: str, topic: str, records: list[Rec], raw_headers: bool = True) -> None:
+def send_all(bootstrap: str, topic: str, records: list[Rec]) -> list[tuple[int, int]]:
+    """Send in order; return each record's (partition, offset)."""
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
     futures = []
     for key, modality, value, ctype in records:
@@ -60,9 +61,9 @@ def send_all(bootstrap: str, topic: str, records: list[Rec], raw_headers: bool =
             producer.send(topic, key=key.encode() if key else None, value=value, headers=headers)
         )
     producer.flush()
-    for f in futures:
-        f.get(timeout=10)
+    placed = [(md.partition, md.offset) for md in (f.get(timeout=10) for f in futures)]
     producer.close()
+    return placed
 
 
 def read_topic(
@@ -321,3 +322,83 @@ def test_restart_skips_events_finished_beyond_the_commit_position(
     assert committed_offsets(kafka_bootstrap, config.group_id, topics[0], 1) == end_offsets(
         kafka_bootstrap, topics[0], 1
     )
+
+
+def test_random_and_mutated_records_are_all_accounted_for(
+    kafka_bootstrap: str, topic_factory: Callable[..., str], tiny_model_dir: Path
+) -> None:
+    """Worker-level fuzz: ~1000 records, a fifth of the parts mutated, plus junk."""
+    topics = (topic_factory(2), topic_factory(1), topic_factory(1))
+    manifest = load_manifest(tiny_model_dir)
+    rnd = random.Random(11)
+    clean_events: set[str] = set()
+    records: list[Rec] = []
+    junk_idx: set[int] = set()
+    for i, s in enumerate(samples(250, np.random.default_rng(12), split="test")):
+        parts = encode_sample(f"ev-{i}", s, "npy", manifest)
+        mutated = False
+        for key, modality, value, ctype in parts:
+            roll = rnd.random()
+            mutated |= roll < 0.20
+            if roll < 0.05:
+                value = value[: rnd.randrange(len(value))]
+            elif roll < 0.10:
+                pos = rnd.randrange(len(value))
+                value = value[:pos] + bytes([value[pos] ^ 0x5A]) + value[pos + 1 :]
+            elif roll < 0.13:
+                modality = rnd.choice(["video", "", "TEXT"])
+            elif roll < 0.16:
+                ctype = rnd.choice(["image/png", "text/plain", "", "x/y"])
+            elif roll < 0.20:
+                continue  # part never sent: an incomplete event
+            records.append((key, modality, value, ctype))
+        if not mutated:
+            clean_events.add(f"ev-{i}")
+    for _ in range(150):
+        junk_idx.add(len(records))
+        records.append(
+            (
+                rnd.choice(["", "ev-1", "zz"]),
+                rnd.choice(["image", "text", "audio", "x"]),
+                rnd.randbytes(rnd.randrange(0, 300)),
+                rnd.choice(["application/x-npy", "image/jpeg", "audio/wav", "text/plain"]),
+            )
+        )
+    order = list(range(len(records)))
+    rnd.shuffle(order[-150:])  # junk anywhere...
+    order = order[:-150]
+    for junk in range(len(records) - 150, len(records)):
+        order.insert(rnd.randrange(len(order) + 1), junk)
+    for start in range(0, len(order), 48):  # ...and parts interleaved across nearby events
+        window = order[start : start + 48]
+        rnd.shuffle(window)
+        order[start : start + 48] = window
+    records = [records[i] for i in order]
+    junk_positions = {pos for pos, i in enumerate(order) if i in junk_idx}
+
+    config = make_config(kafka_bootstrap, topics, tiny_model_dir, assembly_timeout_ms=3000)
+    with RunningWorker(config) as running:
+        placed = send_all(kafka_bootstrap, topics[0], records)
+        deadline = time.monotonic() + 60
+        ends = end_offsets(kafka_bootstrap, topics[0], 2)
+        while time.monotonic() < deadline and (
+            committed_offsets(kafka_bootstrap, config.group_id, topics[0], 2) != ends
+        ):
+            time.sleep(0.3)
+    assert running.error is None and running.stats is not None
+    # Every record's work finished and was acknowledged: the commit reached the end...
+    assert committed_offsets(kafka_bootstrap, config.group_id, topics[0], 2) == ends
+    assert running.stats.consumed == len(records)
+    # ...every clean event was predicted, and every junk record was dead-lettered.
+    out = read_topic(kafka_bootstrap, topics[1], lambda got: False, 3.0)
+    predicted = {r.key.decode() for r in out}
+    assert clean_events <= predicted
+    dlq = read_topic(kafka_bootstrap, topics[2], lambda got: False, 3.0)
+    sources = set()
+    for r in dlq:
+        headers = {k: v.decode() for k, v in r.headers}
+        jsonschema.validate(headers, DLQ_SCHEMA)
+        _topic, part, off = headers["mm-source"].rsplit("/", 2)
+        sources.add((int(part), int(off)))
+    assert {placed[pos] for pos in junk_positions} <= sources
+    assert len(predicted) + len(dlq) > len(clean_events)
