@@ -8,18 +8,19 @@ MODEL_KERAS := .cache/reference-model/model.keras
 MODEL_ONNX := .cache/reference-onnx
 IMAGE_SIZE ?= 64
 
-.PHONY: help install lint test test-fast demo model kafka kafka-stop clean
+.PHONY: help install lint test test-fast demo bench model kafka kafka-stop clean
 help:
 	@echo "make demo        train+export the reference model (cached), start Kafka, run the demo"
 	@echo "make test        lint, type-check and run the full test suite (real Kafka broker)"
 	@echo "make kafka       start the local broker on 127.0.0.1:9092; make kafka-stop stops it"
 	@echo "make model       train and export the reference model only"
+	@echo "make bench       benchmark raw ORT, raw consume and the worker (writes .cache/bench)"
 
 install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,test,dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,test,dev,bench]'
 	touch $@
 
 lint: install
@@ -43,6 +44,9 @@ model: $(MODEL_ONNX)/manifest.json
 
 demo: model kafka
 	$(BIN)/mmstream demo --model $(MODEL_ONNX) --bootstrap-servers 127.0.0.1:$(KAFKA_PORT)
+
+bench: model kafka
+	$(BIN)/mmstream bench --model $(MODEL_ONNX) --bootstrap-servers 127.0.0.1:$(KAFKA_PORT)
 
 clean:
 	rm -rf .cache/reference-model .cache/reference-onnx .pytest_cache .mypy_cache .ruff_cache

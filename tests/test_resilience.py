@@ -307,7 +307,17 @@ def test_broker_outage_is_survived(
         n, seconds = 600, 12
         w = procs.start(
             "worker",
-            worker_argv(broker.bootstrap, topics, new_group(), tiny_model_dir),
+            # Parts delayed by the outage must still meet their event: the assembly
+            # timeout has to outlast the outage (a slow restart on a loaded machine
+            # took over 30 s once), so it is set well above it here.
+            worker_argv(
+                broker.bootstrap,
+                topics,
+                new_group(),
+                tiny_model_dir,
+                "--assembly-timeout-ms",
+                "180000",
+            ),
         )
         assert w.wait_for_log(ASSIGNED_RE, 60), f"worker got no partitions\n{w.tail()}"
         producer = procs.start(

@@ -5,6 +5,7 @@
     mmstream worker            the streaming worker
     mmstream produce           sample / load traffic for the input topic
     mmstream demo              produce, run the worker, print a summary
+    mmstream bench             raw ORT, raw consume, worker end to end and under load
 
 Every flag can also come from an ``MMSTREAM_*`` variable (named in ``--help``).
 Errors print one line, ``mmstream: error: ...``, and exit 2 (bad input or
@@ -235,6 +236,49 @@ def _add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout-s", type=float, default=120.0, help="give up after this long")
 
 
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap-servers", required=True, help="Kafka bootstrap servers")
+    p.add_argument("--model", required=True, type=Path, help="model directory")
+    p.add_argument(
+        "--out", type=Path, default=Path(".cache/bench"), help="writes bench.{json,md,png} here"
+    )
+    p.add_argument("--events", type=int, default=3000, help="events per worker run")
+    p.add_argument(
+        "--batch-sizes",
+        default="1,8,32,128",
+        help="raw-ORT batch sizes, comma-separated (--max-batch-size is always added)",
+    )
+    p.add_argument("--content", choices=("npy", "raw"), default="npy", help="part encoding")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ORT device")
+    p.add_argument("--partitions", type=int, default=3, help="partitions of the bench topics")
+    p.add_argument(
+        "--open-loop-fraction",
+        type=float,
+        default=0.5,
+        help="open-loop rate as a share of the measured end-to-end events/s",
+    )
+    p.add_argument(
+        "--seconds-per-ort-point",
+        type=float,
+        default=2.0,
+        help="time spent per raw-ORT batch size",
+    )
+    p.add_argument("--max-batch-size", type=int, default=32, help="the worker's max batch size")
+    p.add_argument(
+        "--max-batch-delay-ms", type=int, default=10, help="the worker's max batch delay"
+    )
+    p.add_argument("--seed", type=int, default=11, help="random seed of the produced events")
+    p.add_argument("--timeout-s", type=float, default=600.0, help="give up a run after this long")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also run the pre-produced run under cProfile (writes profile.txt)",
+    )
+    p.add_argument(
+        "--keep-topics", action="store_true", help="keep the bench topics (default: deleted)"
+    )
+
+
 # ------------------------------------------------------------------ handlers
 
 
@@ -285,6 +329,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from worker.bench import BenchConfig, format_summary, run_bench
+
+    config = BenchConfig.from_mapping(_settings(args))
+    report = run_bench(config)
+    print(format_summary(report))
+    return 0
+
+
 def _export_handler(name: str) -> Handler:
     def handler(args: argparse.Namespace) -> int:
         from export import commands
@@ -326,6 +379,12 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
         ("worker", "run the streaming worker", _add_worker_args, _cmd_worker),
         ("produce", "produce reference events to the input topic", _add_produce_args, _cmd_produce),
         ("demo", "produce events, run the worker, print a summary", _add_demo_args, _cmd_demo),
+        (
+            "bench",
+            "benchmark: raw ORT, raw consume, the worker end to end and under load",
+            _add_bench_args,
+            _cmd_bench,
+        ),
     ]
     known: set[str] = set()
     for name, help_text, add_args, handler in commands:
