@@ -158,3 +158,13 @@ def test_random_records_decode_or_fail_with_a_reason(value, key, modality, ctype
     else:
         info = M.input(part.input_name)
         assert info is not None and part.tensor.shape == info.shape
+
+
+def test_cached_npy_header_still_checks_each_payload() -> None:
+    a = np.zeros((16, 16, 3), dtype=np.float32)
+    b = np.ones((16, 16, 3), dtype=np.float32)
+    first = decode_record(raw(npy_bytes(a), modality="image", ctype=CONTENT_NPY), M, LIMITS)
+    second = decode_record(raw(npy_bytes(b), modality="image", ctype=CONTENT_NPY), M, LIMITS)
+    assert float(first.tensor.sum()) == 0.0 and float(second.tensor.mean()) == 1.0
+    short = npy_bytes(b)[:-8]  # same (cached) header, truncated data
+    assert reason_of(raw(short, modality="image", ctype=CONTENT_NPY)) == Reason.DECODE_ERROR

@@ -71,17 +71,39 @@ def _media_type(content_type: str) -> tuple[str, dict[str, str]]:
     return main.lower(), parsed
 
 
+#: Parsed .npy headers by their exact bytes: producers send the same few headers
+#: over and over, and numpy parses each one with ``ast.literal_eval`` (~0.1 ms).
+_NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], bool, np.dtype[Any]]] = {}
+_NPY_HEADER_CACHE_MAX = 256
+
+
+def _npy_header(value: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int]:
+    """(shape, fortran order, dtype, data offset) of a .npy payload, cached by header bytes."""
+    if value[:6] == b"\x93NUMPY" and len(value) >= 12:
+        major = value[6]
+        size = int.from_bytes(value[8:10] if major == 1 else value[8:12], "little")
+        end = (10 if major == 1 else 12) + size
+        cached = _NPY_HEADERS.get(value[:end])
+        if cached is not None:
+            return (*cached, end)
+    fmt = np.lib.format
+    buf = io.BytesIO(value)
+    version = fmt.read_magic(buf)
+    if version == (1, 0):
+        shape, fortran, dtype = fmt.read_array_header_1_0(buf)
+    else:
+        shape, fortran, dtype = fmt.read_array_header_2_0(buf)
+    end = buf.tell()
+    if len(_NPY_HEADERS) < _NPY_HEADER_CACHE_MAX:
+        _NPY_HEADERS[value[:end]] = (tuple(shape), bool(fortran), dtype)
+    return tuple(shape), bool(fortran), dtype, end
+
+
 def decode_npy(value: bytes, info: InputInfo) -> NDArray[Any]:
     """One example saved with ``numpy.save``: dtype and shape are checked from the
     header before any data is read (a forged header cannot make us allocate)."""
-    fmt = np.lib.format
-    buf = io.BytesIO(value)
     try:
-        version = fmt.read_magic(buf)
-        if version == (1, 0):
-            shape, fortran, dtype = fmt.read_array_header_1_0(buf)
-        else:
-            shape, fortran, dtype = fmt.read_array_header_2_0(buf)
+        shape, fortran, dtype, offset = _npy_header(value)
     except (ValueError, OSError, EOFError, SyntaxError, TokenError, UnicodeDecodeError) as exc:
         raise RecordError(Reason.DECODE_ERROR, f"not a valid .npy array: {exc}") from exc
     if dtype != np.dtype(info.dtype):
@@ -89,17 +111,17 @@ def decode_npy(value: bytes, info: InputInfo) -> NDArray[Any]:
             Reason.SHAPE_MISMATCH,
             f"{info.name}: dtype {dtype} but the model takes {info.dtype}",
         )
-    if tuple(shape) != info.shape:
+    if shape != info.shape:
         raise RecordError(
             Reason.SHAPE_MISMATCH,
             f"{info.name}: shape {list(shape)} but the model takes {list(info.shape)}",
         )
-    data = value[buf.tell() :]
-    if len(data) != dtype.itemsize * int(np.prod(shape)):
+    data = value[offset:]
+    expected = dtype.itemsize * int(np.prod(shape))
+    if len(data) != expected:
         raise RecordError(
             Reason.DECODE_ERROR,
-            f"{info.name}: npy data holds {len(data)} bytes, the header says "
-            f"{dtype.itemsize * int(np.prod(shape))}",
+            f"{info.name}: npy data holds {len(data)} bytes, the header says {expected}",
         )
     arr = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
