@@ -187,3 +187,34 @@ def test_json_log_format_is_one_object_per_line() -> None:
     line = JsonFormatter().format(record)
     parsed = json.loads(line)
     assert parsed["msg"] == "took 5 ms" and parsed["level"] == "WARNING" and "\n" not in line
+
+
+def test_every_worker_setting_has_a_flag_and_every_flag_a_setting() -> None:
+    import dataclasses
+
+    parser = build_parser({})
+    actions = parser._subparsers._group_actions[0].choices["worker"]._actions  # type: ignore[union-attr]
+    flags = {a.dest for a in actions if a.option_strings and a.dest != "help"}
+    fields = {f.name for f in dataclasses.fields(WorkerConfig)}
+    # The SASL password is the one setting with no flag: environment or file only.
+    assert fields - flags == {"sasl_password"}
+    assert flags - fields == set()
+
+
+@pytest.mark.parametrize(
+    ("command", "module", "cls"),
+    [
+        ("produce", "worker.produce", "ProduceConfig"),
+        ("demo", "worker.demo", "DemoConfig"),
+        ("bench", "worker.bench", "BenchConfig"),
+    ],
+)
+def test_other_commands_flags_match_their_config(command: str, module: str, cls: str) -> None:
+    import dataclasses
+    import importlib
+
+    config_cls = getattr(importlib.import_module(module), cls)
+    parser = build_parser({})
+    actions = parser._subparsers._group_actions[0].choices[command]._actions  # type: ignore[union-attr]
+    flags = {a.dest for a in actions if a.option_strings and a.dest != "help"}
+    assert flags == {f.name for f in dataclasses.fields(config_cls)}

@@ -582,3 +582,50 @@ def test_probes_and_metrics(
     ):
         assert after.has(name), f"/metrics lacks {name}"
     assert after.get("mmstream_events_completed_total") >= 5
+
+
+# ------------------------------------------------------------------ 8: --processes N
+
+
+def test_processes_share_the_group_and_stop_together(
+    kafka_bootstrap: str,
+    topic_factory: Callable[..., str],
+    tiny_model_dir: Path,
+    factory: EventFactory,
+    procs: ProcessPool,
+) -> None:
+    topics = fresh_topics(topic_factory)
+    group = new_group()
+    port = free_port()
+    n = 300
+    ids = event_ids("proc", n)
+    w = procs.start(
+        "worker",
+        worker_argv(
+            kafka_bootstrap, topics, group, tiny_model_dir,
+            "--processes", "2",
+            "--http-port", str(port),
+            "--session-timeout-ms", "6000",
+        ),
+    )  # fmt: skip
+    # Both children serve probes (port and port + 1) and join the one group.
+    for p in (port, port + 1):
+        wait_http(p, "/readyz", 200, 90, w)
+    send_records(
+        kafka_bootstrap,
+        topics[0],
+        [r for chunk in interleave(factory.events(ids), 16, 9) for r in chunk],
+    )
+    with PredictionReader(kafka_bootstrap, topics[1]) as reader:
+        assert reader.wait_all(ids, 90), f"not every event predicted\n{w.tail()}"
+        missing, _duplicates, unexpected = summarize(reader.counts(), ids)
+    assert not missing and not unexpected
+    assigned = []
+    for p in (port, port + 1):
+        m = scrape(p)
+        assert m is not None
+        assigned.append(m.get("mmstream_assigned_partitions") or 0.0)
+    assert sum(assigned) == 3 and min(assigned) >= 1, f"partitions per process: {assigned}"
+    w.signal(signal.SIGTERM)
+    rc = w.wait(60)
+    assert rc == 0, f"parent exit {rc} after SIGTERM\n{w.tail()}"

@@ -161,6 +161,20 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
         help="static group membership id, e.g. the pod name (empty = dynamic)",
     )
     p.add_argument(
+        "--session-timeout-ms",
+        type=int,
+        default=45_000,
+        help="the group drops a member silent this long (a SIGKILLed pod's partitions move "
+        "after it; a static member keeps them that long)",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run this many worker processes in the group (each its own consumer; client, "
+        "instance and transactional ids get -<i>, the HTTP port +i)",
+    )
+    p.add_argument(
         "--http-port",
         type=int,
         default=0,
@@ -289,6 +303,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     settings["sasl_password"] = os.environ.get(SASL_PASSWORD_ENV, "")
     config = WorkerConfig.from_mapping(settings)
     configure_logging(config.log_level, config.log_format)
+    if config.processes > 1:
+        from worker.processes import run_processes
+
+        return run_processes(config)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -87,6 +87,7 @@ class WorkerConfig(FrozenConfig):
     max_pending_events: int = 10_000
     max_pending_bytes: int = 512 * 1024 * 1024
     group_instance_id: str = ""
+    processes: int = 1
     session_timeout_ms: int = 45_000
     http_port: int = 0
     http_host: str = "0.0.0.0"
@@ -121,10 +122,12 @@ class WorkerConfig(FrozenConfig):
         _choice("log_format", self.log_format, ("text", "json"))
         _choice("guarantee", self.guarantee, ("at-least-once", "exactly-once"))
         _choice("on_incomplete", self.on_incomplete, ("dlq", "drop", "infer"))
-        for name in ("max_pending_events", "max_pending_bytes", "session_timeout_ms"):
+        for name in ("max_pending_events", "max_pending_bytes", "session_timeout_ms", "processes"):
             _positive(name, getattr(self, name))
         for name in ("assembly_timeout_ms", "http_port"):
             _positive(name, getattr(self, name), zero_ok=True)
+        if self.max_events and self.processes > 1:
+            raise ConfigError("--max-events counts one process's predictions: use --processes 1")
         if not 0 <= self.http_port <= 65535:
             raise ConfigError("--http-port must be within 0..65535 (0 = no HTTP server)")
         if self.guarantee == "exactly-once" and not self.transactional_id:
