@@ -568,6 +568,9 @@ def test_probes_and_metrics(
     for modality in factory.modalities:
         got = after.get("mmstream_records_consumed_total", modality=modality)
         assert got >= 5, f"records_consumed_total{{modality={modality!r}}} = {got}"
+    # A producer-controlled header value never becomes a metric label of its own.
+    assert after.value("mmstream_records_consumed_total", modality="video") is None
+    assert after.get("mmstream_records_consumed_total", modality="unknown") >= 1
     unknown = after.value("mmstream_dead_letters_total", reason="unknown_modality")
     assert unknown == 1, f'mmstream_dead_letters_total{{reason="unknown_modality"}} = {unknown}'
     provider = after.value("mmstream_execution_provider", provider="CPUExecutionProvider")

@@ -148,6 +148,7 @@ class Worker:
             extra["transactional_id"] = config.transactional_id
         self.producer = make_producer(config.bootstrap_servers, config.client_id, **extra)
         self.ready = threading.Event()
+        self._input_names = frozenset(i.name for i in runner.manifest.inputs)
 
     # ------------------------------------------------------------------ loop
 
@@ -228,9 +229,11 @@ class Worker:
         if not self.tracker.known(tp):
             self.tracker.seed(tp, *committed(self.consumer, tp))
         self.tracker.track(tp, src.offset)
-        modality = raw.header(HEADER_MODALITY)
+        # Label only with the model's input names: header values are producer-controlled,
+        # and a label per arbitrary value would grow the metric series without bound.
+        modality = (raw.header(HEADER_MODALITY) or b"").decode("utf-8", "replace")
         self.metrics.records_consumed.labels(
-            modality.decode("utf-8", "replace")[:32] if modality else "unknown"
+            modality if modality in self._input_names else "unknown"
         ).inc()
         if self.tracker.finished_before(tp, src.offset):
             # Its event was predicted before the last restart (commit metadata says so).
@@ -281,8 +284,8 @@ class Worker:
             self.batcher.add(event, now)
         elif action == "dlq":
             for part in inc.all_parts:
-                if part.raw is not None:
-                    self._dead_letter(part.raw, Reason.INCOMPLETE_EVENT, detail)
+                raw = part.raw or RawRecord(part.source, inc.event_id.encode(), b"", ())
+                self._dead_letter(raw, Reason.INCOMPLETE_EVENT, detail)
         else:  # drop: the operator's explicit choice; counted and logged
             log.info("dropping incomplete %s", detail)
             self._mark_done(tuple(p.source for p in inc.all_parts))
