@@ -168,3 +168,25 @@ def test_cached_npy_header_still_checks_each_payload() -> None:
     assert float(first.tensor.sum()) == 0.0 and float(second.tensor.mean()) == 1.0
     short = npy_bytes(b)[:-8]  # same (cached) header, truncated data
     assert reason_of(raw(short, modality="image", ctype=CONTENT_NPY)) == Reason.DECODE_ERROR
+
+
+def test_empty_wav_and_non_png_images_are_refused_not_crashes() -> None:
+    empty = io.BytesIO()
+    with wave.open(empty, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(b"")
+    assert reason_of(raw(empty.getvalue(), modality="audio", ctype="audio/wav")) == (
+        Reason.DECODE_ERROR
+    )
+    tiff = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(tiff, format="TIFF")
+    record = raw(tiff.getvalue(), modality="image", ctype="image/png")
+    assert reason_of(record) == Reason.UNSUPPORTED_CONTENT_TYPE
+    lab = io.BytesIO()
+    Image.new("LAB", (8, 8)).save(lab, format="TIFF")
+    assert reason_of(raw(lab.getvalue(), modality="image", ctype="image/png")) in (
+        Reason.UNSUPPORTED_CONTENT_TYPE,
+        Reason.DECODE_ERROR,
+    )

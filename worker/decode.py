@@ -139,14 +139,19 @@ def decode_image(value: bytes, spec: ImageSpec, limits: Limits) -> NDArray[np.fl
                 f"image declares {width}x{height} pixels, over the limit of "
                 f"{limits.max_image_pixels}",
             )
+        if img.format not in ("PNG", "JPEG"):
+            raise RecordError(
+                Reason.UNSUPPORTED_CONTENT_TYPE,
+                f"image bytes are {img.format or 'unknown'}, not PNG or JPEG",
+            )
         img.load()
+        return prepare_image(img, spec)
     except RecordError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise RecordError(Reason.DECODE_ERROR, f"cannot decode image: {exc}") from exc
     except Image.DecompressionBombError as exc:
         raise RecordError(Reason.PAYLOAD_TOO_LARGE, f"image too large: {exc}") from exc
-    return prepare_image(img, spec)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, TypeError) as exc:
+        raise RecordError(Reason.DECODE_ERROR, f"cannot decode image: {exc}") from exc
 
 
 def decode_text(value: bytes, charset: str, spec: TextSpec) -> NDArray[np.int32]:
@@ -194,9 +199,14 @@ def decode_wav(value: bytes, spec: AudioSpec) -> NDArray[np.float32]:
     except (wave.Error, EOFError, ValueError) as exc:
         raise RecordError(Reason.DECODE_ERROR, f"cannot decode WAV: {exc}") from exc
     usable = len(raw) - len(raw) % (2 * channels)
+    if usable == 0:
+        raise RecordError(Reason.DECODE_ERROR, "WAV holds no audio frames")
     pcm = np.frombuffer(raw[:usable], dtype="<i2").astype(np.float32) / 32768.0
     mono = pcm.reshape(-1, channels).mean(axis=1)
-    return log_mel(resample(mono, rate, spec.sample_rate), spec)
+    try:
+        return log_mel(resample(mono, rate, spec.sample_rate), spec)
+    except (ValueError, MemoryError) as exc:
+        raise RecordError(Reason.DECODE_ERROR, f"cannot resample WAV at {rate} Hz: {exc}") from exc
 
 
 def _decode_raw(

@@ -72,6 +72,7 @@ def make_consumer(config: WorkerConfig) -> KafkaConsumer:
         max_partition_fetch_bytes=16 * 1024 * 1024,
         partition_assignment_strategy=[CooperativeStickyAssignor()],
         session_timeout_ms=config.session_timeout_ms,
+        metadata_max_age_ms=30_000,
         # A short heartbeat makes members notice a rebalance sooner (two rounds when
         # cooperative).
         heartbeat_interval_ms=max(300, min(1000, config.session_timeout_ms // 3)),

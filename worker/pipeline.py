@@ -76,6 +76,9 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], int]
 #: Resume fetching once held events/bytes fall below this share of their bound.
 RESUME_AT = 0.8
+#: Dead-letter values are cut to this size (Kafka's default message limit is ~1 MB).
+DLQ_MAX_VALUE_BYTES = 512 * 1024
+HEADER_VALUE_TRUNCATED = "mm-value-truncated"
 
 
 def wall_ms() -> int:
@@ -148,6 +151,11 @@ class Worker:
             extra["transactional_id"] = config.transactional_id
         self.producer = make_producer(config.bootstrap_servers, config.client_id, **extra)
         self.ready = threading.Event()
+        if config.assembly_timeout_ms == 0:
+            log.warning(
+                "--assembly-timeout-ms 0: incomplete events are held forever; if they fill "
+                "--max-pending-events the worker pauses and cannot resume"
+            )
         self._input_names = frozenset(i.name for i in runner.manifest.inputs)
 
     # ------------------------------------------------------------------ loop
@@ -158,6 +166,7 @@ class Worker:
             if self.eos:
                 self.producer.init_transactions()
             self.consumer.subscribe([c.input_topic], listener=self.listener)
+            self._await_topic_metadata()
             log.info(
                 "worker: %s -> %s (dlq %s), group %s, %s, model %s %s on %s",
                 c.input_topic,
@@ -180,6 +189,16 @@ class Worker:
         log.info("worker stopped: %s", self.stats)
         return self.stats
 
+    def _await_topic_metadata(self, timeout_s: float = 30.0) -> None:
+        """Know the input topic's partitions before joining: a group leader without them
+        assigns nothing and, in kafka-python, may not rejoin until the next metadata refresh."""
+        deadline = time.monotonic() + timeout_s
+        while not self.consumer.partitions_for_topic(self.config.input_topic):
+            if time.monotonic() > deadline:
+                log.warning("no metadata for %s after %.0f s", self.config.input_topic, timeout_s)
+                return
+            time.sleep(0.1)
+
     def _step(self) -> None:
         self.metrics.beat(time.time())
         room = self._backpressure()
@@ -188,8 +207,9 @@ class Worker:
         polled = self.consumer.poll(
             timeout_ms=timeout, max_records=max(1, min(self.config.max_poll_records, room))
         )
-        self._handle_revocations()
-        if self.listener.joined:
+        if self._handle_revocations():
+            polled = {}  # fetched before the rewind: they are read again from the commit
+        if self.listener.joined or self.consumer.assignment():
             self.ready.set()
         for records in polled.values():
             for rec in records:
@@ -330,8 +350,14 @@ class Worker:
             (HEADER_ERROR_DETAIL, detail.encode("utf-8", "replace")[:4000]),
             (HEADER_SOURCE, str(raw.source).encode()),
         ]
+        value = raw.value
+        if value is not None and len(value) > DLQ_MAX_VALUE_BYTES:
+            # Keep the dead-letter record under the broker's message size; the original
+            # stays on the input topic at mm-source until retention.
+            headers.append((HEADER_VALUE_TRUNCATED, str(len(value)).encode()))
+            value = value[:DLQ_MAX_VALUE_BYTES]
         self._send(
-            self.config.dlq_topic, raw.key, raw.value, headers, reason.value, (raw.source,), None
+            self.config.dlq_topic, raw.key, value, headers, reason.value, (raw.source,), None
         )
 
     def _dead_letter_event(self, event: Event, detail: str) -> None:
@@ -429,6 +455,11 @@ class Worker:
     def _commit_transaction(self, positions: dict[tuple[str, int], tuple[int, str]]) -> None:
         if not positions and not self._in_txn:
             return
+        if not self.listener.events.empty():
+            # A revocation landed since the poll (the listener runs on kafka-python's IO
+            # thread): this transaction may hold outputs of a partition we no longer own.
+            self._handle_revocations()
+            return
         try:
             if not self._in_txn:
                 self.producer.begin_transaction()
@@ -476,7 +507,9 @@ class Worker:
                 self.consumer.seek(tp, pos)
         log.info("transaction aborted; rewound %d partitions", len(self.consumer.assignment()))
 
-    def _handle_revocations(self) -> None:
+    def _handle_revocations(self) -> bool:
+        """Apply revocations; True if the partitions were rewound (exactly-once)."""
+        rewound = False
         while not self.listener.events.empty():
             rev = self.listener.events.get()
             self.metrics.rebalances.inc()
@@ -484,6 +517,7 @@ class Worker:
                 # Outputs in the open transaction may belong to revoked partitions: abort it
                 # and rewind the partitions we keep. Nothing of it becomes visible.
                 self._abort_and_rewind()
+                rewound = True
                 continue
             parts = {p for _, p in rev.partitions}
             dropped = self.assembler.drop_partitions(parts) + self.batcher.drop_partitions(parts)
@@ -494,6 +528,7 @@ class Worker:
                     sorted(rev.partitions),
                     dropped,
                 )
+        return rewound
 
     # ------------------------------------------------------------------ bounds, gauges
 
