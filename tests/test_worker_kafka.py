@@ -402,3 +402,27 @@ def test_random_and_mutated_records_are_all_accounted_for(
         sources.add((int(part), int(off)))
     assert {placed[pos] for pos in junk_positions} <= sources
     assert len(predicted) + len(dlq) > len(clean_events)
+
+
+def test_a_broken_model_stops_the_worker_instead_of_dead_lettering_everything(
+    kafka_bootstrap: str, topic_factory: Callable[..., str], tiny_model_dir: Path
+) -> None:
+    from worker.errors import InferenceError
+    from worker.pipeline import MAX_POISON_STREAK
+
+    topics = (topic_factory(1), topic_factory(1), topic_factory(1))
+    manifest = load_manifest(tiny_model_dir)
+    poison = npy(np.full(16, 10_000, dtype=np.int32))
+    records: list[Rec] = []
+    for i, s in enumerate(samples(MAX_POISON_STREAK + 4, np.random.default_rng(13), split="test")):
+        for key, modality, value, ctype in encode_sample(f"bad-{i}", s, "npy", manifest):
+            records.append((key, modality, poison if modality == "text" else value, ctype))
+    running = RunningWorker(make_config(kafka_bootstrap, topics, tiny_model_dir))
+    running.thread.start()
+    assert running.worker.ready.wait(30)
+    send_all(kafka_bootstrap, topics[0], records)
+    running.thread.join(60)
+    assert not running.thread.is_alive()
+    assert isinstance(running.error, InferenceError) and "in a row" in str(running.error)
+    dlq = read_topic(kafka_bootstrap, topics[2], lambda got: False, 2.0)
+    assert len(dlq) == 3 * MAX_POISON_STREAK  # then it stopped instead of going on

@@ -79,6 +79,8 @@ RESUME_AT = 0.8
 #: Dead-letter values are cut to this size (Kafka's default message limit is ~1 MB).
 DLQ_MAX_VALUE_BYTES = 512 * 1024
 HEADER_VALUE_TRUNCATED = "mm-value-truncated"
+#: More single events than this failing in a row means a broken model or device.
+MAX_POISON_STREAK = 8
 
 
 def wall_ms() -> int:
@@ -144,6 +146,7 @@ class Worker:
         self._generation = 0  # bumped by every abort: late callbacks of aborted sends are ignored
         self._in_txn = False
         self._paused = False
+        self._poison_streak = 0
         self._last_commit_ms = 0
         self.consumer = make_consumer(config)
         extra: dict[str, Any] = dict(config.kafka_security())
@@ -316,12 +319,22 @@ class Worker:
             preds = self.runner.predict(events, self.clock)
         except InferenceError as err:
             if len(events) == 1:
+                self._poison_streak += 1
+                if self._poison_streak > MAX_POISON_STREAK:
+                    # Every event fails alone: the model or the device is broken, not the
+                    # input. Stop before dead-lettering the whole stream; nothing past the
+                    # last commit is lost (a restart re-reads it).
+                    raise InferenceError(
+                        f"ONNX Runtime failed on {self._poison_streak} events in a row, each "
+                        f"alone: stopping (last error: {err})"
+                    ) from err
                 self._dead_letter_event(events[0], str(err))
             else:  # split to isolate the poison event
                 mid = len(events) // 2
                 self._infer(events[:mid])
                 self._infer(events[mid:])
             return
+        self._poison_streak = 0
         self.metrics.inference_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(events))
         self.stats.batches += 1
