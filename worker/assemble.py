@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from worker.records import Event, Part, SourceRef
+from worker.records import Event, Part
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,3 @@ class Assembler:
         self._pending.clear()
         self.pending_bytes = 0
         return n
-
-
-def sources_of(parts: tuple[Part, ...]) -> tuple[SourceRef, ...]:
-    return tuple(p.source for p in parts)

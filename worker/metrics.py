@@ -6,8 +6,8 @@ one), so several workers in one process -- tests, mostly -- do not clash.
 Consume::
 
     mmstream_records_consumed_total{modality}     counter
-        Records read from the input topic, by their ``mm-modality`` header
-        ("unknown" when the header is absent or unusable).
+        Records read from the input topic, by their ``mm-modality`` header when it
+        names a model input ("unknown" otherwise: header values never become labels).
     mmstream_assigned_partitions                  gauge
         Input partitions currently assigned to this worker.
     mmstream_paused_partitions                    gauge
@@ -23,7 +23,8 @@ Assemble::
         Events that timed out incomplete; action = dlq | drop | infer, the
         --on-incomplete policy that was applied.
     mmstream_duplicate_parts_total                counter
-        Parts that arrived again for a modality the event already had (ignored).
+        Parts that arrived again for an input the event already had (the later
+        one replaces the earlier; both offsets settle with the event).
     mmstream_pending_events                       gauge
         Events held in memory: waiting for parts or for a batch.
     mmstream_pending_bytes                        gauge
@@ -124,7 +125,7 @@ class WorkerMetrics:
         reg = self.registry
         self.records_consumed = Counter(
             "mmstream_records_consumed",
-            "Records read from the input topic, by mm-modality header",
+            "Records read from the input topic, by model input named in mm-modality (else unknown)",
             ["modality"],
             registry=reg,
         )
@@ -138,7 +139,9 @@ class WorkerMetrics:
             registry=reg,
         )
         self.duplicate_parts = Counter(
-            "mmstream_duplicate_parts", "Duplicate parts ignored", registry=reg
+            "mmstream_duplicate_parts",
+            "Parts that replaced an earlier part of the same input of an event",
+            registry=reg,
         )
         self.predictions = Counter(
             "mmstream_predictions", "Predictions acknowledged by the broker", registry=reg
