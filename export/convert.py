@@ -4,6 +4,10 @@
 (input specs, labels, model card), converts the model with tf2onnx, runs the
 same random-but-valid batches through Keras and ONNX Runtime (CPU), and only if
 they agree within ``tolerance`` writes ``model.onnx`` and ``manifest.json``.
+With ``fp16=True`` the checked FP32 graph is then converted to FP16 weights and
+compute (inputs and outputs stay float32) and served only if its argmax agrees
+with the FP32 graph's on at least :data:`FP16_MIN_AGREEMENT` of the parity
+inputs and further batches from the same generator (:data:`FP16_MIN_ROWS` in all).
 Everything is written into a temporary directory beside ``out_dir`` and renamed
 into place at the end, so a failed export never leaves a half-written directory.
 """
@@ -42,6 +46,13 @@ log = logging.getLogger(__name__)
 MAX_OPSET = 18
 MIN_OPSET = 7  # the manifest schema's minimum
 PARITY_SEED = 1234
+#: An FP16 export must give the FP32 graph's argmax on at least this share of examples...
+FP16_MIN_AGREEMENT = 0.995
+#: ... counted over at least this many examples: the parity batches, then more batches of
+#: ``FP16_EXTRA_BATCH`` from the same generator (with the 40 default parity examples,
+#: 99.5% would mean "no flip at all", and random inputs hold a near-tie now and then).
+FP16_MIN_ROWS = 1000
+FP16_EXTRA_BATCH = 32
 
 _ORT_DTYPES = {
     "tensor(float)": "float32",
@@ -99,6 +110,34 @@ class ParityResult:
             "tolerance": self.tolerance,
             "batch_sizes": list(self.batch_sizes),
             "argmax_agreement": self.argmax_agreement,
+            "passed": self.passed,
+        }
+
+
+@dataclass(frozen=True)
+class Fp16Result:
+    """FP16 vs FP32 ONNX graph, both in ONNX Runtime (CPU), on the parity inputs and more.
+
+    ``batch_sizes`` are the parity batches; ``rows`` counts all examples compared.
+    """
+
+    max_abs_diff: float
+    argmax_agreement: float
+    batch_sizes: tuple[int, ...]
+    min_agreement: float
+    rows: int
+
+    @property
+    def passed(self) -> bool:
+        return self.argmax_agreement >= self.min_agreement
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_abs_diff": self.max_abs_diff,
+            "argmax_agreement": self.argmax_agreement,
+            "min_agreement": self.min_agreement,
+            "batch_sizes": list(self.batch_sizes),
+            "rows": self.rows,
             "passed": self.passed,
         }
 
@@ -247,6 +286,60 @@ def check_parity(
     )
 
 
+def check_fp16(
+    session32: Any,
+    session16: Any,
+    inputs: Sequence[SidecarInput],
+    *,
+    batch_sizes: Sequence[int],
+    min_agreement: float,
+    label_output: str | None,
+    min_rows: int = FP16_MIN_ROWS,
+) -> Fp16Result:
+    """Run the FP32 and FP16 graphs on the same batches; compare every output.
+
+    The batches are the parity batches (same seeds, so the same inputs), then
+    batches of :data:`FP16_EXTRA_BATCH` from the same generator until ``min_rows``
+    examples were compared. The max abs diff is over all outputs; the argmax
+    agreement is on ``label_output`` (default: the first output). Non-finite FP16
+    outputs (an overflow) fail the check.
+    """
+    dtypes = {i.name: _ORT_DTYPES.get(i.type, "") for i in session32.get_inputs()}
+    names = [o.name for o in session32.get_outputs()]
+    sizes = list(batch_sizes)
+    extra = max(0, min_rows - sum(sizes))
+    sizes += [FP16_EXTRA_BATCH] * -(-extra // FP16_EXTRA_BATCH)
+    max_diff = 0.0
+    agree = rows = 0
+    for k, batch in enumerate(sizes):
+        feed = parity_inputs(inputs, dtypes, batch, PARITY_SEED + k)
+        ref_out = session32.run(names, feed)
+        got_out = session16.run(names, feed)
+        for name, ref32, got16 in zip(names, ref_out, got_out, strict=True):
+            ref, got = np.asarray(ref32, np.float64), np.asarray(got16, np.float64)
+            if ref.shape != got.shape:
+                raise ExportError(
+                    f"fp16 check: output {name!r} has shape {got.shape} in FP16 but "
+                    f"{ref.shape} in FP32 (batch {batch})"
+                )
+            if not np.isfinite(got).all():
+                raise ExportError(
+                    f"fp16 check: output {name!r} of the FP16 model is not finite at batch "
+                    f"{batch} (an FP16 overflow?); export without --fp16"
+                )
+            max_diff = max(max_diff, float(np.max(np.abs(ref - got))))
+            if name == (label_output or names[0]):
+                agree += int(np.sum(np.argmax(ref, -1) == np.argmax(got, -1)))
+                rows += int(np.prod(ref.shape[:-1]))
+    return Fp16Result(
+        max_abs_diff=max_diff,
+        argmax_agreement=agree / rows if rows else 1.0,
+        batch_sizes=tuple(batch_sizes),
+        min_agreement=min_agreement,
+        rows=sum(sizes),
+    )
+
+
 # ---------------------------------------------------------------- export
 
 
@@ -357,6 +450,24 @@ def _convert(model: Any, dtypes: Mapping[str, str], side: Sidecar, opset: int, p
         raise ExportError(f"tf2onnx conversion failed: {type(exc).__name__}: {exc}") from exc
 
 
+def _convert_fp16(src: Path, dst: Path) -> None:
+    """Write ``src`` with FP16 weights and compute to ``dst``; graph inputs/outputs stay float32.
+
+    Ops on the converter's default block list stay float32 (with Casts around them).
+    No further block list is needed for CPU: where ONNX Runtime's CPU provider has
+    no FP16 kernel, its graph optimiser wraps the node in float32 Casts (the export
+    loads and checks the FP16 model on CPU, so a model that does not run fails here).
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    try:
+        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+        onnx.save(model, str(dst))
+    except Exception as exc:  # the converter raises many types (and asserts)
+        raise ExportError(f"FP16 conversion failed: {type(exc).__name__}: {exc}") from exc
+
+
 def _ort_dtype(name: str, ort_type: str) -> str:
     dtype = _ORT_DTYPES.get(ort_type)
     if dtype is None:
@@ -422,6 +533,7 @@ def export_model(
     parity_batch_sizes: Sequence[int] = (1, 7, 32),
     tolerance: float = 1e-4,
     version: str | None = None,
+    fp16: bool = False,
 ) -> Manifest:
     """Convert ``model.keras`` to ``out_dir/model.onnx`` + ``out_dir/manifest.json``.
 
@@ -434,6 +546,10 @@ def export_model(
         parity_batch_sizes, tolerance: Keras vs ONNX Runtime must agree within
             ``tolerance`` (max abs diff) on random valid batches of these sizes.
         version: overrides the sidecar's model version.
+        fp16: serve FP16 weights and compute (float32 inputs and outputs); the FP16
+            graph's argmax must agree with the FP32 graph's on at least
+            :data:`FP16_MIN_AGREEMENT` of :data:`FP16_MIN_ROWS` examples (the parity
+            batches, then more from the same generator).
 
     Raises:
         ExportError: bad arguments or sidecar, conversion failure, parity not met.
@@ -482,6 +598,19 @@ def export_model(
                 f"tolerance {tolerance:.3g} (argmax agreement {parity.argmax_agreement:.4f}, "
                 f"batch sizes {list(parity_batch_sizes)}); nothing was written to {out}"
             )
+        fp16_result = None
+        if fp16:
+            fp16_result = _make_fp16(
+                onnx_path, session, side, keras_out_shapes, (inputs, outputs), parity_batch_sizes
+            )
+            if not fp16_result.passed:
+                raise ExportError(
+                    f"fp16 check failed: argmax agreement with the FP32 model "
+                    f"{fp16_result.argmax_agreement:.4f} < {fp16_result.min_agreement:.4f} "
+                    f"on {fp16_result.rows} examples (max abs diff "
+                    f"{fp16_result.max_abs_diff:.3g}); export without --fp16; "
+                    f"nothing was written to {out}"
+                )
         manifest = Manifest(
             name=side.name,
             version=version,
@@ -495,6 +624,8 @@ def export_model(
             parity=parity.to_dict(),
             model_card=side.model_card,
             accepts_missing=side.accepts_missing,
+            precision="fp16" if fp16 else "fp32",
+            fp16_parity=fp16_result.to_dict() if fp16_result else {},
         )
         manifest.write(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
@@ -503,13 +634,61 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info(
-        "exported %s %s to %s in %.1f s (opset %d, parity max abs diff %.3g, sha256 %s)",
+        "exported %s %s to %s in %.1f s (opset %d, %s, parity max abs diff %.3g, sha256 %s)",
         manifest.name,
         manifest.version,
         out,
         time.perf_counter() - started,
         opset,
+        manifest.precision,
         parity.max_abs_diff,
         manifest.sha256[:12],
     )
     return manifest
+
+
+def _make_fp16(
+    onnx_path: Path,
+    session32: Any,
+    side: Sidecar,
+    keras_out_shapes: Mapping[str, tuple[int, ...]],
+    io: tuple[tuple[InputInfo, ...], tuple[OutputInfo, ...]],
+    batch_sizes: Sequence[int],
+) -> Fp16Result:
+    """Replace the checked FP32 ``onnx_path`` by its FP16 conversion; return FP16 vs FP32."""
+    import onnxruntime as ort
+
+    fp16_path = onnx_path.with_name(f"fp16-{onnx_path.name}")
+    _convert_fp16(onnx_path, fp16_path)
+    try:
+        session16 = ort.InferenceSession(str(fp16_path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own untyped exceptions
+        raise ExportError(
+            f"the FP16 model does not load in ONNX Runtime (CPU): {type(exc).__name__}: {exc}"
+        ) from exc
+    if _manifest_io(session16, side, keras_out_shapes) != io:
+        raise ExportError(
+            "the FP16 model's inputs or outputs differ from the FP32 model's "
+            "(they must stay float32, same names and shapes)"
+        )
+    result = check_fp16(
+        session32,
+        session16,
+        side.inputs,
+        batch_sizes=batch_sizes,
+        min_agreement=FP16_MIN_AGREEMENT,
+        label_output=side.label_output,
+    )
+    size32, size16 = onnx_path.stat().st_size, fp16_path.stat().st_size
+    log.info(
+        "fp16 vs fp32 on %d examples: argmax agreement %.4f (min %.4f), max abs diff %.3g; "
+        "model.onnx %d -> %d bytes",
+        result.rows,
+        result.argmax_agreement,
+        result.min_agreement,
+        result.max_abs_diff,
+        size32,
+        size16,
+    )
+    os.replace(fp16_path, onnx_path)
+    return result

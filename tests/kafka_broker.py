@@ -210,7 +210,9 @@ def _start_local(tmp_dir: Path) -> tuple[str, Callable[[], None]]:
     port, controller_port = _free_ports(2)
     data_dir = str(tmp_dir)
     started = time.monotonic()
+    # No initial rebalance delay (Kafka's default is 3 s): every test joins a new group.
     cmd = ["start", "--port", str(port), "--controller-port", str(controller_port)]
+    cmd += ["--initial-rebalance-delay-ms", "0"]
     proc = _kafka_sh(*cmd, "--data-dir", data_dir)
     if proc.returncode != 0:
         raise RuntimeError(

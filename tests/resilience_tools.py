@@ -40,6 +40,7 @@ Record = tuple[str, str, bytes, str]  # key (event id), modality, value, content
 
 #: The worker logs this (worker/kafka_io.py) when it is given at least one partition.
 ASSIGNED_RE = re.compile(r"partitions assigned: \[\(")
+PRODUCING_RE = re.compile(r"producing \d+ events")
 
 
 def free_port() -> int:

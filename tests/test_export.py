@@ -24,8 +24,14 @@ if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("t
 import onnxruntime as ort  # noqa: E402
 
 from export import KERAS_FILE, SIDECAR_FILE  # noqa: E402
-from worker.errors import ConfigError, ExportError  # noqa: E402
-from worker.manifest import MANIFEST_FILE, MODEL_FILE, load_manifest, sha256_file  # noqa: E402
+from worker.errors import ConfigError, ExportError, ModelError  # noqa: E402
+from worker.manifest import (  # noqa: E402
+    MANIFEST_FILE,
+    MODEL_FILE,
+    Manifest,
+    load_manifest,
+    sha256_file,
+)
 from worker.reference_data import samples  # noqa: E402
 
 try:
@@ -58,6 +64,23 @@ def keras_model(keras_file: Path) -> Any:
     return keras.saving.load_model(keras_file, compile=False)
 
 
+@pytest.fixture(scope="module")
+def exported_fp16(keras_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same Keras model exported with ``fp16=True``; returns the model dir."""
+    from export.convert import export_model
+
+    out = tmp_path_factory.mktemp("tiny-fp16") / "model"
+    export_model(keras_file, out, parity_batch_sizes=(1, 5), fp16=True)
+    return out
+
+
+def _validate(manifest: dict[str, Any]) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.Draft202012Validator(schema).validate(manifest)
+
+
 def _session(model_dir: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(model_dir / MODEL_FILE), providers=["CPUExecutionProvider"])
 
@@ -75,11 +98,7 @@ def _leftovers(parent: Path) -> list[str]:
 
 
 def test_manifest_validates_against_schema(exported: Path) -> None:
-    jsonschema = pytest.importorskip("jsonschema")
-    schema = json.loads(SCHEMA.read_text())
-    jsonschema.Draft202012Validator.check_schema(schema)
-    manifest = json.loads((exported / MANIFEST_FILE).read_text())
-    jsonschema.Draft202012Validator(schema).validate(manifest)
+    _validate(json.loads((exported / MANIFEST_FILE).read_text()))
     assert sorted(p.name for p in exported.iterdir()) == [MANIFEST_FILE, MODEL_FILE]
 
 
@@ -105,6 +124,7 @@ def test_manifest_facts(exported: Path) -> None:
     assert 0 <= manifest.parity["max_abs_diff"] <= 1e-4
     assert manifest.parity["argmax_agreement"] == 1.0
     assert manifest.model_card["training"]["image_size"] == IMAGE_SIZE
+    assert (manifest.precision, manifest.fp16_parity) == ("fp32", {})
 
 
 def test_manifest_names_are_the_onnx_names(exported: Path) -> None:
@@ -149,6 +169,112 @@ def test_all_padding_text_is_finite(exported: Path, keras_model: Any) -> None:
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
     assert np.isfinite(np.asarray(keras_model.predict_on_batch(feed))).all()
+
+
+# ---------------------------------------------------------------- fp16
+
+
+def test_fp16_manifest(exported_fp16: Path, exported: Path) -> None:
+    raw = json.loads((exported_fp16 / MANIFEST_FILE).read_text())
+    _validate(raw)
+    assert sorted(p.name for p in exported_fp16.iterdir()) == [MANIFEST_FILE, MODEL_FILE]
+    manifest, fp32 = load_manifest(exported_fp16), load_manifest(exported)
+    assert manifest.precision == raw["precision"] == "fp16"
+    fp16 = manifest.fp16_parity
+    assert fp16["passed"] is True and fp16["batch_sizes"] == [1, 5]
+    assert fp16["rows"] >= 1000  # the parity batches and more: 99.5% must allow a near-tie
+    assert 0.995 <= fp16["min_agreement"] <= fp16["argmax_agreement"] <= 1.0
+    assert 0 <= fp16["max_abs_diff"] < 1e-2
+    assert manifest.parity["passed"] is True  # Keras vs the FP32 graph, before conversion
+    assert (manifest.inputs, manifest.outputs) == (fp32.inputs, fp32.outputs)  # float32 I/O
+    size16, size32 = ((d / MODEL_FILE).stat().st_size for d in (exported_fp16, exported))
+    assert size16 < 0.75 * size32
+
+
+def test_fp16_graph_has_fp16_weights_and_float32_io(exported_fp16: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(exported_fp16 / MODEL_FILE))
+    types = {t.data_type for t in model.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in types
+    session = _session(exported_fp16)
+    assert {i.name: i.type for i in session.get_inputs()} == {
+        "image": "tensor(float)",
+        "text": "tensor(int32)",
+        "audio": "tensor(float)",
+    }
+    assert [o.type for o in session.get_outputs()] == ["tensor(float)"]
+
+
+def test_fp16_model_runs_in_the_worker(exported_fp16: Path, exported: Path) -> None:
+    from export.reference_model import featurize
+    from worker.model import ModelRunner
+
+    runner = ModelRunner.load(exported_fp16, device="cpu")
+    assert runner.manifest.precision == "fp16"
+    specs = {i.name: i.preprocessing for i in runner.manifest.inputs}
+    features = featurize(samples(24, np.random.default_rng(7), split="test"), specs)
+    feed = {i.name: features[i.name].astype(i.dtype) for i in runner.manifest.inputs}
+    (got,) = runner.run(feed)
+    want = _run(_session(exported), feed)
+    assert got.dtype == np.float32 and got.shape == want.shape == (24, 10)
+    assert np.isfinite(got).all()
+    assert np.max(np.abs(got - want)) < 1e-2
+    assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.95
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-2)
+
+
+def test_fp16_disagreement_is_refused(
+    keras_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import export.convert as convert
+
+    real = convert.check_fp16
+
+    def flips_labels(*args: Any, **kwargs: Any) -> convert.Fp16Result:
+        result = real(*args, **kwargs)
+        return convert.Fp16Result(0.3, 0.9, result.batch_sizes, result.min_agreement, result.rows)
+
+    monkeypatch.setattr(convert, "check_fp16", flips_labels)
+    out = tmp_path / "out"
+    with pytest.raises(
+        ExportError, match=r"fp16 check failed: argmax agreement .* 0\.9000 < 0\.9950"
+    ) as info:
+        convert.export_model(keras_file, out, parity_batch_sizes=(2,), fp16=True)
+    assert "\n" not in str(info.value)
+    assert not out.exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_fp16_threshold_is_enforced(
+    keras_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import export.convert as convert
+
+    monkeypatch.setattr(convert, "FP16_MIN_AGREEMENT", 1.01)  # even full agreement fails
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match=r"fp16 check failed: .* 1\.0000 < 1\.0100"):
+        convert.export_model(keras_file, out, parity_batch_sizes=(2,), fp16=True)
+    assert not out.exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_manifest_without_precision_is_fp32(exported: Path) -> None:
+    raw = json.loads((exported / MANIFEST_FILE).read_text())
+    del raw["precision"]  # a manifest written before --fp16 existed
+    _validate(raw)
+    manifest = Manifest.from_dict(raw)
+    assert (manifest.precision, manifest.fp16_parity) == ("fp32", {})
+    assert "fp16_parity" not in manifest.to_dict()
+    with pytest.raises(ModelError, match="precision 'int8' is not supported"):
+        Manifest.from_dict({**raw, "precision": "int8"})
+
+
+def test_schema_wants_fp16_parity_for_fp16(exported: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    raw = json.loads((exported / MANIFEST_FILE).read_text())
+    with pytest.raises(jsonschema.ValidationError, match="fp16_parity"):
+        _validate({**raw, "precision": "fp16"})
 
 
 # ---------------------------------------------------------------- refusals
@@ -225,6 +351,22 @@ def test_parsers_defaults() -> None:
     e = exp.parse_args(["--out", "m"])
     assert (e.out, e.opset, e.tolerance, e.spec, e.version) == (Path("m"), 17, 1e-4, None, None)
     assert e.model == Path(".cache/reference-model")
+    assert e.fp16 is False
+    assert exp.parse_args(["--out", "m", "--fp16"]).fp16 is True
+
+
+def test_fp16_flag_env(capsys: pytest.CaptureFixture[str]) -> None:
+    from export.convert import FP16_MIN_AGREEMENT
+    from worker.cli import build_parser
+
+    args = build_parser({"MMSTREAM_FP16": "1"}).parse_args(["export", "--out", "m"])
+    assert args.fp16 is True
+    assert build_parser({}).parse_args(["export", "--out", "m"]).fp16 is False
+    with pytest.raises(SystemExit):
+        build_parser({}).parse_args(["export", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--fp16" in help_text and "[env: MMSTREAM_FP16]" in help_text
+    assert f"{FP16_MIN_AGREEMENT:.1%}" in help_text
 
 
 def test_export_main_replaces_a_previous_export(

@@ -21,6 +21,7 @@ import pytest
 from kafka_broker import committed_offsets, create_topic, end_offsets
 from resilience_tools import (
     ASSIGNED_RE,
+    PRODUCING_RE,
     EventFactory,
     LocalBroker,
     MetricsSampler,
@@ -119,6 +120,10 @@ def _sigkill_loop(
         "pod-0",
         "--commit-interval-ms",
         "200",
+        # Exactly-once runs inference and publishing on the inference thread (the CUDA
+        # default): its sends must never straddle a transaction, also across SIGKILLs.
+        "--inference-queue",
+        "2" if guarantee == "exactly-once" else "0",
     )
     ids = event_ids(f"kill-{guarantee}", KILL_EVENTS)
     isolation = "read_committed" if guarantee == "exactly-once" else "read_uncommitted"
@@ -324,6 +329,9 @@ def test_broker_outage_is_survived(
             "producer",
             produce_argv(broker.bootstrap, topics[0], tiny_model_dir, n, n / seconds, "outage-"),
         )
+        # Connected and sending before the outage (a slow start on a loaded machine would
+        # otherwise meet the outage while still bootstrapping, and give up).
+        assert producer.wait_for_log(PRODUCING_RE, 60), f"producer never started\n{producer.tail()}"
         time.sleep(seconds / 3)
         streaming = producer.alive()
         broker.stop()

@@ -135,8 +135,16 @@ def make_config(
     )
 
 
+# 0: inference on the poll thread (the CPU default); 2: on the inference thread (CUDA's).
+INFERENCE_QUEUES = pytest.mark.parametrize("inference_queue", [0, 2])
+
+
+@INFERENCE_QUEUES
 def test_npy_and_raw_parts_give_one_prediction_per_event(
-    kafka_bootstrap: str, topic_factory: Callable[..., str], tiny_model_dir: Path
+    kafka_bootstrap: str,
+    topic_factory: Callable[..., str],
+    tiny_model_dir: Path,
+    inference_queue: int,
 ) -> None:
     topics = (topic_factory(3), topic_factory(1), topic_factory(1))
     manifest = load_manifest(tiny_model_dir)
@@ -152,7 +160,8 @@ def test_npy_and_raw_parts_give_one_prediction_per_event(
         records += encode_sample(event_id, s, content, manifest)
     random.Random(5).shuffle(records)  # parts of all events interleaved, any order
 
-    with RunningWorker(make_config(kafka_bootstrap, topics, tiny_model_dir)) as running:
+    config = make_config(kafka_bootstrap, topics, tiny_model_dir, inference_queue=inference_queue)
+    with RunningWorker(config) as running:
         send_all(kafka_bootstrap, topics[0], records)
         out = read_topic(kafka_bootstrap, topics[1], lambda got: len(got) >= 40, 60)
         # Wait a little more so a duplicate prediction would show up.
@@ -186,8 +195,12 @@ def test_npy_and_raw_parts_give_one_prediction_per_event(
     )
 
 
+@INFERENCE_QUEUES
 def test_bad_records_are_dead_lettered_and_a_poison_event_is_isolated(
-    kafka_bootstrap: str, topic_factory: Callable[..., str], tiny_model_dir: Path
+    kafka_bootstrap: str,
+    topic_factory: Callable[..., str],
+    tiny_model_dir: Path,
+    inference_queue: int,
 ) -> None:
     topics = (topic_factory(1), topic_factory(1), topic_factory(1))
     manifest = load_manifest(tiny_model_dir)
@@ -224,7 +237,12 @@ def test_bad_records_are_dead_lettered_and_a_poison_event_is_isolated(
     assert set(expected_dlq) == {r.value for r in Reason}  # every reason code is exercised
 
     config = make_config(
-        kafka_bootstrap, topics, tiny_model_dir, max_part_bytes=8000, assembly_timeout_ms=1000
+        kafka_bootstrap,
+        topics,
+        tiny_model_dir,
+        max_part_bytes=8000,
+        assembly_timeout_ms=1000,
+        inference_queue=inference_queue,
     )
     with RunningWorker(config):
         send_all(kafka_bootstrap, topics[0], records)
@@ -404,8 +422,12 @@ def test_random_and_mutated_records_are_all_accounted_for(
     assert len(predicted) + len(dlq) > len(clean_events)
 
 
+@INFERENCE_QUEUES
 def test_a_broken_model_stops_the_worker_instead_of_dead_lettering_everything(
-    kafka_bootstrap: str, topic_factory: Callable[..., str], tiny_model_dir: Path
+    kafka_bootstrap: str,
+    topic_factory: Callable[..., str],
+    tiny_model_dir: Path,
+    inference_queue: int,
 ) -> None:
     from worker.errors import InferenceError
     from worker.pipeline import MAX_POISON_STREAK
@@ -417,7 +439,9 @@ def test_a_broken_model_stops_the_worker_instead_of_dead_lettering_everything(
     for i, s in enumerate(samples(MAX_POISON_STREAK + 4, np.random.default_rng(13), split="test")):
         for key, modality, value, ctype in encode_sample(f"bad-{i}", s, "npy", manifest):
             records.append((key, modality, poison if modality == "text" else value, ctype))
-    running = RunningWorker(make_config(kafka_bootstrap, topics, tiny_model_dir))
+    running = RunningWorker(
+        make_config(kafka_bootstrap, topics, tiny_model_dir, inference_queue=inference_queue)
+    )
     running.thread.start()
     assert running.worker.ready.wait(30)
     send_all(kafka_bootstrap, topics[0], records)

@@ -34,11 +34,14 @@ import logging
 import os
 import platform
 import pstats
-import resource
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -57,15 +60,10 @@ from worker.errors import BrokerError, ConfigError, MMStreamError
 from worker.kafka_io import ensure_topics
 from worker.model import ModelRunner
 from worker.pipeline import Worker, WorkerStats
-from worker.produce import ProduceConfig, encode_sample, produce
-from worker.reference_data import samples
+from worker.produce import ProduceConfig, produce
+from worker.rawort import bench_ort
 
 log = logging.getLogger(__name__)
-
-#: Timed repeats per raw-ORT batch size (the median is reported).
-ORT_REPEATS = 3
-#: Distinct real examples the raw-ORT batches are built from (cycled).
-ORT_POOL = 64
 
 
 @dataclass(frozen=True)
@@ -84,6 +82,8 @@ class BenchConfig(FrozenConfig):
     seconds_per_ort_point: float = 2.0
     max_batch_size: int = 32
     max_batch_delay_ms: int = 10
+    inference_queue: int = -1
+    processes: int = 1
     seed: int = 11
     timeout_s: float = 600.0
     profile: bool = False
@@ -94,6 +94,10 @@ class BenchConfig(FrozenConfig):
         object.__setattr__(self, "out", Path(self.out))
         if self.events <= 0 or self.partitions <= 0 or self.max_batch_size <= 0:
             raise ConfigError("--events, --partitions and --max-batch-size must be > 0")
+        if not 0 < self.processes <= self.partitions:
+            raise ConfigError("--processes must be within 1..--partitions (one partition each)")
+        if self.inference_queue < -1:
+            raise ConfigError("--inference-queue must be -1 (auto) or >= 0")
         if self.max_batch_delay_ms < 0:
             raise ConfigError("--max-batch-delay-ms must be >= 0")
         if self.content not in ("npy", "raw"):
@@ -137,44 +141,59 @@ def percentiles(values: list[float] | NDArray[Any]) -> dict[str, float]:
     }
 
 
-def rss_mb() -> float:
-    """This process's resident set size now (MiB), from /proc; 0 where there is none."""
+def _proc_rss_mb(pid: int) -> float:
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024.0
-    except OSError:
+    except (OSError, ValueError):
         pass
     return 0.0
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set size so far (MiB; Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (Linux /proc; just ``pid`` elsewhere)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError, ValueError):
+                todo.extend(int(c) for c in task.read_text().split())
+    return found
 
 
-class _RssSampler:
-    """Samples this process's RSS every ``interval_s`` on a thread; keeps the peak."""
+class _TreeRssSampler:
+    """Samples the RSS of a process and its descendants; keeps per-process and total peaks."""
 
-    def __init__(self, interval_s: float = 0.2) -> None:
+    def __init__(self, pid: int, interval_s: float = 0.2) -> None:
+        self.pid = pid
         self.interval_s = interval_s
-        self.peak = 0.0
+        self.peaks: dict[int, float] = {}
+        self.total_peak = 0.0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="bench-rss", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="bench-rss-tree", daemon=True)
+
+    def sample(self) -> None:
+        total = 0.0
+        for p in _descendants(self.pid):
+            rss = _proc_rss_mb(p)
+            total += rss
+            self.peaks[p] = max(self.peaks.get(p, 0.0), rss)
+        self.total_peak = max(self.total_peak, total)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_mb())
+            self.sample()
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> _RssSampler:
+    def __enter__(self) -> _TreeRssSampler:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
-        self.peak = max(self.peak, rss_mb())
 
 
 def machine_info() -> dict[str, Any]:
@@ -207,55 +226,6 @@ def model_info(runner: ModelRunner) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ (1) raw ORT
-
-
-def example_pool(runner: ModelRunner, n: int, seed: int) -> dict[str, NDArray[Any]]:
-    """``n`` real examples per input, through the producer's npy path: name -> (n, *shape)."""
-    rng = np.random.default_rng(seed)
-    rows: dict[str, list[NDArray[Any]]] = {i.name: [] for i in runner.manifest.inputs}
-    for k, sample in enumerate(samples(n, rng, split="test")):
-        for _eid, name, value, _ctype in encode_sample(f"b{k}", sample, "npy", runner.manifest):
-            rows[name].append(np.load(io.BytesIO(value), allow_pickle=False))
-    return {
-        i.name: np.stack(rows[i.name]).astype(i.dtype, copy=False) for i in runner.manifest.inputs
-    }
-
-
-def bench_ort(
-    runner: ModelRunner, batch_sizes: list[int], seconds_per_point: float, seed: int
-) -> list[dict[str, Any]]:
-    """Events/s of ``session.run`` alone per batch size (median of ORT_REPEATS repeats)."""
-    pool = example_pool(runner, ORT_POOL, seed)
-    results = []
-    for b in batch_sizes:
-        idx = np.arange(b) % ORT_POOL
-        feed = {name: np.ascontiguousarray(arr[idx]) for name, arr in pool.items()}
-        for _ in range(3):  # warm-up: first runs allocate (and, on CUDA, pick kernels)
-            runner.run(feed)
-        rates, ms_per_batch = [], []
-        for _ in range(ORT_REPEATS):
-            runs = 0
-            start = time.perf_counter()
-            deadline = start + seconds_per_point / ORT_REPEATS
-            while True:
-                runner.run(feed)
-                runs += 1
-                now = time.perf_counter()
-                if now >= deadline:
-                    break
-            elapsed = now - start
-            rates.append(runs * b / elapsed)
-            ms_per_batch.append(1000.0 * elapsed / runs)
-        results.append(
-            {
-                "batch_size": b,
-                "events_per_s": float(np.median(rates)),
-                "ms_per_batch": float(np.median(ms_per_batch)),
-                "repeats": [round(r, 1) for r in rates],
-            }
-        )
-        log.info("raw ORT batch %d: %.0f events/s", b, results[-1]["events_per_s"])
-    return results
 
 
 # ------------------------------------------------------------------ (2) raw consume
@@ -373,6 +343,7 @@ def _worker_config(
         device=config.device,
         max_batch_size=config.max_batch_size,
         max_batch_delay_ms=config.max_batch_delay_ms,
+        inference_queue=config.inference_queue,
         max_events=max_events,
     )
 
@@ -399,29 +370,181 @@ def _stats_summary(stats: WorkerStats, n: int) -> dict[str, Any]:
     }
 
 
-def bench_end_to_end(
-    config: BenchConfig, runner: ModelRunner, topic_in: str, topic_out: str
+def _child_env() -> dict[str, str]:
+    """This environment without ``MMSTREAM_*``: the bench's own settings are not the
+    child's (each command rejects variables it does not know)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MMSTREAM_")}
+
+
+def _free_port_block(n: int) -> int:
+    """A port P with P..P+n-1 free now (for ``--http-port P`` with ``--processes n``)."""
+    for _ in range(50):
+        with socket.socket() as s0:
+            s0.bind(("127.0.0.1", 0))
+            base = int(s0.getsockname()[1])
+        if base + n > 65535:
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for i in range(1, n):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", base + i))
+        except OSError:
+            continue
+        return base
+    raise BrokerError(f"no block of {n} free local ports for the worker probes")
+
+
+class _WorkerProcesses:
+    """``mmstream worker --processes N`` as a real deployment runs it: its own
+    interpreter(s), so neither the bench's GIL nor its memory is the worker's."""
+
+    def __init__(self, config: BenchConfig, run: str, topic_in: str, topic_out: str) -> None:
+        self.config = config
+        self.port = _free_port_block(config.processes)
+        self.argv = [
+            sys.executable, "-m", "worker.cli", "worker",
+            "--bootstrap-servers", config.bootstrap_servers,
+            "--input-topic", topic_in,
+            "--output-topic", topic_out,
+            "--dlq-topic", f"{topic_out}.dlq",
+            "--group-id", f"mm-bench-{run}-{uuid.uuid4().hex[:6]}",
+            "--model", str(config.model),
+            "--device", config.device,
+            "--max-batch-size", str(config.max_batch_size),
+            "--max-batch-delay-ms", str(config.max_batch_delay_ms),
+            "--inference-queue", str(config.inference_queue),
+            "--processes", str(config.processes),
+            "--http-host", "127.0.0.1",
+            "--http-port", str(self.port),
+            "--log-level", "WARNING",
+        ]  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.rss: _TreeRssSampler | None = None
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__
+
+    def __enter__(self) -> _WorkerProcesses:
+        self.proc = subprocess.Popen(
+            self.argv, env=_child_env(), stdout=self._log, stderr=subprocess.STDOUT
+        )
+        self.rss = _TreeRssSampler(self.proc.pid).__enter__()
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Every process answers ``/readyz`` 200 (model loaded, in the group)."""
+        deadline = time.monotonic() + timeout_s
+        pending = {self.port + i for i in range(self.config.processes)}
+        while pending:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise BrokerError(f"the worker exited with {self.proc.returncode}: {self.tail()}")
+            if time.monotonic() > deadline:
+                raise BrokerError(f"the worker was not ready within {timeout_s} s: {self.tail()}")
+            for port in sorted(pending):
+                url = f"http://127.0.0.1:{port}/readyz"
+                with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2):
+                    pending.discard(port)  # 200; a 503 raises HTTPError (an OSError)
+            time.sleep(0.2)
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM (drain, commit, exit 0); the exit code."""
+        if self.proc is None:
+            return -1
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise BrokerError(f"the worker did not stop within {timeout_s} s") from None
+
+    def tail(self, lines: int = 5) -> str:
+        self._log.seek(0)
+        text = self._log.read().decode("utf-8", "replace").strip().splitlines()
+        return " | ".join(text[-lines:])
+
+    def rss_report(self) -> dict[str, Any]:
+        if self.rss is None or self.proc is None:
+            return {}
+        peaks = self.rss.peaks
+        own = peaks.get(self.proc.pid, 0.0)
+        # With --processes N > 1 the first process only launches and waits; the workers
+        # are its children (multiprocessing may add a small resource tracker, also counted).
+        workers = [v for p, v in peaks.items() if p != self.proc.pid] or [own]
+        return {
+            "processes": self.config.processes,
+            "peak_per_worker_process": round(max(workers), 1),
+            "peak_total": round(self.rss.total_peak, 1),
+            "launcher": round(own, 1) if self.config.processes > 1 else None,
+        }
+
+    def __exit__(self, *exc: object) -> None:
+        if self.rss is not None:
+            self.rss.__exit__()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
+def _count_records(bootstrap_servers: str, topic: str) -> int:
+    """Records in ``topic`` (sum of end offsets; the bench's topics start empty)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers.split(","), group_id=None)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        return sum(consumer.end_offsets(tps).values()) if tps else 0
+    finally:
+        consumer.close()
+
+
+def _run_summary(
+    preds: list[tuple[dict[str, Any], int]], n: int, dead_lettered: int
 ) -> dict[str, Any]:
-    """The worker on the pre-produced topic: first consumed -> last acknowledged."""
-    worker = Worker(_worker_config(config, "e2e", topic_in, topic_out, config.events), runner)
-    rss_before = rss_mb()
-    with _RssSampler() as rss:
-        wt = _WorkerThread(worker)
-        wt.start()
-        stats = wt.join(config.timeout_s)
-    result = _stats_summary(stats, config.events)
-    preds = read_predictions(config.bootstrap_servers, topic_out, config.events, 60)
+    """Throughput from the output topic alone: first event assembled -> last prediction
+    written (the worker's clock stamps ``completed_ms``; the broker's record timestamp
+    is the producer's send time). Batches: each prediction carries its batch's size."""
+    by_event: dict[str, tuple[dict[str, Any], int]] = {}
+    for value, ts in preds:
+        by_event.setdefault(value["event_id"], (value, ts))
+    first = min((v["timing"]["completed_ms"] for v, _ in by_event.values()), default=0)
+    last = max((ts for _, ts in by_event.values()), default=0)
+    seconds = max(1, last - first) / 1000.0
+    batches = sum(1.0 / max(1, v["timing"]["batch_size"]) for v, _ in by_event.values())
+    return {
+        "events": n,
+        "predicted": len(by_event),
+        "duplicates": len(preds) - len(by_event),
+        "dead_lettered": dead_lettered,
+        "batches": round(batches),
+        "mean_batch_size": len(by_event) / max(1.0, batches),
+        "seconds": seconds,
+        "events_per_s": len(by_event) / seconds,
+    }
+
+
+def bench_end_to_end(
+    config: BenchConfig, run: str, topic_in: str, topic_out: str
+) -> dict[str, Any]:
+    """The worker process(es) on the pre-produced topic until every event is predicted."""
+    with _WorkerProcesses(config, run, topic_in, topic_out) as w:
+        preds = read_predictions(
+            config.bootstrap_servers, topic_out, config.events, config.timeout_s
+        )
+        rc = w.stop()
+        rss = w.rss_report()
+        if rc != 0:
+            raise BrokerError(f"the worker exited with {rc}: {w.tail()}")
+    result = _run_summary(
+        preds, config.events, _count_records(config.bootstrap_servers, f"{topic_out}.dlq")
+    )
+    result["processes"] = config.processes
     lat = _latencies(preds)
     result["latency_ms"] = percentiles(lat)
     result["latency_note"] = (
         "prediction record timestamp - newest part's record timestamp; every part was "
         "written before the worker started, so this is mostly time spent queued"
     )
-    result["rss_mb"] = {
-        "before": rss_before,
-        "peak_during": rss.peak,
-        "peak_process": peak_rss_mb(),
-    }
+    result["rss_mb"] = rss
     result["_latencies"] = lat
     return result
 
@@ -442,15 +565,11 @@ def profile_end_to_end(
 
 
 def bench_open_loop(
-    config: BenchConfig, runner: ModelRunner, rate: float, topics: tuple[str, str]
+    config: BenchConfig, run: str, rate: float, topics: tuple[str, str]
 ) -> dict[str, Any]:
-    """Worker running; a separate producer process at ``rate`` events/s; latency under load."""
+    """Worker process(es) ready; a separate producer process at ``rate`` events/s; latency."""
     topic_in, topic_out = topics
     n = config.events
-    worker = Worker(_worker_config(config, "open", topic_in, topic_out, n), runner)
-    wt = _WorkerThread(worker)
-    wt.start()
-    # Its own process, as real producers are, so it does not take this interpreter's GIL.
     argv = [
         sys.executable, "-m", "worker.cli", "produce",
         "--bootstrap-servers", config.bootstrap_servers,
@@ -462,22 +581,26 @@ def bench_open_loop(
         "--seed", str(config.seed + 1),
         "--key-prefix", f"bench-open-{uuid.uuid4().hex[:6]}-",
     ]  # fmt: skip
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=config.timeout_s)
-    except subprocess.TimeoutExpired as exc:
-        wt.stop.set()
-        raise BrokerError(f"the open-loop producer ran past {config.timeout_s} s") from exc
-    if proc.returncode != 0:
-        wt.stop.set()
-        wt.thread.join(30)
-        tail = proc.stderr.strip().splitlines()[-1:]
-        raise BrokerError(f"the open-loop producer failed: {tail}")
-    produced = json.loads(proc.stdout.strip().splitlines()[-1])
-    stats = wt.join(config.timeout_s)
-    result = _stats_summary(stats, n)
+    with _WorkerProcesses(config, f"{run}-open", topic_in, topic_out) as w:
+        w.wait_ready(120)
+        try:
+            proc = subprocess.run(
+                argv, capture_output=True, text=True, timeout=config.timeout_s, env=_child_env()
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise BrokerError(f"the open-loop producer ran past {config.timeout_s} s") from exc
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:]
+            raise BrokerError(f"the open-loop producer failed: {tail}")
+        produced = json.loads(proc.stdout.strip().splitlines()[-1])
+        preds = read_predictions(config.bootstrap_servers, topic_out, n, config.timeout_s)
+        rc = w.stop()
+        if rc != 0:
+            raise BrokerError(f"the worker exited with {rc}: {w.tail()}")
+    result = _run_summary(preds, n, _count_records(config.bootstrap_servers, f"{topic_out}.dlq"))
+    result["processes"] = config.processes
     result["target_rate"] = rate
     result["produced_rate"] = n / max(1e-3, produced["ms"] / 1000.0)
-    preds = read_predictions(config.bootstrap_servers, topic_out, n, 60)
     lat = _latencies(preds)
     result["latency_ms"] = percentiles(lat)
     result["latency_note"] = (
@@ -530,7 +653,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     topics = {
         t: p for t in (t_in, t_out, t_dlq, t_prof, f"{t_prof}.dlq", t_oin, t_oout, f"{t_oout}.dlq")
     }
-    runner = ModelRunner.load(config.model, config.device)
+    runner = ModelRunner.load(config.model, config.device, max_batch_size=config.max_batch_size)
     report: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         "machine": machine_info(),
@@ -563,7 +686,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             config.bootstrap_servers, t_in, produced["parts"], parts_per_event, config.timeout_s
         )
         log.info("bench: end to end on the pre-produced topic")
-        report["end_to_end"] = bench_end_to_end(config, runner, t_in, t_out)
+        report["end_to_end"] = bench_end_to_end(config, run, t_in, t_out)
         if config.profile:
             log.info("bench: end to end again, under cProfile")
             text = profile_end_to_end(config, runner, t_in, t_prof)
@@ -571,7 +694,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             (config.out / "profile.txt").write_text(text)
         rate = config.open_loop_fraction * report["end_to_end"]["events_per_s"]
         log.info("bench: open loop at %.1f events/s", rate)
-        report["open_loop"] = bench_open_loop(config, runner, rate, (t_oin, t_oout))
+        report["open_loop"] = bench_open_loop(config, run, rate, (t_oin, t_oout))
     report["ratios"] = ratios(report, config.max_batch_size)
     write_report(report, config.out)
     return report
@@ -635,8 +758,9 @@ def format_markdown(r: dict[str, Any]) -> str:
         _row("model", f"{mod['name']} {mod['version']} ({shapes})"),
         _row("events / content / partitions", f"{cfg['events']} / {cfg['content']} / "
              f"{cfg['partitions']}"),
-        _row("worker batching", f"max {cfg['max_batch_size']}, "
-             f"delay {cfg['max_batch_delay_ms']} ms"),
+        _row("worker", f"{cfg.get('processes', 1)} process(es); batch max "
+             f"{cfg['max_batch_size']}, delay {cfg['max_batch_delay_ms']} ms; inference "
+             f"queue {cfg.get('inference_queue', 0)}"),
         "",
         "### Raw ONNX Runtime (`session.run` only)",
         "",
@@ -665,8 +789,7 @@ def format_markdown(r: dict[str, Any]) -> str:
              ol["predicted"], f"{ol['events_per_s']:.0f}",
              f"{ol['batches']} ({ol['mean_batch_size']:.1f})", *_lat_cells(ol)),
         "",
-        f"Bench process RSS (worker thread + harness): peak {e2e['rss_mb']['peak_during']:.0f} "
-        f"MiB during the pre-produced run ({e2e['rss_mb']['before']:.0f} MiB before it).",
+        _rss_line(e2e["rss_mb"]),
         "",
         "### Ratios",
         "",
@@ -678,6 +801,21 @@ def format_markdown(r: dict[str, Any]) -> str:
         "",
     ]  # fmt: skip
     return "\n".join(lines)
+
+
+def _rss_line(rss: dict[str, Any]) -> str:
+    n = rss.get("processes", 1)
+    line = (
+        f"Worker RSS (`/proc/<pid>/status` VmRSS, sampled every 0.2 s during the pre-produced "
+        f"run; no TensorFlow in the worker): peak {rss.get('peak_per_worker_process', 0):.0f} "
+        f"MiB per worker process"
+    )
+    if n > 1:
+        line += (
+            f", {rss.get('peak_total', 0):.0f} MiB for all {n} processes and the launcher "
+            f"({rss.get('launcher') or 0:.0f} MiB)"
+        )
+    return line + "."
 
 
 def _lat_cells(run: dict[str, Any]) -> list[str]:
@@ -745,7 +883,8 @@ def format_summary(r: dict[str, Any]) -> str:
             f"  raw consume   {r['raw_consume']['events_per_s']:.0f} events/s "
             f"({r['raw_consume']['mb_per_s']:.1f} MB/s)",
             f"  end to end    {e2e['events_per_s']:.0f} events/s "
-            f"(mean batch {e2e['mean_batch_size']:.1f})",
+            f"(mean batch {e2e['mean_batch_size']:.1f}, {e2e.get('processes', 1)} worker "
+            f"process(es), RSS {e2e['rss_mb'].get('peak_per_worker_process', 0):.0f} MiB each)",
             f"  open loop     {ol['target_rate']:.0f} events/s: p50 {olat['p50']:.0f} ms, "
             f"p95 {olat['p95']:.0f} ms, p99 {olat['p99']:.0f} ms",
             f"  ratios        end to end / raw ORT = {rt['end_to_end_over_raw_ort']:.2f}; "

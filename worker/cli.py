@@ -68,6 +68,14 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
         help="run a partial batch once its oldest event waited this long",
     )
     p.add_argument(
+        "--inference-queue",
+        type=int,
+        default=-1,
+        help="batches queued or running on the inference thread, which overlaps inference "
+        "and publishing with polling and decoding; 0 = infer on the poll thread; -1 = auto: "
+        "2 on CUDA, 0 on CPU (where ORT's threads already use the cores)",
+    )
+    p.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
         default="auto",
@@ -280,6 +288,19 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=32, help="the worker's max batch size")
     p.add_argument(
         "--max-batch-delay-ms", type=int, default=10, help="the worker's max batch delay"
+    )
+    p.add_argument(
+        "--inference-queue",
+        type=int,
+        default=-1,
+        help="the worker's --inference-queue (-1 = auto, 0 = infer on the poll thread)",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="worker processes in the end-to-end and open-loop runs (mmstream worker "
+        "--processes N; at most --partitions)",
     )
     p.add_argument("--seed", type=int, default=11, help="random seed of the produced events")
     p.add_argument("--timeout-s", type=float, default=600.0, help="give up a run after this long")

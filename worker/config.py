@@ -68,6 +68,7 @@ class WorkerConfig(FrozenConfig):
     dlq_topic: str = ""
     max_batch_size: int = 32
     max_batch_delay_ms: int = 10
+    inference_queue: int = -1  # auto: see Worker
     device: str = "auto"
     intra_op_threads: int = 0
     max_part_bytes: int = 16 * 1024 * 1024
@@ -111,7 +112,14 @@ class WorkerConfig(FrozenConfig):
         object.__setattr__(self, "model", Path(self.model))
         for name in ("max_batch_size", "max_part_bytes", "max_image_pixels", "max_poll_records"):
             _positive(name, getattr(self, name))
-        for name in ("max_batch_delay_ms", "intra_op_threads", "max_events", "commit_interval_ms"):
+        if self.inference_queue < -1:
+            raise ConfigError("--inference-queue must be -1 (auto) or >= 0")
+        for name in (
+            "max_batch_delay_ms",
+            "intra_op_threads",
+            "max_events",
+            "commit_interval_ms",
+        ):
             _positive(name, getattr(self, name), zero_ok=True)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, not {self.device!r}")

@@ -55,7 +55,8 @@ class DemoConfig(FrozenConfig):
 def read_predictions(
     bootstrap_servers: str, topic: str, expected: int, timeout_s: float
 ) -> list[tuple[dict[str, Any], int]]:
-    """Read up to ``expected`` predictions (value, record timestamp) from ``topic``."""
+    """Read predictions (value, record timestamp) from ``topic`` until ``expected``
+    distinct events have one (duplicates, which at-least-once allows, are returned too)."""
     consumer = KafkaConsumer(
         topic,
         bootstrap_servers=bootstrap_servers.split(","),
@@ -64,11 +65,15 @@ def read_predictions(
         enable_auto_commit=False,
     )
     out: list[tuple[dict[str, Any], int]] = []
+    seen: set[str] = set()
     deadline = time.monotonic() + timeout_s
     try:
-        while len(out) < expected and time.monotonic() < deadline:
+        while len(seen) < expected and time.monotonic() < deadline:
             for records in consumer.poll(timeout_ms=500).values():
-                out.extend((json.loads(r.value), r.timestamp) for r in records)
+                for r in records:
+                    value = json.loads(r.value)
+                    seen.add(value["event_id"])
+                    out.append((value, r.timestamp))
     finally:
         consumer.close()
     return out

@@ -3,8 +3,10 @@
 A model directory has ``model.onnx`` and ``manifest.json`` (JSON Schema:
 ``schemas/manifest.schema.json``). The manifest names each input with its
 modality, dtype, shape (``null`` = dynamic batch) and preprocessing spec, the
-outputs, the class labels, the sha256 of ``model.onnx`` and how the export
-was checked. The worker verifies the sha256 before it loads the model.
+outputs, the class labels, the sha256 of ``model.onnx``, its precision
+(``fp32``, or ``fp16`` weights and compute behind float32 inputs and outputs)
+and how the export was checked. The worker verifies the sha256 before it loads
+the model.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from worker.preprocess import Spec, spec_from_dict
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 FORMAT_VERSION = 1
+#: ``model.onnx``'s weights and compute; its inputs and outputs keep their dtypes.
+PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass(frozen=True)
@@ -92,11 +96,14 @@ class Manifest:
         labels: class names for the first output's last axis ("" entries allowed: none).
         label_output: output whose argmax gives ``label`` and ``score`` in predictions.
         producer: tool versions used for the export (tensorflow, tf2onnx, ...).
-        parity: result of the TF vs ONNX Runtime check.
+        parity: result of the TF vs ONNX Runtime check (of the FP32 graph).
         model_card: free-form facts (training data, held-out accuracies).
         accepts_missing: the model was trained with absent modalities given as blank
             inputs (:func:`worker.preprocess.blank_input`), so an incomplete event may
             be inferred with its missing inputs blanked.
+        precision: ``fp32`` or ``fp16`` (manifests without the field are ``fp32``).
+        fp16_parity: for ``fp16``, the FP16 vs FP32 ONNX Runtime check (max abs diff,
+            argmax agreement); empty for ``fp32``.
     """
 
     name: str
@@ -111,6 +118,8 @@ class Manifest:
     parity: dict[str, Any] = field(default_factory=dict)
     model_card: dict[str, Any] = field(default_factory=dict)
     accepts_missing: bool = False
+    precision: str = "fp32"
+    fp16_parity: dict[str, Any] = field(default_factory=dict)
 
     def input(self, name: str) -> InputInfo | None:
         for info in self.inputs:
@@ -119,7 +128,7 @@ class Manifest:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "name": self.name,
             "version": self.version,
@@ -134,7 +143,11 @@ class Manifest:
             "parity": dict(self.parity),
             "model_card": dict(self.model_card),
             "accepts_missing": self.accepts_missing,
+            "precision": self.precision,
         }
+        if self.fp16_parity:
+            d["fp16_parity"] = dict(self.fp16_parity)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -143,6 +156,12 @@ class Manifest:
                 raise ModelError(
                     f"manifest format_version {d.get('format_version')!r} is not supported "
                     f"(expected {FORMAT_VERSION})"
+                )
+            precision = d.get("precision", "fp32")
+            if precision not in PRECISIONS:
+                raise ModelError(
+                    f"manifest precision {precision!r} is not supported (expected one of "
+                    f"{list(PRECISIONS)})"
                 )
             return cls(
                 name=str(d["name"]),
@@ -157,6 +176,8 @@ class Manifest:
                 parity=dict(d.get("parity", {})),
                 model_card=dict(d.get("model_card", {})),
                 accepts_missing=bool(d.get("accepts_missing", False)),
+                precision=str(precision),
+                fp16_parity=dict(d.get("fp16_parity", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"manifest is malformed: {type(exc).__name__}: {exc}") from exc

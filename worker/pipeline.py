@@ -14,10 +14,13 @@
   (counted) or inferred with blank inputs, as ``on_incomplete`` says.
 * batch: :class:`~worker.batcher.Batcher` -> batches of up to ``max_batch_size``,
   released when full or when the oldest event waited ``max_batch_delay_ms``.
-* infer: :class:`~worker.model.ModelRunner` (ONNX Runtime). A batch that makes
-  ORT fail is split in halves until the poison event is isolated; it goes to
-  the dead-letter topic and the rest are predicted.
-* publish: one prediction per event (acks=all).
+* infer: :class:`~worker.model.ModelRunner` (ONNX Runtime), on the inference
+  thread (:class:`~worker.stage.BatchStage`, ``inference_queue`` batches deep),
+  so that inference and publishing overlap the next poll and decode. A batch
+  that makes ORT fail is split in halves until the poison event is isolated; it
+  goes to the dead-letter topic and the rest are predicted.
+* publish: one prediction per event (acks=all), sent from the inference thread;
+  delivery callbacks hand the acknowledgements back to the loop.
 * commit, at-least-once: a record's offset is done when every output depending
   on it is acknowledged; every ``commit_interval_ms`` the safe positions (plus
   the offsets finished beyond them, in the metadata) are committed.
@@ -28,6 +31,14 @@
 
 In at-least-once mode a delivery that the broker does not acknowledge stops
 the worker with :class:`BrokerError` before anything beyond it is committed.
+
+Threads: the loop (``run``) owns the consumer, the assembler, the batcher and
+the offset tracker; nothing else touches them. The inference thread runs
+``_infer`` (ORT, ``producer.send``, which is thread-safe) and reports back only
+through queues: delivery acks and failures (from the producer's IO thread), and
+in exactly-once mode the sources of what it sent. The loop waits for the
+inference thread to go idle before it commits or aborts a transaction and
+before it exits, so no send can straddle a transaction boundary.
 """
 
 from __future__ import annotations
@@ -70,6 +81,7 @@ from worker.records import (
     RawRecord,
     SourceRef,
 )
+from worker.stage import BatchStage
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +93,18 @@ DLQ_MAX_VALUE_BYTES = 512 * 1024
 HEADER_VALUE_TRUNCATED = "mm-value-truncated"
 #: More single events than this failing in a row means a broken model or device.
 MAX_POISON_STREAK = 8
+
+
+def inference_depth(config: WorkerConfig, provider: str) -> int:
+    """``--inference-queue``, with -1 (auto) resolved: 2 on CUDA, 0 (inline) on CPU.
+
+    Measured on 2 CPUs (docs/benchmarks.md): with ORT's intra-op threads on every core,
+    an inference thread beside the poll thread only adds GIL and core contention
+    (~10% fewer events/s); with the model on a GPU the CPU is free while a batch runs.
+    """
+    if config.inference_queue >= 0:
+        return config.inference_queue
+    return 2 if provider == "CUDAExecutionProvider" else 0
 
 
 def wall_ms() -> int:
@@ -143,6 +167,9 @@ class Worker:
         # Delivery results arrive on the producer's IO thread.
         self._acks: queue.SimpleQueue[_Ack] = queue.SimpleQueue()
         self._failures: queue.SimpleQueue[tuple[int, BaseException]] = queue.SimpleQueue()
+        # Sources whose work is done without an ack to wait for (exactly-once sends, the
+        # duplicates of a dead-lettered event), reported by the inference thread.
+        self._done_q: queue.SimpleQueue[tuple[int, tuple[SourceRef, ...]]] = queue.SimpleQueue()
         self._generation = 0  # bumped by every abort: late callbacks of aborted sends are ignored
         self._in_txn = False
         self._paused = False
@@ -160,6 +187,9 @@ class Worker:
                 "--max-pending-events the worker pauses and cannot resume"
             )
         self._input_names = frozenset(i.name for i in runner.manifest.inputs)
+        self.stage: BatchStage[Event] = BatchStage(
+            self._infer, inference_depth(config, runner.info.provider), name="mmstream-infer"
+        )
 
     # ------------------------------------------------------------------ loop
 
@@ -187,6 +217,7 @@ class Worker:
         except KafkaError as exc:
             raise BrokerError(f"Kafka failed: {exc!r}") from exc
         finally:
+            self.stage.close(timeout_s=self.config.shutdown_timeout_s)
             self.consumer.close(autocommit=False)
             self.producer.close(timeout=5)
         log.info("worker stopped: %s", self.stats)
@@ -204,9 +235,12 @@ class Worker:
 
     def _step(self) -> None:
         self.metrics.beat(time.time())
+        self.stage.check()
         room = self._backpressure()
         wait = self.batcher.wait_ms(self.clock())
         timeout = 100 if wait is None else min(wait, 100)
+        if timeout == 0 and not self.stage.has_room():
+            timeout = 2  # a batch waits for the inference thread: poll briefly, not spin
         polled = self.consumer.poll(
             timeout_ms=timeout, max_records=max(1, min(self.config.max_poll_records, room))
         )
@@ -218,8 +252,8 @@ class Worker:
             for rec in records:
                 self._consume(to_raw(rec))
         self._expire()
-        while self.batcher.ready(self.clock()):
-            self._infer(self.batcher.take())
+        while self.batcher.ready(self.clock()) and self.stage.has_room():
+            self._submit(self.batcher.take())
         self._settle()
         self._maybe_commit(force=False)
         self._update_gauges()
@@ -230,7 +264,9 @@ class Worker:
     def _drain(self) -> None:
         """Finish what was assembled: run pending batches, wait for acks, commit."""
         while len(self.batcher):
-            self._infer(self.batcher.take())
+            self._submit(self.batcher.take())
+        self.stage.wait_idle()
+        self.stage.check()
         if not self.eos:
             try:
                 self.producer.flush(timeout=self.config.shutdown_timeout_s)
@@ -313,7 +349,15 @@ class Worker:
             log.info("dropping incomplete %s", detail)
             self._mark_done(tuple(p.source for p in inc.all_parts))
 
+    def _submit(self, events: Sequence[Event]) -> None:
+        """Hand a batch to the inference thread (exactly-once: inside a transaction)."""
+        if self.eos and not self._in_txn:
+            self.producer.begin_transaction()
+            self._in_txn = True
+        self.stage.submit(events)
+
     def _infer(self, events: Sequence[Event]) -> None:
+        """Inference thread: run ORT on a batch and publish (or dead-letter) each event."""
         started = time.perf_counter()
         try:
             preds = self.runner.predict(events, self.clock)
@@ -377,7 +421,7 @@ class Worker:
         for part in event.parts.values():
             raw = part.raw or RawRecord(part.source, event.event_id.encode(), b"", ())
             self._dead_letter(raw, Reason.INFERENCE_ERROR, detail)
-        self._mark_done(event.duplicates)
+        self._done_q.put((self._generation, event.duplicates))
 
     def _send(
         self,
@@ -389,6 +433,8 @@ class Worker:
         sources: tuple[SourceRef, ...],
         last_part_ms: int | None,
     ) -> None:
+        # Exactly-once: the loop began the transaction before handing out work (_submit,
+        # _dead_letter from the loop), and commits it only once the inference thread is idle.
         if self.eos and not self._in_txn:
             self.producer.begin_transaction()
             self._in_txn = True
@@ -398,7 +444,7 @@ class Worker:
             raise BrokerError(f"cannot send to {topic}: {exc}") from exc
         if self.eos:
             # Committed atomically with the offsets, or aborted with them.
-            self._mark_done(sources)
+            self._done_q.put((self._generation, sources))
         ack = _Ack(kind, sources, last_part_ms, self._generation)
         future.add_callback(lambda _md: self._acks.put(ack))
         gen = self._generation
@@ -411,7 +457,11 @@ class Worker:
             self.tracker.done((s.topic, s.partition), s.offset)
 
     def _settle(self) -> None:
-        """Apply delivery results from the producer's thread."""
+        """Apply results from the producer's and the inference thread (loop thread only)."""
+        while not self._done_q.empty():
+            gen, sources = self._done_q.get()
+            if gen == self._generation:
+                self._mark_done(sources)
         while not self._failures.empty():
             gen, exc = self._failures.get()
             if gen != self._generation:
@@ -445,6 +495,11 @@ class Worker:
         if not force and now - self._last_commit_ms < self.config.commit_interval_ms:
             return
         self._last_commit_ms = now
+        if self.eos:
+            # Everything sent in this transaction must be known before its offsets are.
+            self.stage.wait_idle()
+            self.stage.check()
+            self._settle()
         positions = {
             tp: pm for tp, pm in self.tracker.committable().items() if tp in self.listener.assigned
         }
@@ -495,6 +550,7 @@ class Worker:
 
     def _abort_and_rewind(self) -> None:
         """Exactly-once: abort the open transaction and re-read from the committed positions."""
+        self.stage.wait_idle()  # its sends belong to the transaction being aborted
         self._generation += 1
         if self._in_txn:
             try:
@@ -546,7 +602,7 @@ class Worker:
     # ------------------------------------------------------------------ bounds, gauges
 
     def _pending_events(self) -> int:
-        return len(self.assembler) + len(self.batcher)
+        return len(self.assembler) + len(self.batcher) + self.stage.pending_items
 
     def _backpressure(self) -> int:
         """Pause fetching at the bounds, resume below them; return how many records may come."""
@@ -599,7 +655,12 @@ def run_worker(
         )
         server.start()
     try:
-        runner = ModelRunner.load(config.model, config.device, config.intra_op_threads)
+        runner = ModelRunner.load(
+            config.model,
+            config.device,
+            config.intra_op_threads,
+            max_batch_size=config.max_batch_size,
+        )
         worker = holder["worker"] = Worker(config, runner, metrics=metrics)
         if on_ready is not None:
             on_ready(worker)

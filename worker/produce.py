@@ -28,14 +28,13 @@ from worker.config import FrozenConfig
 from worker.errors import BrokerError, ConfigError
 from worker.kafka_io import make_producer
 from worker.manifest import Manifest, load_manifest
-from worker.preprocess import AudioSpec, ImageSpec, TextSpec, log_mel, prepare_image, tokenize
 from worker.records import (
     CONTENT_NPY,
     HEADER_CONTENT_TYPE,
     HEADER_EVENT_TIME,
     HEADER_MODALITY,
 )
-from worker.reference_data import SAMPLE_RATE, Sample, samples
+from worker.reference_data import SAMPLE_RATE, Sample, sample_tensors, samples
 
 log = logging.getLogger(__name__)
 
@@ -109,18 +108,10 @@ def encode_sample(
         ]
     if manifest is None:
         raise ConfigError("npy content needs a manifest")
-    out: list[Record] = []
-    for info in manifest.inputs:
-        spec = info.preprocessing
-        tensor: np.ndarray
-        if isinstance(spec, ImageSpec):
-            tensor = prepare_image(Image.fromarray(sample.image), spec)
-        elif isinstance(spec, TextSpec):
-            tensor = tokenize(sample.text, spec)
-        elif isinstance(spec, AudioSpec):
-            tensor = log_mel(sample.audio, spec)
-        out.append((event_id, info.name, npy_bytes(tensor.astype(info.dtype)), CONTENT_NPY))
-    return out
+    return [
+        (event_id, name, npy_bytes(tensor), CONTENT_NPY)
+        for name, tensor in sample_tensors(sample, manifest).items()
+    ]
 
 
 def interleave(
@@ -149,6 +140,13 @@ def produce(config: ProduceConfig) -> dict[str, int]:
                 f.write(json.dumps({"event_id": i, "label": str(s.label)}) + "\n")
     producer = make_producer(config.bootstrap_servers, config.client_id)
     parts_per_event = len(encoded[0])
+    log.info(
+        "producing %d events (%d parts each) to %s at %s",
+        config.count,
+        parts_per_event,
+        config.topic,
+        f"{config.rate:g} events/s" if config.rate > 0 else "full speed",
+    )
     interval = 1.0 / (config.rate * parts_per_event) if config.rate > 0 else 0.0
     start = time.monotonic()
     sent = 0

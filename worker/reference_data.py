@@ -17,9 +17,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+from worker.errors import ModelError
+from worker.manifest import Manifest
+from worker.preprocess import AudioSpec, ImageSpec, TextSpec, log_mel, prepare_image, tokenize
 
 LABELS: tuple[str, ...] = tuple(str(d) for d in range(10))
 MODALITIES: tuple[str, ...] = ("image", "text", "audio")
@@ -201,4 +206,25 @@ def samples(
         if "audio" in bad:
             audio = _corrupt_audio(rng, len(audio))
         out.append(Sample(image=image, text=text, audio=audio, label=label, corrupted=bad))
+    return out
+
+
+def sample_tensors(sample: Sample, manifest: Manifest) -> dict[str, NDArray[Any]]:
+    """One sample as the model's input tensors (input name -> array of the input's dtype),
+    through the one preprocessing (the producer's npy parts, the raw-ORT benchmarks)."""
+    from PIL import Image
+
+    out: dict[str, NDArray[Any]] = {}
+    for info in manifest.inputs:
+        spec = info.preprocessing
+        tensor: NDArray[Any]
+        if isinstance(spec, ImageSpec):
+            tensor = prepare_image(Image.fromarray(sample.image), spec)
+        elif isinstance(spec, TextSpec):
+            tensor = tokenize(sample.text, spec)
+        elif isinstance(spec, AudioSpec):
+            tensor = log_mel(sample.audio, spec)
+        else:
+            raise ModelError(f"input {info.name}: no preprocessing for {type(spec).__name__}")
+        out[info.name] = tensor.astype(info.dtype, copy=False)
     return out

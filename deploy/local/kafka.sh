@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Single-node Apache Kafka (KRaft, broker+controller in one JVM) run from Maven jars: no Docker.
 #
-#   kafka.sh start  [--port P] [--controller-port C] [--data-dir D]
+#   kafka.sh start  [--port P] [--controller-port C] [--data-dir D] [--initial-rebalance-delay-ms M]
 #   kafka.sh stop   [--data-dir D]
 #   kafka.sh status [--data-dir D]     exit 0 when running, 3 when not
 #   kafka.sh jars                      fetch the jars (once) and print their folder
 #
 # Defaults: --port 9092, --controller-port 9093 (or the ports of the last start from D),
-# --data-dir <repo>/.cache/kafka. Listens on 127.0.0.1 only.
+# --data-dir <repo>/.cache/kafka, --initial-rebalance-delay-ms 3000 (Kafka's default; tests use 0).
+# Listens on 127.0.0.1 only.
 # Jars: ${MMSTREAM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/mmstream}/kafka-jars-<version>,
 # fetched with Maven from deploy/local/pom.xml when absent. Needs java (17+) and, the first
 # time, mvn. Heap: KAFKA_HEAP_OPTS (default "-Xmx512m -Xms256m").
@@ -28,7 +29,7 @@ die() {
 }
 
 usage() {
-    sed -n '3,7p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '3,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -105,7 +106,7 @@ print_logs() {
 }
 
 parse_args() { # sets PORT, CONTROLLER_PORT, DATA_DIR, PORT_SET, CONTROLLER_PORT_SET
-    PORT=9092 CONTROLLER_PORT=9093 PORT_SET= CONTROLLER_PORT_SET=
+    PORT=9092 CONTROLLER_PORT=9093 PORT_SET= CONTROLLER_PORT_SET= REBALANCE_DELAY_MS=3000
     DATA_DIR=$REPO_ROOT/.cache/kafka
     while (($#)); do
         case $1 in
@@ -115,11 +116,14 @@ parse_args() { # sets PORT, CONTROLLER_PORT, DATA_DIR, PORT_SET, CONTROLLER_PORT
         --controller-port=*) CONTROLLER_PORT=${1#*=} CONTROLLER_PORT_SET=1 && shift ;;
         --data-dir) DATA_DIR=${2:?--data-dir needs a value} && shift 2 ;;
         --data-dir=*) DATA_DIR=${1#*=} && shift ;;
+        --initial-rebalance-delay-ms) REBALANCE_DELAY_MS=${2:?--initial-rebalance-delay-ms needs a value} && shift 2 ;;
+        --initial-rebalance-delay-ms=*) REBALANCE_DELAY_MS=${1#*=} && shift ;;
         -h | --help) usage ;;
         *) die "unknown argument: $1 (try --help)" ;;
         esac
     done
     [[ $PORT =~ ^[0-9]+$ && $CONTROLLER_PORT =~ ^[0-9]+$ ]] || die "ports must be numbers"
+    [[ $REBALANCE_DELAY_MS =~ ^[0-9]+$ ]] || die "--initial-rebalance-delay-ms must be a number"
     [[ $PORT != "$CONTROLLER_PORT" ]] || die "--port and --controller-port must differ"
     [[ $CMD != start ]] || mkdir -p "$DATA_DIR"
     if [[ -d $DATA_DIR ]]; then
@@ -158,7 +162,7 @@ transaction.state.log.min.isr=1
 transaction.state.log.num.partitions=1
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
-group.initial.rebalance.delay.ms=0
+group.initial.rebalance.delay.ms=$REBALANCE_DELAY_MS
 log.cleaner.dedupe.buffer.size=33554432
 EOF
     cat >"$DATA_DIR/log4j2.properties" <<EOF
