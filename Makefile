@@ -4,17 +4,22 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-MODEL_KERAS := .cache/reference-model/model.keras
-MODEL_ONNX := .cache/reference-onnx
 IMAGE_SIZE ?= 64
+# 64 (the default) in .cache/reference-{model,onnx}; other sizes beside it, e.g. -256.
+MODEL_SUFFIX := $(if $(filter 64,$(IMAGE_SIZE)),,-$(IMAGE_SIZE))
+MODEL_KERAS := .cache/reference-model$(MODEL_SUFFIX)/model.keras
+MODEL_ONNX := .cache/reference-onnx$(MODEL_SUFFIX)
+# make bench: two worker processes (one per core here) over four partitions.
+BENCH_ARGS ?= --processes 2 --partitions 4
 
 .PHONY: help install lint test test-fast demo bench model kafka kafka-stop clean
 help:
 	@echo "make demo        train+export the reference model (cached), start Kafka, run the demo"
 	@echo "make test        lint, type-check and run the full test suite (real Kafka broker)"
 	@echo "make kafka       start the local broker on 127.0.0.1:9092; make kafka-stop stops it"
-	@echo "make model       train and export the reference model only"
+	@echo "make model       train and export the reference model only (IMAGE_SIZE=256 for the big one)"
 	@echo "make bench       benchmark raw ORT, raw consume and the worker (writes .cache/bench)"
+	@echo "                 e.g. make bench IMAGE_SIZE=256 BENCH_ARGS='--content raw --events 1500'"
 
 install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
@@ -46,7 +51,7 @@ demo: model kafka
 	$(BIN)/mmstream demo --model $(MODEL_ONNX) --bootstrap-servers 127.0.0.1:$(KAFKA_PORT)
 
 bench: model kafka
-	$(BIN)/mmstream bench --model $(MODEL_ONNX) --bootstrap-servers 127.0.0.1:$(KAFKA_PORT)
+	$(BIN)/mmstream bench --model $(MODEL_ONNX) --bootstrap-servers 127.0.0.1:$(KAFKA_PORT) $(BENCH_ARGS)
 
 clean:
 	rm -rf .cache/reference-model .cache/reference-onnx .pytest_cache .mypy_cache .ruff_cache

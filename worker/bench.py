@@ -65,6 +65,8 @@ from worker.rawort import bench_ort
 
 log = logging.getLogger(__name__)
 
+LOG_APPEND_TIME = {"message.timestamp.type": "LogAppendTime"}
+
 
 @dataclass(frozen=True)
 class BenchConfig(FrozenConfig):
@@ -356,6 +358,22 @@ def _latencies(preds: list[tuple[dict[str, Any], int]]) -> list[float]:
     return list(seen.values())
 
 
+def _latency_stages(preds: list[tuple[dict[str, Any], int]]) -> dict[str, dict[str, float]]:
+    """Where each event's latency went, from the prediction's own timing (p50/p95/p99 ms):
+    last part in Kafka -> event assembled in the worker (fetch, decode, assembly);
+    assembled -> batch inferred (batch delay, queue, ORT); inferred -> prediction in Kafka
+    (JSON, send, linger). Worker-clock and broker-clock stamps: one machine here."""
+    first: dict[str, tuple[dict[str, Any], int]] = {}
+    for value, ts in preds:
+        first.setdefault(value["event_id"], (value, ts))
+    rows = [(v["timing"], ts) for v, ts in first.values()]
+    return {
+        "to_assembled": percentiles([t["completed_ms"] - t["last_part_ms"] for t, _ in rows]),
+        "to_inferred": percentiles([t["inferred_ms"] - t["completed_ms"] for t, _ in rows]),
+        "to_written": percentiles([ts - t["inferred_ms"] for t, ts in rows]),
+    }
+
+
 def _stats_summary(stats: WorkerStats, n: int) -> dict[str, Any]:
     span_ms = max(1, (stats.last_acked_ms or 0) - (stats.first_consumed_ms or 0))
     return {
@@ -541,7 +559,8 @@ def bench_end_to_end(
     lat = _latencies(preds)
     result["latency_ms"] = percentiles(lat)
     result["latency_note"] = (
-        "prediction record timestamp - newest part's record timestamp; every part was "
+        "prediction record timestamp - newest part's record timestamp (both broker "
+        "append times: the topics use LogAppendTime); every part was "
         "written before the worker started, so this is mostly time spent queued"
     )
     result["rss_mb"] = rss
@@ -603,8 +622,10 @@ def bench_open_loop(
     result["produced_rate"] = n / max(1e-3, produced["ms"] / 1000.0)
     lat = _latencies(preds)
     result["latency_ms"] = percentiles(lat)
+    result["latency_stages_ms"] = _latency_stages(preds)
     result["latency_note"] = (
-        "prediction record timestamp - newest part's record timestamp, parts produced "
+        "prediction record timestamp - newest part's record timestamp (both broker "
+        "append times: the topics use LogAppendTime), parts produced "
         "at target_rate by a separate process while the worker ran"
     )
     result["_latencies"] = lat
@@ -635,7 +656,10 @@ def _delete_topics(bootstrap_servers: str, topics: list[str]) -> None:
 
 @contextlib.contextmanager
 def _topics(config: BenchConfig, names: dict[str, int]) -> Iterator[None]:
-    ensure_topics(config.bootstrap_servers, names)
+    # Record timestamps are the broker's append times: a part's and its prediction's
+    # timestamps then come from one clock, and the latency is the pipeline's (Kafka ->
+    # worker -> Kafka), not the producer's own queueing before the broker had the part.
+    ensure_topics(config.bootstrap_servers, names, configs=LOG_APPEND_TIME)
     try:
         yield
     finally:
@@ -789,6 +813,7 @@ def format_markdown(r: dict[str, Any]) -> str:
              ol["predicted"], f"{ol['events_per_s']:.0f}",
              f"{ol['batches']} ({ol['mean_batch_size']:.1f})", *_lat_cells(ol)),
         "",
+        *_stage_lines(ol),
         _rss_line(e2e["rss_mb"]),
         "",
         "### Ratios",
@@ -801,6 +826,29 @@ def format_markdown(r: dict[str, Any]) -> str:
         "",
     ]  # fmt: skip
     return "\n".join(lines)
+
+
+def _stage_lines(run: dict[str, Any]) -> list[str]:
+    stages = run.get("latency_stages_ms")
+    if not stages:
+        return []
+    names = {
+        "to_assembled": "last part in Kafka -> event assembled (fetch, decode, assembly)",
+        "to_inferred": "assembled -> batch inferred (batch delay, queue, ORT)",
+        "to_written": "inferred -> prediction in Kafka (JSON, send)",
+    }
+    return [
+        "Open-loop latency by stage (from each prediction's `timing`):",
+        "",
+        _row("stage", "p50 ms", "p95 ms", "p99 ms"),
+        _row("---", "---:", "---:", "---:"),
+        *(
+            _row(label, *(f"{stages[k][q]:.0f}" for q in ("p50", "p95", "p99")))
+            for k, label in names.items()
+            if k in stages
+        ),
+        "",
+    ]
 
 
 def _rss_line(rss: dict[str, Any]) -> str:

@@ -132,8 +132,14 @@ def committed(consumer: KafkaConsumer, tp: tuple[str, int]) -> tuple[int | None,
     return found.offset, found.metadata or ""
 
 
-def ensure_topics(bootstrap_servers: str, topics: dict[str, int], timeout_s: float = 30) -> None:
-    """Create the topics that do not exist yet (name -> partitions, replication 1).
+def ensure_topics(
+    bootstrap_servers: str,
+    topics: dict[str, int],
+    timeout_s: float = 30,
+    configs: dict[str, str] | None = None,
+) -> None:
+    """Create the topics that do not exist yet (name -> partitions, replication 1;
+    ``configs``: topic configs of the new topics, e.g. ``message.timestamp.type``).
 
     Returns once every partition of every topic has a leader, so a consumer group
     joining right after sees all partitions.
@@ -147,7 +153,11 @@ def ensure_topics(bootstrap_servers: str, topics: dict[str, int], timeout_s: flo
         raise BrokerError(f"cannot reach Kafka at {bootstrap_servers}: {exc}") from exc
     try:
         existing = set(admin.list_topics())
-        new = [NewTopic(n, p, 1) for n, p in topics.items() if n not in existing]
+        new = [
+            NewTopic(n, p, 1, topic_configs=dict(configs or {}))
+            for n, p in topics.items()
+            if n not in existing
+        ]
         if new:
             with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics(new)
