@@ -232,13 +232,35 @@ def _add_produce_args(p: argparse.ArgumentParser) -> None:
         help="probability that each modality of an event is replaced by noise",
     )
     p.add_argument(
+        "--missing-fraction",
+        type=float,
+        default=0.0,
+        help="share of events (0..1) that never send one of their parts; the events and the "
+        "part are chosen by --seed (the worker sees them incomplete)",
+    )
+    p.add_argument(
+        "--poison-fraction",
+        type=float,
+        default=0.0,
+        help="share of events (0..1; not the missing ones: the two fractions add up to <= 1) "
+        "that send one bad record in place of a good part, cycling over: no key "
+        "(missing_key), unknown mm-modality (unknown_modality), unsupported content-type "
+        "(unsupported_content_type), undecodable bytes (decode_error), wrong npy shape "
+        "(shape_mismatch); the bad record is dead-lettered with that reason and the event "
+        "also ends incomplete",
+    )
+    p.add_argument(
         "--shuffle-window",
         type=int,
         default=16,
         help="parts are shuffled within windows of this many events",
     )
     p.add_argument(
-        "--labels-out", type=Path, default=None, help="write {event_id, label} JSON lines here"
+        "--labels-out",
+        type=Path,
+        default=None,
+        help="write one JSON line per event here: event_id, label, and what was done to it "
+        '("missing": PART or "poison": REASON, "poison_part": PART)',
     )
     p.add_argument("--key-prefix", default="", help="event id prefix (default ev-<seed>-)")
     p.add_argument("--client-id", default="mmstream-produce", help="Kafka client id")
@@ -328,14 +350,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         from worker.processes import run_processes
 
         return run_processes(config)
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %d: stopping (draining in-flight work)", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = _stop_on_signals("stopping (draining in-flight work)")
     stats = run_worker(config, stop)
     print(
         json.dumps(
@@ -387,12 +402,133 @@ def _export_handler(name: str) -> Handler:
     return handler
 
 
+def _add_replay_args(p: argparse.ArgumentParser) -> None:
+    from worker.archive import RangeListAction
+
+    p.add_argument("--bootstrap-servers", required=True, help="Kafka bootstrap servers")
+    p.add_argument("--source-topic", default="", help="topic of the parts to re-score")
+    p.add_argument("--model", type=Path, default=None, help="model directory to score with")
+    p.add_argument(
+        "--from",
+        dest="from",
+        default="",
+        metavar="TIME",
+        help="start of the window, ISO-8601 (e.g. 2026-11-28T00:00:00Z; no zone = UTC); "
+        "events whose newest part is at or after it",
+    )
+    p.add_argument(
+        "--to", dest="to", default="", metavar="TIME", help="end of the window, ISO-8601, exclusive"
+    )
+    p.add_argument(
+        "--range",
+        dest="range",
+        action=RangeListAction,
+        default=None,
+        metavar="PARTITION:START-END",
+        help="explicit offsets instead of times, repeatable or comma-separated (END "
+        "exclusive; either may be empty, e.g. 0:100-,1:-500)",
+    )
+    p.add_argument(
+        "--output-topic", default="", help="where predictions go (default: <source>.backfill)"
+    )
+    p.add_argument("--dlq-topic", default="", help="dead letters (default: <output-topic>.dlq)")
+    p.add_argument(
+        "--backfill-id",
+        default="",
+        help="checkpoint name (group mmstream-backfill-<id>); default: derived from the "
+        "source, range, output and model, so re-running the same command resumes",
+    )
+    p.add_argument("--restart", action="store_true", help="ignore the checkpoint and start over")
+    p.add_argument(
+        "--rate", type=float, default=0.0, help="at most this many events/s (0 = no limit)"
+    )
+    p.add_argument(
+        "--edge-margin-ms",
+        type=int,
+        default=60_000,
+        help="read this much beyond both window edges, so events straddling an edge are whole",
+    )
+    p.add_argument(
+        "--on-incomplete",
+        choices=("dlq", "drop", "infer"),
+        default="dlq",
+        help="events of the window still missing parts at the range's end",
+    )
+    p.add_argument(
+        "--guarantee",
+        choices=("at-least-once", "exactly-once"),
+        default="at-least-once",
+        help="exactly-once: outputs and checkpoints in transactions (no repeats after a crash)",
+    )
+    p.add_argument("--max-batch-size", type=int, default=32, help="events per inference batch")
+    p.add_argument("--max-batch-delay-ms", type=int, default=10, help="partial batch delay")
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime device"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the ranges (per partition: offsets, records, checkpoint); change nothing",
+    )
+    p.add_argument(
+        "--progress",
+        choices=("auto", "bar", "log", "none"),
+        default="auto",
+        help="a progress bar on a terminal, else a log line every 10 s",
+    )
+    p.add_argument(
+        "--source-file",
+        type=Path,
+        default=None,
+        help="an archive (mmstream archive, JSON Lines) to re-produce to --to-topic",
+    )
+    p.add_argument("--to-topic", default="", help="with --source-file: the topic to restore to")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines")
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from worker.replay import ReplayConfig, run_replay
+
+    settings = _settings(args)
+    settings["from_time"] = settings.pop("from") or ""
+    settings["to_time"] = settings.pop("to") or ""
+    ranges = settings.pop("range") or []
+    settings["range"] = ",".join(ranges) if isinstance(ranges, list) else str(ranges)
+    config = ReplayConfig.from_mapping(settings)
+    configure_logging(config.log_level, config.log_format)
+    stop = _stop_on_signals("stopping the replay at a checkpoint")
+    summary = run_replay(config, stop)
+    print(json.dumps(summary, sort_keys=True))
+    if stop.is_set():
+        print(
+            "mmstream: replay stopped before the end; run the same command to continue",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _stop_on_signals(what: str) -> threading.Event:
+    """An event SIGTERM and SIGINT set (logged with ``what``): the loop drains and stops."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: %s", signum, what)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
 def _settings(args: argparse.Namespace) -> dict[str, object]:
     return {k: v for k, v in vars(args).items() if k not in ("command", "handler")}
 
 
 def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
     from export.commands import add_export_args, add_train_reference_args
+    from worker.archive import add_archive_args, cmd_archive
 
     environ = env_snapshot() if environ is None else environ
     parser = _Parser(
@@ -417,6 +553,19 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
         ),
         ("worker", "run the streaming worker", _add_worker_args, _cmd_worker),
         ("produce", "produce reference events to the input topic", _add_produce_args, _cmd_produce),
+        (
+            "archive",
+            "write a topic's time or offset range to a JSON Lines archive (restore: replay "
+            "--source-file)",
+            add_archive_args,
+            cmd_archive,
+        ),
+        (
+            "replay",
+            "re-score a topic's time or offset range (backfill), resumable; or restore an archive",
+            _add_replay_args,
+            _cmd_replay,
+        ),
         ("demo", "produce events, run the worker, print a summary", _add_demo_args, _cmd_demo),
         (
             "bench",

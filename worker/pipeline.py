@@ -198,8 +198,7 @@ class Worker:
         try:
             if self.eos:
                 self.producer.init_transactions()
-            self.consumer.subscribe([c.input_topic], listener=self.listener)
-            self._await_topic_metadata()
+            self._join()
             log.info(
                 "worker: %s -> %s (dlq %s), group %s, %s, model %s %s on %s",
                 c.input_topic,
@@ -223,6 +222,40 @@ class Worker:
         log.info("worker stopped: %s", self.stats)
         return self.stats
 
+    # ------------------------------------------------------------------ hooks
+    # The live worker's choices; mmstream replay (worker/replay.py) overrides them.
+
+    def _join(self) -> None:
+        """Start consuming: join the group on the input topic."""
+        self.consumer.subscribe([self.config.input_topic], listener=self.listener)
+        self._await_topic_metadata()
+
+    def _owned(self) -> set[tuple[str, int]]:
+        """Partitions whose offsets this worker may commit."""
+        return self.listener.assigned
+
+    def _admit(self, raw: RawRecord) -> bool:
+        """Whether a polled record is input at all (replay: inside its offset range)."""
+        return True
+
+    def _accept(self, event: Event) -> bool:
+        """Whether a complete event is predicted (replay: its time window); an event
+        not accepted is finished as it is, without output."""
+        return True
+
+    def _can_submit(self, events: int) -> bool:
+        """Whether a batch of ``events`` may go to inference now (replay: ``--rate``)."""
+        return self.stage.has_room()
+
+    def _after_poll(self) -> None:
+        """Called once per loop turn after the polled records are consumed."""
+
+    def _seed(self, tp: tuple[str, int]) -> tuple[int | None, str]:
+        """The committed position and metadata a partition's offset tracking starts from."""
+        return committed(self.consumer, tp)
+
+    # ------------------------------------------------------------------ loop turns
+
     def _await_topic_metadata(self, timeout_s: float = 30.0) -> None:
         """Know the input topic's partitions before joining: a group leader without them
         assigns nothing and, in kafka-python, may not rejoin until the next metadata refresh."""
@@ -239,8 +272,8 @@ class Worker:
         room = self._backpressure()
         wait = self.batcher.wait_ms(self.clock())
         timeout = 100 if wait is None else min(wait, 100)
-        if timeout == 0 and not self.stage.has_room():
-            timeout = 2  # a batch waits for the inference thread: poll briefly, not spin
+        if timeout == 0 and not self._can_submit(min(len(self.batcher), self.batcher.max_size)):
+            timeout = 2  # a batch waits (inference thread, --rate): poll briefly, not spin
         polled = self.consumer.poll(
             timeout_ms=timeout, max_records=max(1, min(self.config.max_poll_records, room))
         )
@@ -250,9 +283,14 @@ class Worker:
             self.ready.set()
         for records in polled.values():
             for rec in records:
-                self._consume(to_raw(rec))
+                raw = to_raw(rec)
+                if self._admit(raw):
+                    self._consume(raw)
+        self._after_poll()
         self._expire()
-        while self.batcher.ready(self.clock()) and self.stage.has_room():
+        while self.batcher.ready(self.clock()) and self._can_submit(
+            min(len(self.batcher), self.batcher.max_size)
+        ):
             self._submit(self.batcher.take())
         self._settle()
         self._maybe_commit(force=False)
@@ -286,7 +324,7 @@ class Worker:
         if self.stats.first_consumed_ms is None:
             self.stats.first_consumed_ms = now
         if not self.tracker.known(tp):
-            self.tracker.seed(tp, *committed(self.consumer, tp))
+            self.tracker.seed(tp, *self._seed(tp))
         self.tracker.track(tp, src.offset)
         # Label only with the model's input names: header values are producer-controlled,
         # and a label per arbitrary value would grow the metric series without bound.
@@ -312,7 +350,10 @@ class Worker:
             self.stats.duplicate_parts = self.assembler.duplicate_parts
         if event is not None:
             self.metrics.events_completed.inc()
-            self.batcher.add(event, now)
+            if self._accept(event):
+                self.batcher.add(event, now)
+            else:
+                self._mark_done(event.sources)
 
     def _expire(self) -> None:
         timeout = self.config.assembly_timeout_ms
@@ -340,7 +381,10 @@ class Worker:
                 duplicates=tuple(p.source for p in inc.duplicates),
                 missing=inc.missing,
             )
-            self.batcher.add(event, now)
+            if self._accept(event):
+                self.batcher.add(event, now)
+            else:
+                self._mark_done(event.sources)
         elif action == "dlq":
             for part in inc.all_parts:
                 raw = part.raw or RawRecord(part.source, inc.event_id.encode(), b"", ())
@@ -500,9 +544,7 @@ class Worker:
             self.stage.wait_idle()
             self.stage.check()
             self._settle()
-        positions = {
-            tp: pm for tp, pm in self.tracker.committable().items() if tp in self.listener.assigned
-        }
+        positions = {tp: pm for tp, pm in self.tracker.committable().items() if tp in self._owned()}
         if self.eos:
             self._commit_transaction(positions)
             return
@@ -630,7 +672,7 @@ class Worker:
         m.pending_events.set(self._pending_events())
         m.pending_bytes.set(self.assembler.pending_bytes)
         m.paused_partitions.set(len(self.consumer.paused()))
-        m.assigned_partitions.set(len(self.listener.assigned))
+        m.assigned_partitions.set(len(self._owned()))
         m.uncommitted_records.set(self.tracker.uncommitted())
 
 

@@ -1,0 +1,250 @@
+"""``mmstream produce`` as a fault generator: missing parts, poison records, the labels file.
+
+The poison records are checked against the worker's own decode stage (each
+must be refused with the reason code the labels file promises); the same
+settings must give the same records; and one run against the real broker
+must put on the topic exactly what the labels file and the summary say.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer
+
+from worker.cli import build_parser
+from worker.decode import Limits, decode_record
+from worker.errors import ConfigError, Reason, RecordError
+from worker.kafka_io import to_raw
+from worker.manifest import Manifest, load_manifest
+from worker.produce import (
+    POISON_KINDS,
+    OutRecord,
+    ProduceConfig,
+    ProducePlan,
+    build_plan,
+    produce,
+)
+from worker.records import RawRecord, SourceRef
+
+from factories import small_manifest
+
+LIMITS = Limits()
+MODALITIES = {"image", "text", "audio"}
+
+
+def config(**kw: object) -> ProduceConfig:
+    values: dict[str, object] = {"bootstrap_servers": "unused:9092", "topic": "t", **kw}
+    return ProduceConfig.from_mapping(values)
+
+
+def as_raw(rec: OutRecord, offset: int = 0) -> RawRecord:
+    return RawRecord(SourceRef("t", 0, offset, 0), rec.key, rec.value, tuple(rec.headers()))
+
+
+def by_event(plan: ProducePlan) -> dict[str, list[OutRecord]]:
+    out: dict[str, list[OutRecord]] = defaultdict(list)
+    for rec in plan.records:
+        out[rec.event_id].append(rec)
+    return out
+
+
+def assert_poison_refused_with_its_reason(plan: ProducePlan, manifest: Manifest) -> None:
+    """Each poisoned event: its bad record fails decoding with the promised reason, its
+    other parts decode, and together they cover every input but ``poison_part``."""
+    inputs = {i.name for i in manifest.inputs}
+    records = by_event(plan)
+    seen: set[Reason] = set()
+    for event in plan.events:
+        assert event.poison is not None and event.poison_part in inputs, event
+        recs = records[event.event_id]
+        assert len(recs) == plan.parts_per_event == len(inputs)
+        bad = [r for r in recs if r.poison is not None]
+        assert len(bad) == 1 and bad[0].poison == event.poison
+        if event.poison == Reason.MISSING_KEY:
+            assert not bad[0].key
+        with pytest.raises(RecordError) as info:
+            decode_record(as_raw(bad[0]), manifest, LIMITS)
+        assert info.value.reason == event.poison, info.value
+        good = {decode_record(as_raw(r), manifest, LIMITS).input_name for r in recs if r not in bad}
+        assert good == inputs - {event.poison_part}
+        seen.add(event.poison)
+    assert seen == set(POISON_KINDS)
+
+
+@pytest.fixture
+def small_model_dir(tmp_path: Path) -> Path:
+    """A model directory holding only the manifest of the reference family (16x16 images)."""
+    small_manifest(16).write(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("content", ["raw", "npy"])
+def test_poison_records_are_refused_with_their_reason(content: str, small_model_dir: Path) -> None:
+    plan = build_plan(config(count=10, content=content, model=small_model_dir, poison_fraction=1))
+    assert_poison_refused_with_its_reason(plan, load_manifest(small_model_dir, verify=False))
+
+
+def test_poison_without_a_model_is_refused_by_any_reference_model() -> None:
+    # No --model: the shape_mismatch poison is an empty array, which fits no input.
+    plan = build_plan(config(count=10, poison_fraction=1))
+    assert_poison_refused_with_its_reason(plan, small_manifest(16))
+    assert_poison_refused_with_its_reason(plan, small_manifest(64))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("content", ["raw", "npy"])
+def test_poison_records_are_refused_by_the_exported_models_manifest(
+    content: str, tiny_model_dir: Path
+) -> None:
+    plan = build_plan(config(count=10, content=content, model=tiny_model_dir, poison_fraction=1))
+    assert_poison_refused_with_its_reason(plan, load_manifest(tiny_model_dir))
+
+
+def test_same_seed_same_records_and_faults_leave_the_rest_alone() -> None:
+    cfg = config(count=50, seed=5, missing_fraction=0.2, poison_fraction=0.2, shuffle_window=8)
+    plan = build_plan(cfg)
+    assert build_plan(cfg) == plan
+    assert build_plan(replace(cfg, seed=6)).records != plan.records
+
+    counts = plan.counts()
+    assert counts["missing"] == 10 and counts["clean"] == 30
+    assert counts["poison"] == {str(k): 2 for k in POISON_KINDS}
+    assert counts["parts"] == 3 * 50 - 10
+    poisoned = [e.poison for e in plan.events if e.poison is not None]
+    assert poisoned == [*POISON_KINDS, *POISON_KINDS]  # cycling, in event-id order
+    assert not any(e.missing and e.poison for e in plan.events)
+
+    records = by_event(plan)
+    for e in plan.events:
+        if e.missing is not None:
+            assert {r.modality for r in records[e.event_id]} == MODALITIES - {e.missing}
+    # Without faults: the same events with the same labels and, where untouched, the same bytes.
+    clean = build_plan(replace(cfg, missing_fraction=0.0, poison_fraction=0.0))
+    assert [(e.event_id, e.label) for e in clean.events] == [
+        (e.event_id, e.label) for e in plan.events
+    ]
+    clean_records = by_event(clean)
+    for e in plan.events:
+        if e.clean:
+            assert sorted(records[e.event_id], key=lambda r: r.modality) == sorted(
+                clean_records[e.event_id], key=lambda r: r.modality
+            )
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"missing_fraction": 1.5},
+        {"poison_fraction": -0.1},
+        {"missing_fraction": float("nan")},
+        {"missing_fraction": 0.6, "poison_fraction": 0.5},
+    ],
+)
+def test_fractions_out_of_range_are_config_errors(bad: dict[str, object]) -> None:
+    with pytest.raises(ConfigError, match="fraction"):
+        config(**bad)
+
+
+def test_fraction_flags_read_their_env_vars() -> None:
+    env = {"MMSTREAM_MISSING_FRACTION": "0.25", "MMSTREAM_POISON_FRACTION": "0.5"}
+    parser = build_parser(env)
+    args = parser.parse_args(["produce", "--bootstrap-servers", "b", "--topic", "t"])
+    assert args.missing_fraction == 0.25 and args.poison_fraction == 0.5
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    produce_parser = sub.choices["produce"]
+    helps = {a.dest: a.help or "" for a in produce_parser._actions}
+    assert "[env: MMSTREAM_MISSING_FRACTION]" in helps["missing_fraction"]
+    assert "[env: MMSTREAM_POISON_FRACTION]" in helps["poison_fraction"]
+
+
+def read_all(bootstrap: str, topic: str, n: int, timeout_s: float = 20) -> list[RawRecord]:
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    out: list[RawRecord] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(out) < n and time.monotonic() < deadline:
+            for recs in consumer.poll(timeout_ms=300).values():
+                out.extend(to_raw(r) for r in recs)
+    finally:
+        consumer.close()
+    return out
+
+
+@pytest.mark.integration
+def test_produced_topic_matches_labels_file_and_summary(
+    kafka_bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    topic = topic_factory(3)
+    labels_path = tmp_path / "labels.jsonl"
+    rate = 600.0
+    summary = produce(
+        ProduceConfig(
+            bootstrap_servers=kafka_bootstrap,
+            topic=topic,
+            count=60,
+            rate=rate,
+            seed=4,
+            missing_fraction=0.2,
+            poison_fraction=0.1,
+            labels_out=labels_path,
+        )
+    )
+    labels = [json.loads(line) for line in labels_path.read_text().splitlines()]
+    assert len(labels) == 60 and len({d["event_id"] for d in labels}) == 60
+    missing = [d for d in labels if "missing" in d]
+    poisoned = Counter(d["poison"] for d in labels if "poison" in d)
+    assert len(missing) == 12 and sum(poisoned.values()) == 6
+    assert summary["events"] == 60 and summary["missing"] == 12 and summary["clean"] == 42
+    assert summary["poison"] == {str(k): poisoned[str(k)] for k in POISON_KINDS}
+    assert set(poisoned) == {str(k) for k in POISON_KINDS}
+    assert summary["parts"] == 3 * 60 - 12
+    assert 0 < summary["events_per_s"] <= 1.1 * rate
+
+    on_topic = read_all(kafka_bootstrap, topic, summary["parts"])
+    assert len(on_topic) == summary["parts"]
+    keyed: dict[str, list[RawRecord]] = defaultdict(list)
+    keyless = []
+    for rec in on_topic:
+        if rec.key:
+            keyed[rec.key.decode()].append(rec)
+        else:
+            keyless.append(rec)
+    assert len(keyless) == poisoned[Reason.MISSING_KEY]
+    assert set(keyed) == {d["event_id"] for d in labels}
+
+    manifest = small_manifest(16)
+    for d in labels:
+        recs = keyed[d["event_id"]]
+        good: set[str] = set()
+        refused: list[Reason] = []
+        for rec in recs:
+            try:
+                good.add(decode_record(rec, manifest, LIMITS).input_name)
+            except RecordError as exc:
+                refused.append(exc.reason)
+        if "missing" in d:
+            assert len(recs) == 2 and not refused and good == MODALITIES - {d["missing"]}
+        elif "poison" in d:
+            assert good == MODALITIES - {d["poison_part"]}
+            expected = [] if d["poison"] == Reason.MISSING_KEY else [Reason(d["poison"])]
+            assert refused == expected and len(recs) == 2 + len(expected)
+        else:
+            assert len(recs) == 3 and not refused and good == MODALITIES
+    for rec in keyless:
+        with pytest.raises(RecordError) as info:
+            decode_record(rec, manifest, LIMITS)
+        assert info.value.reason == Reason.MISSING_KEY

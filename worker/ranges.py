@@ -1,0 +1,152 @@
+"""What to read for a backfill or an archive: per partition, an offset range.
+
+A range is given either as a time window (``--from`` / ``--to``, ISO-8601,
+resolved per partition with Kafka's offsets-for-times: the first offset whose
+timestamp is at or after the time) or as explicit ``partition:start-end``
+offsets (end exclusive; either side may be left out: ``0:100-``, ``1:-500``).
+Ranges are clamped to what the log still holds (retention may have deleted
+the start); :class:`PartitionRange` says both what was asked and what is read.
+
+The time window can be widened by a margin on both sides for reading, so that
+an event whose parts straddle an edge is read whole; which events *belong* to
+the window is the caller's rule (replay: the event's newest part must fall in
+``[from, to)``, so consecutive windows predict every event exactly once).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kafka import TopicPartition
+
+from worker.errors import ConfigError
+
+_RANGE = re.compile(r"^(\d+):(\d*)-(\d*)$")
+
+
+@dataclass(frozen=True)
+class PartitionRange:
+    """One partition's part of a read.
+
+    Attributes:
+        partition: the partition number.
+        start: first offset to read (inclusive).
+        end: one past the last offset to read (exclusive); ``start == end`` is empty.
+        log_start, log_end: the partition's first and next offsets when resolved.
+    """
+
+    partition: int
+    start: int
+    end: int
+    log_start: int
+    log_end: int
+
+    @property
+    def count(self) -> int:
+        """Records in the range (a compacted topic may hold fewer)."""
+        return max(0, self.end - self.start)
+
+
+def parse_time(text: str, flag: str) -> int:
+    """ISO-8601 (``2026-11-29T10:00:00Z``, ``...+01:00``; no zone = UTC) -> epoch ms."""
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ConfigError(
+            f"{flag} {text!r}: not an ISO-8601 time (e.g. 2026-11-29T10:00:00Z)"
+        ) from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+def format_time(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def parse_offset_ranges(specs: Sequence[str]) -> dict[int, tuple[int | None, int | None]]:
+    """``["0:100-200", "1:-50", "2:7-"]`` -> partition -> (start or None, end or None)."""
+    out: dict[int, tuple[int | None, int | None]] = {}
+    for spec in specs:
+        m = _RANGE.match(spec.strip())
+        if m is None:
+            raise ConfigError(
+                f"--range {spec!r}: expected PARTITION:START-END (END exclusive, "
+                "either may be empty), e.g. 0:100-200"
+            )
+        part = int(m.group(1))
+        start = int(m.group(2)) if m.group(2) else None
+        end = int(m.group(3)) if m.group(3) else None
+        if start is not None and end is not None and end < start:
+            raise ConfigError(f"--range {spec!r}: END is before START")
+        if part in out:
+            raise ConfigError(f"--range: partition {part} given twice")
+        out[part] = (start, end)
+    return out
+
+
+def resolve_ranges(
+    consumer: Any,
+    topic: str,
+    *,
+    from_ms: int | None = None,
+    to_ms: int | None = None,
+    offsets: dict[int, tuple[int | None, int | None]] | None = None,
+    margin_ms: int = 0,
+) -> list[PartitionRange]:
+    """Per partition of ``topic``, the offsets to read (``consumer``: a kafka-python
+    ``KafkaConsumer``; nothing is assigned or moved).
+
+    With ``offsets``, only the partitions named there; otherwise every partition
+    over ``[from_ms - margin_ms, to_ms + margin_ms)``, open ends meaning the log's
+    start or its current end.
+    """
+    if offsets is not None and (from_ms is not None or to_ms is not None):
+        raise ConfigError("give --from/--to or --range, not both")
+    if from_ms is not None and to_ms is not None and to_ms <= from_ms:
+        raise ConfigError("--to must be after --from")
+    found = consumer.partitions_for_topic(topic)
+    if not found:
+        raise ConfigError(f"topic {topic!r} does not exist or has no partitions")
+    parts = sorted(found)
+    if offsets is not None:
+        unknown = sorted(set(offsets) - set(parts))
+        if unknown:
+            raise ConfigError(f"topic {topic!r} has no partition {unknown} (it has {parts})")
+        parts = sorted(offsets)
+    tps = [TopicPartition(topic, p) for p in parts]
+    first = consumer.beginning_offsets(tps)
+    nxt = consumer.end_offsets(tps)
+
+    def at_time(ms: int | None, default: dict[Any, int]) -> dict[int, int]:
+        if ms is None:
+            return {tp.partition: default[tp] for tp in tps}
+        found_at = consumer.offsets_for_times({tp: max(0, ms) for tp in tps})
+        return {
+            tp.partition: (found_at[tp].offset if found_at.get(tp) is not None else nxt[tp])
+            for tp in tps
+        }
+
+    if offsets is not None:
+        starts = {
+            p: (s if s is not None else first[TopicPartition(topic, p)])
+            for p, (s, _) in offsets.items()
+        }
+        ends = {
+            p: (e if e is not None else nxt[TopicPartition(topic, p)])
+            for p, (_, e) in offsets.items()
+        }
+    else:
+        starts = at_time(None if from_ms is None else from_ms - margin_ms, first)
+        ends = at_time(None if to_ms is None else to_ms + margin_ms, nxt)
+    out = []
+    for tp in tps:
+        lo, hi = first[tp], nxt[tp]
+        start = min(max(starts[tp.partition], lo), hi)
+        end = min(max(ends[tp.partition], start), hi)
+        out.append(PartitionRange(tp.partition, start, end, lo, hi))
+    return out

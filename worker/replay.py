@@ -1,0 +1,519 @@
+"""``mmstream replay``: bounded, resumable re-scoring of a topic range (backfills).
+
+It runs the worker's own pipeline (:class:`~worker.pipeline.Worker`: decode ->
+assemble -> batch -> infer -> publish -> commit) over a fixed range instead of
+a live subscription:
+
+* **Range**: ``--from`` / ``--to`` (ISO-8601) resolved per partition with
+  offsets-for-times, or explicit ``--range P:START-END`` offsets
+  (:mod:`worker.ranges`). It assigns the partitions itself: no live consumer
+  group is joined, and no live group's offsets are ever read or moved.
+* **Which events**: with a time window, an event belongs to it when its newest
+  part's record timestamp is in ``[from, to)``; the read is widened by
+  ``--edge-margin-ms`` on both sides so that an event straddling an edge is
+  read whole. Events completed outside the window belong to the neighbouring
+  window (consecutive windows predict every event once) and are counted as
+  ``outside_window``, not predicted. Events still incomplete when every
+  partition reached its end are handled by ``--on-incomplete`` if they belong
+  to the window, and counted as outside otherwise. With explicit offsets every
+  event in the range is the backfill's.
+* **Resumable**: progress is committed to the group ``mmstream-backfill-<id>``
+  (``--backfill-id``; by default derived from the source topic, range, output
+  topic and model, so re-running the same command continues). On a re-run
+  each partition starts at its checkpoint, and events finished beyond it are
+  skipped (the worker's commit metadata). ``--restart`` starts over.
+  At-least-once, predictions a killed run wrote after its last checkpoint (at
+  most one commit interval, 500 ms, of work) are written again on the re-run;
+  ``--guarantee exactly-once`` writes outputs and checkpoints in transactions,
+  so read_committed readers see each prediction once.
+* **Throttled**: ``--rate`` events/s (token bucket, bursts of one batch).
+* **Progress**: a bar on a terminal, a log line every 10 s otherwise.
+* ``--dry-run`` prints the resolved ranges and the checkpoint and changes nothing.
+
+Archives (``--source-file``, written by ``mmstream archive``) are re-produced
+to ``--to-topic`` at ``--rate`` (:func:`worker.archive.restore_file`); replay
+that topic to score them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from kafka import KafkaConsumer, TopicPartition
+
+from worker.config import FrozenConfig, WorkerConfig
+from worker.errors import ConfigError
+from worker.kafka_io import committed, ensure_topics
+from worker.model import ModelRunner
+from worker.pipeline import Clock, Worker, WorkerStats, wall_ms
+from worker.ranges import (
+    PartitionRange,
+    format_time,
+    parse_offset_ranges,
+    parse_time,
+    resolve_ranges,
+)
+from worker.records import Event, RawRecord
+
+log = logging.getLogger(__name__)
+
+BACKFILL_GROUP_PREFIX = "mmstream-backfill-"
+
+
+@dataclass(frozen=True)
+class ReplayConfig(FrozenConfig):
+    """Settings of ``mmstream replay``; see ``mmstream replay --help``."""
+
+    bootstrap_servers: str
+    source_topic: str = ""
+    model: Path | None = None
+    from_time: str = ""
+    to_time: str = ""
+    range: str = ""
+    output_topic: str = ""
+    dlq_topic: str = ""
+    backfill_id: str = ""
+    restart: bool = False
+    rate: float = 0.0
+    edge_margin_ms: int = 60_000
+    on_incomplete: str = "dlq"
+    guarantee: str = "at-least-once"
+    max_batch_size: int = 32
+    max_batch_delay_ms: int = 10
+    device: str = "auto"
+    dry_run: bool = False
+    progress: str = "auto"
+    source_file: Path | None = None
+    to_topic: str = ""
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.source_file is not None:
+            if self.source_topic:
+                raise ConfigError("give --source-topic or --source-file, not both")
+            if not self.to_topic:
+                raise ConfigError(
+                    "--source-file needs --to-topic: an archive is re-produced to a topic, "
+                    "and that topic is then replayed (scoring a file directly is not built)"
+                )
+            if self.rate < 0:
+                raise ConfigError("--rate must be >= 0")
+            return
+        if not self.source_topic:
+            raise ConfigError("--source-topic (or --source-file) is required")
+        if self.model is None:
+            raise ConfigError("--model is required")
+        object.__setattr__(self, "model", Path(self.model))
+        if self.range and (self.from_time or self.to_time):
+            raise ConfigError("give --from/--to or --range, not both")
+        if not self.range and not (self.from_time or self.to_time):
+            raise ConfigError("give a range: --from and/or --to, or --range P:START-END,...")
+        if not self.output_topic:
+            object.__setattr__(self, "output_topic", f"{self.source_topic}.backfill")
+        if not self.dlq_topic:
+            object.__setattr__(self, "dlq_topic", f"{self.output_topic}.dlq")
+        if self.source_topic in (self.output_topic, self.dlq_topic):
+            raise ConfigError("--output-topic and --dlq-topic must differ from --source-topic")
+        if self.rate < 0 or self.edge_margin_ms < 0:
+            raise ConfigError("--rate and --edge-margin-ms must be >= 0")
+        if self.progress not in ("auto", "bar", "log", "none"):
+            raise ConfigError("--progress must be auto, bar, log or none")
+        self.window()  # validates the times
+        self.offsets()  # validates the ranges
+
+    def window(self) -> tuple[int | None, int | None]:
+        start = parse_time(self.from_time, "--from") if self.from_time else None
+        end = parse_time(self.to_time, "--to") if self.to_time else None
+        if start is not None and end is not None and end <= start:
+            raise ConfigError("--to must be after --from")
+        return start, end
+
+    def offsets(self) -> dict[int, tuple[int | None, int | None]] | None:
+        if not self.range:
+            return None
+        return parse_offset_ranges([s for s in self.range.split(",") if s.strip()])
+
+    def default_backfill_id(self, model_sha256: str) -> str:
+        """Same command (topic, range, output, model) -> same id -> resumes."""
+        parts = (self.source_topic, self.from_time, self.to_time, self.range, self.output_topic)
+        key = "|".join((*parts, model_sha256))
+        return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+class Pacer:
+    """Token bucket: on average ``rate`` events/s, bursts of up to ``burst`` events.
+
+    It starts empty, so from the first batch on the rate holds (a full bucket at
+    the start would let one extra burst through)."""
+
+    def __init__(self, rate: float, burst: int, clock: Clock) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.clock = clock
+        self._tokens = 0.0
+        self._at = clock()
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate / 1000.0)
+        self._at = now
+
+    def ready(self, n: int) -> bool:
+        self._refill()
+        return self._tokens + 1e-9 >= min(n, self.burst)  # 1e-9: float sums of rate/1000
+
+    def wait_ms(self, n: int) -> int:
+        """Milliseconds until ``n`` events may go (0 = now)."""
+        self._refill()
+        missing = min(n, self.burst) - self._tokens - 1e-9
+        return 0 if missing <= 0 else math.ceil(missing * 1000.0 / self.rate)
+
+    def take(self, n: int) -> None:
+        self._refill()
+        self._tokens -= n
+
+
+@dataclass
+class ReplayCounters:
+    """What the replay did besides predicting (the summary's extra lines)."""
+
+    outside_window: int = 0
+    incomplete_in_window: int = 0
+    beyond_range_records: int = 0
+    resumed_from: dict[int, int] = field(default_factory=dict)
+
+
+class Progress:
+    """A bar on a terminal (``\\r``-updated, 2 per second), else a log line every 10 s."""
+
+    def __init__(self, total_records: int, mode: str, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        if mode == "auto":
+            mode = "bar" if self.stream.isatty() else "log"
+        self.mode = mode
+        self.total = max(1, total_records)
+        self.start = time.monotonic()
+        self._last = 0.0
+
+    def update(self, records: int, predicted: int, final: bool = False) -> None:
+        if self.mode == "none":
+            return
+        now = time.monotonic()
+        every = 0.5 if self.mode == "bar" else 10.0
+        if not final and now - self._last < every:
+            return
+        self._last = now
+        elapsed = max(1e-3, now - self.start)
+        frac = min(1.0, records / self.total)
+        rate = predicted / elapsed
+        eta = (elapsed / frac - elapsed) if frac > 0 else float("nan")
+        if self.mode == "bar":
+            width = 30
+            bar = "=" * int(frac * width)
+            self.stream.write(
+                f"\r[{bar:<{width}}] {frac:6.1%}  {predicted} events  {rate:7.1f} ev/s  "
+                f"ETA {eta:5.0f} s "
+            )
+            if final:
+                self.stream.write("\n")
+            self.stream.flush()
+        else:
+            log.info(
+                "replay: %.1f%% of %d records, %d events predicted, %.1f events/s, ETA %.0f s",
+                100 * frac,
+                self.total,
+                predicted,
+                rate,
+                eta,
+            )
+
+
+class ReplayWorker(Worker):
+    """The worker over fixed per-partition offset ranges, checkpointed, optionally paced."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        runner: ModelRunner,
+        ranges: list[PartitionRange],
+        window: tuple[int | None, int | None],
+        *,
+        restart: bool = False,
+        rate: float = 0.0,
+        progress: Progress | None = None,
+        clock: Clock = wall_ms,
+    ) -> None:
+        super().__init__(config, runner, clock)
+        topic = config.input_topic
+        self.ranges = {(topic, r.partition): r for r in ranges}
+        self.window = window
+        self.restart = restart
+        self.pacer = Pacer(rate, config.max_batch_size, clock) if rate > 0 else None
+        self.progress = progress
+        self.counters = ReplayCounters()
+        self.reached: set[tuple[str, int]] = set()
+        self.flushed = False
+
+    # -- hooks of Worker
+
+    def _join(self) -> None:
+        tps = [TopicPartition(t, p) for t, p in sorted(self.ranges)]
+        self.consumer.assign(tps)
+        for tp in tps:
+            key = (tp.topic, tp.partition)
+            r = self.ranges[key]
+            pos = r.start
+            if not self.restart:
+                checkpoint, _meta = committed(self.consumer, key)
+                if checkpoint is not None and r.start < checkpoint:
+                    pos = min(checkpoint, r.end)
+                    self.counters.resumed_from[tp.partition] = pos
+            self.consumer.seek(tp, pos)
+            if pos >= r.end:
+                self.reached.add(key)
+        if self.reached:
+            self.consumer.pause(*(TopicPartition(*k) for k in self.reached))
+        if self.counters.resumed_from:
+            log.info("replay: resuming from checkpoint %s", self.counters.resumed_from)
+        self.ready.set()
+
+    def _owned(self) -> set[tuple[str, int]]:
+        return set(self.ranges)
+
+    def _seed(self, tp: tuple[str, int]) -> tuple[int | None, str]:
+        return (None, "") if self.restart else committed(self.consumer, tp)
+
+    def _admit(self, raw: RawRecord) -> bool:
+        key = (raw.source.topic, raw.source.partition)
+        r = self.ranges.get(key)
+        if r is None or raw.source.offset >= r.end:
+            self.counters.beyond_range_records += 1
+            self._reach(key)
+            return False
+        return True
+
+    def _accept(self, event: Event) -> bool:
+        if self._in_window(event.last_part_ms):
+            return True
+        self.counters.outside_window += 1
+        return False
+
+    def _can_submit(self, events: int) -> bool:
+        return self.stage.has_room() and (self.pacer is None or self.pacer.ready(events))
+
+    def _submit(self, events: Any) -> None:
+        if self.pacer is not None:
+            self.pacer.take(len(events))
+        super()._submit(events)
+
+    def _after_poll(self) -> None:
+        for key, r in self.ranges.items():
+            if key not in self.reached and self.consumer.position(TopicPartition(*key)) >= r.end:
+                self._reach(key)
+        if len(self.reached) == len(self.ranges) and not self.flushed:
+            self._flush_edges()
+        if self.progress is not None:
+            self.progress.update(self.stats.consumed, self.stats.predicted)
+
+    def _done(self) -> bool:
+        return self.flushed and self._pending_events() == 0 and self.tracker.open_count() == 0
+
+    # -- range bookkeeping
+
+    def _reach(self, key: tuple[str, int]) -> None:
+        if key in self.ranges and key not in self.reached:
+            self.reached.add(key)
+            self.consumer.pause(TopicPartition(*key))
+
+    def _in_window(self, ts_ms: int) -> bool:
+        start, end = self.window
+        return (start is None or ts_ms >= start) and (end is None or ts_ms < end)
+
+    def _flush_edges(self) -> None:
+        """Every partition is at its end: no more parts will come for what is pending."""
+        now = self.clock()
+        for inc in self.assembler.expire(now, 0):
+            newest = max(p.source.timestamp_ms for p in inc.all_parts)
+            if self._in_window(newest):
+                self.counters.incomplete_in_window += 1
+                self._incomplete(inc, now)
+            else:
+                self.counters.outside_window += 1
+                self._mark_done(tuple(p.source for p in inc.all_parts))
+        self.flushed = True
+
+
+# ------------------------------------------------------------------ the command
+
+
+def _worker_config(config: ReplayConfig, backfill_id: str) -> WorkerConfig:
+    if config.model is None:
+        raise ConfigError("--model is required")
+    return WorkerConfig(
+        bootstrap_servers=config.bootstrap_servers,
+        input_topic=config.source_topic,
+        output_topic=config.output_topic,
+        dlq_topic=config.dlq_topic,
+        group_id=BACKFILL_GROUP_PREFIX + backfill_id,
+        model=config.model,
+        device=config.device,
+        max_batch_size=config.max_batch_size,
+        max_batch_delay_ms=config.max_batch_delay_ms,
+        guarantee=config.guarantee,
+        transactional_id=f"{BACKFILL_GROUP_PREFIX}{backfill_id}",
+        on_incomplete=config.on_incomplete,
+        # At the range's end every pending event is flushed; this (wall-clock) timeout
+        # only bounds what an event missing parts mid-range holds before that.
+        assembly_timeout_ms=600_000,
+        client_id="mmstream-replay",
+        log_level=config.log_level,
+        log_format=config.log_format,
+    )
+
+
+def resolve(config: ReplayConfig, consumer: KafkaConsumer) -> list[PartitionRange]:
+    start, end = config.window()
+    return resolve_ranges(
+        consumer,
+        config.source_topic,
+        from_ms=start,
+        to_ms=end,
+        offsets=config.offsets(),
+        margin_ms=config.edge_margin_ms if (start is not None or end is not None) else 0,
+    )
+
+
+def _plan(config: ReplayConfig, backfill_id: str, ranges: list[PartitionRange]) -> dict[str, Any]:
+    start, end = config.window()
+    group = BACKFILL_GROUP_PREFIX + backfill_id
+    checkpoint = KafkaConsumer(
+        bootstrap_servers=config.bootstrap_servers.split(","),
+        group_id=group,
+        enable_auto_commit=False,
+    )
+    try:  # reads the checkpoint; joins nothing, commits nothing
+        saved = {
+            r.partition: committed(checkpoint, (config.source_topic, r.partition))[0]
+            for r in ranges
+        }
+    finally:
+        checkpoint.close(autocommit=False)
+    return {
+        "backfill_id": backfill_id,
+        "group": group,
+        "source_topic": config.source_topic,
+        "output_topic": config.output_topic,
+        "dlq_topic": config.dlq_topic,
+        "window": {
+            "from": format_time(start) if start is not None else None,
+            "to": format_time(end) if end is not None else None,
+            "edge_margin_ms": config.edge_margin_ms if config.window() != (None, None) else 0,
+        },
+        "partitions": [
+            {
+                "partition": r.partition,
+                "start": r.start,
+                "end": r.end,
+                "records": r.count,
+                "checkpoint": saved.get(r.partition),
+            }
+            for r in ranges
+        ],
+        "records": sum(r.count for r in ranges),
+    }
+
+
+def run_replay(config: ReplayConfig, stop: threading.Event | None = None) -> dict[str, Any]:
+    """Resolve the range, then predict it (or, with ``dry_run``, only say what it would read)."""
+    if config.source_file is not None:
+        from worker.archive import restore_file
+
+        restored: dict[str, Any] = restore_file(
+            config.source_file, config.bootstrap_servers, config.to_topic, rate=config.rate
+        )
+        return restored
+    if config.model is None:
+        raise ConfigError("--model is required")
+    from worker.manifest import load_manifest
+
+    manifest = load_manifest(config.model, verify=False)
+    backfill_id = config.backfill_id or config.default_backfill_id(manifest.sha256)
+    consumer = KafkaConsumer(bootstrap_servers=config.bootstrap_servers.split(","), group_id=None)
+    try:
+        ranges = resolve(config, consumer)
+        plan = _plan(config, backfill_id, ranges)
+        partitions = len(consumer.partitions_for_topic(config.source_topic) or ())
+    finally:
+        consumer.close()
+    if config.dry_run:
+        plan["dry_run"] = True
+        return plan
+    ensure_topics(
+        config.bootstrap_servers, {config.output_topic: partitions, config.dlq_topic: partitions}
+    )
+    runner = ModelRunner.load(config.model, config.device, max_batch_size=config.max_batch_size)
+    parts_per_event = max(1, len(manifest.inputs))
+    worker = ReplayWorker(
+        _worker_config(config, backfill_id),
+        runner,
+        ranges,
+        config.window(),
+        restart=config.restart,
+        rate=config.rate,
+        progress=Progress(plan["records"], config.progress),
+    )
+    log.info(
+        "replay %s: %s -> %s, %d records in %d partitions (about %d events)%s",
+        backfill_id,
+        config.source_topic,
+        config.output_topic,
+        plan["records"],
+        len(ranges),
+        plan["records"] // parts_per_event,
+        f", at most {config.rate:g} events/s" if config.rate else "",
+    )
+    started = time.monotonic()
+    stats = worker.run(stop or threading.Event())
+    seconds = time.monotonic() - started
+    if worker.progress is not None:
+        worker.progress.update(stats.consumed, stats.predicted, final=True)
+    return summarize(plan, stats, worker.counters, seconds, config)
+
+
+def summarize(
+    plan: dict[str, Any],
+    stats: WorkerStats,
+    counters: ReplayCounters,
+    seconds: float,
+    config: ReplayConfig,
+) -> dict[str, Any]:
+    incomplete_action = config.on_incomplete
+    return {
+        **{k: plan[k] for k in ("backfill_id", "source_topic", "output_topic", "window")},
+        "partitions": [
+            {**p, "resumed_from": counters.resumed_from.get(p["partition"])}
+            for p in plan["partitions"]
+        ],
+        "records_in_range": plan["records"],
+        "records_read": stats.consumed,
+        "events_predicted": stats.predicted,
+        "outside_window": counters.outside_window,
+        "incomplete_in_window": {incomplete_action: counters.incomplete_in_window},
+        "dead_lettered": dict(stats.dead_lettered),
+        "duplicate_parts": stats.duplicate_parts,
+        "resumed": bool(counters.resumed_from),
+        "skipped_finished_records": stats.skipped_finished,
+        "guarantee": config.guarantee,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(stats.predicted / max(seconds, 1e-3), 1),
+        "provider": stats.provider,
+    }
