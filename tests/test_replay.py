@@ -26,7 +26,7 @@ from worker.manifest import load_manifest
 from worker.produce import encode_sample
 from worker.ranges import format_time, parse_offset_ranges, parse_time
 from worker.reference_data import samples
-from worker.replay import BACKFILL_GROUP_PREFIX, Pacer, ReplayConfig, run_replay
+from worker.replay import BACKFILL_GROUP_PREFIX, Pacer, Progress, ReplayConfig, run_replay
 
 from kafka_broker import committed_offsets, end_offsets
 
@@ -356,3 +356,82 @@ def test_an_archive_restored_by_replay_scores_like_the_original(
     a = {p["event_id"]: p["outputs"] for p in predictions(kafka_bootstrap, out_a)}
     b = {p["event_id"]: p["outputs"] for p in predictions(kafka_bootstrap, out_b)}
     assert len(a) == 15 and a == b  # same keys, values, headers and timestamps: same scores
+
+    # Scored straight from the file (a staging topic, deleted at the end).
+    out_c = topic_factory(2)
+    argv = ["replay", *score, "--source-file", str(archive), "--output-topic", out_c]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    c = {p["event_id"]: p["outputs"] for p in predictions(kafka_bootstrap, out_c)}
+    assert c == a and summary["events_predicted"] == 15
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        deadline = time.monotonic() + 10
+        while summary["staging_topic"] in set(admin.list_topics()):
+            assert time.monotonic() < deadline, "staging topic not deleted"
+            time.sleep(0.2)
+    finally:
+        admin.close()
+
+
+def test_progress_bar_and_log_lines() -> None:
+    import io
+
+    bar = io.StringIO()
+    p = Progress(total_records=300, mode="bar", parts_per_event=3, stream=bar)
+    p.update(150, 50, final=True)
+    text = bar.getvalue()
+    assert "50.0%" in text and "50/~100 events" in text and "ETA" in text and text.endswith("\n")
+    quiet = io.StringIO()
+    Progress(total_records=300, mode="none", stream=quiet).update(300, 100, final=True)
+    assert quiet.getvalue() == ""
+
+
+def test_replay_and_archive_take_the_workers_kafka_security(tmp_path: Path) -> None:
+    import dataclasses
+
+    from worker.archive import ArchiveConfig
+    from worker.cli import build_parser
+    from worker.config import WorkerConfig
+    from worker.processes import child_config
+
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    sasl = {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_username": "backfill",
+        "sasl_password_file": secret,
+    }
+    base = {"bootstrap_servers": "b:9092", "source_topic": "in", "model": "m", "range": "0:0-"}
+    replay = ReplayConfig.from_mapping({**base, **sasl})
+    assert replay.kafka_security()["sasl_plain_password"] == "s3cret"
+    assert "s3cret" not in repr(replay)
+    assert dataclasses.replace(replay, range="1:0-").sasl_password == "s3cret"  # copies work
+    with pytest.raises(ConfigError, match="sasl-username"):
+        ReplayConfig.from_mapping({**base, **sasl, "sasl_username": ""})
+    archive = ArchiveConfig.from_mapping(
+        {"bootstrap_servers": "b:9092", "source_topic": "in", "dry_run": True, **sasl}
+    )
+    assert archive.kafka_security()["security_protocol"] == "SASL_SSL"
+    # --processes children are copies too (a password file once made them fail).
+    worker = WorkerConfig.from_mapping(
+        {
+            "bootstrap_servers": "b:9092",
+            "input_topic": "i",
+            "output_topic": "o",
+            "group_id": "g",
+            "model": "m",
+            "processes": 2,
+            **sasl,
+        }
+    )
+    assert child_config(worker, 1).sasl_password == "s3cret"
+    with pytest.raises(ConfigError, match="not both"):
+        ReplayConfig.from_mapping({**base, **sasl, "sasl_password": "other"})
+    parser = build_parser({})
+    for command in ("replay", "archive", "worker"):
+        sub = parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+        helps = {a.dest: a.help or "" for a in sub._actions}
+        assert "[env: MMSTREAM_SECURITY_PROTOCOL]" in helps["security_protocol"], command
+        assert "sasl_password" not in helps, command  # the secret never is a flag

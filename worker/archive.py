@@ -86,7 +86,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.serializer import Serializer
 
-from worker.config import FrozenConfig
+from worker.config import SASL_PASSWORD_ENV, FrozenConfig, KafkaSecurity, add_security_args
 from worker.errors import BrokerError, ConfigError
 from worker.kafka_io import make_producer
 from worker.ranges import (
@@ -377,8 +377,10 @@ def archive_range(
     *,
     client_id: str = "mmstream-archive",
     timeout_s: float = 30.0,
+    security: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write exactly the records of ``ranges`` (of ``topic``) to ``out``.
+    """Write exactly the records of ``ranges`` (of ``topic``) to ``out``
+    (``security``: kafka-python security keyword arguments, see ``KafkaSecurity``).
 
     Records go partition by partition (ascending), each in offset order, after a
     header line; ``.gz`` names are gzip-compressed; the file appears only when
@@ -403,7 +405,7 @@ def archive_range(
     if not out.parent.is_dir():
         raise ConfigError(f"--out {str(out)!r}: directory {str(out.parent)!r} does not exist")
     started = time.monotonic()
-    consumer = plain_consumer(bootstrap_servers, client_id)
+    consumer = plain_consumer(bootstrap_servers, client_id, **(security or {}))
     writer: _AtomicWriter | None = None
     try:
         try:
@@ -534,9 +536,9 @@ class _Acks:
                 self.first_error = exc
 
 
-def topic_partitions(bootstrap_servers: str, topic: str, client_id: str) -> int:
+def topic_partitions(bootstrap_servers: str, topic: str, client_id: str, **security: Any) -> int:
     """How many partitions ``topic`` has (0 if it does not exist); creates nothing."""
-    consumer = plain_consumer(bootstrap_servers, client_id)
+    consumer = plain_consumer(bootstrap_servers, client_id, **security)
     try:
         return len(consumer.partitions_for_topic(topic) or ())
     except KafkaError as exc:
@@ -553,6 +555,7 @@ def restore_file(
     *,
     client_id: str = "mmstream-restore",
     flush_timeout_s: float = 120.0,
+    security: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Re-produce every record of the archive ``path`` to ``to_topic``.
 
@@ -581,7 +584,7 @@ def restore_file(
         counts[record.partition] = counts.get(record.partition, 0) + 1
     total = sum(counts.values())
     needed = max(counts, default=-1) + 1
-    have = topic_partitions(bootstrap_servers, to_topic, client_id)
+    have = topic_partitions(bootstrap_servers, to_topic, client_id, **(security or {}))
     if have == 0:
         raise ConfigError(
             f"target topic {to_topic!r} does not exist: create it with at least "
@@ -605,6 +608,7 @@ def restore_file(
         client_id,
         enable_idempotence=True,  # one batch in flight per partition: order survives retries
         key_serializer=_KeySerializer(),
+        **(security or {}),
     )
     interval = 1.0 / rate if rate > 0 else 0.0
     started = time.monotonic()
@@ -678,7 +682,7 @@ def restore_file(
 
 
 @dataclass(frozen=True)
-class ArchiveConfig(FrozenConfig):
+class ArchiveConfig(KafkaSecurity, FrozenConfig):
     """Settings of ``mmstream archive``; see ``mmstream archive --help``.
 
     ``from_time``/``to_time`` are the ``--from``/``--to`` flags (ISO-8601), ``ranges``
@@ -727,6 +731,7 @@ class ArchiveConfig(FrozenConfig):
             raise ConfigError("--to must be after --from")
         if self.timeout_s <= 0:
             raise ConfigError("--timeout-s must be > 0")
+        self._check_security()
 
     @property
     def from_ms(self) -> int | None:
@@ -807,6 +812,7 @@ def add_archive_args(p: argparse.ArgumentParser) -> None:
         default=30.0,
         help="give up when a partition makes no progress for this long",
     )
+    add_security_args(p)
 
 
 #: argparse dest -> ArchiveConfig field, where they differ (``from`` is a keyword).
@@ -820,12 +826,13 @@ def archive_config(args: argparse.Namespace) -> ArchiveConfig:
     settings = {_FLAG_FIELDS.get(k, k): v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
     if settings.get("ranges") is None:
         settings["ranges"] = ()
+    settings.setdefault("sasl_password", os.environ.get(SASL_PASSWORD_ENV, ""))
     return ArchiveConfig.from_mapping(settings)
 
 
 def run_archive(config: ArchiveConfig) -> dict[str, Any]:
     """Resolve the ranges of ``config`` and archive them (or, with ``dry_run``, report them)."""
-    consumer = plain_consumer(config.bootstrap_servers, config.client_id)
+    consumer = plain_consumer(config.bootstrap_servers, config.client_id, **config.kafka_security())
     try:
         resolved = resolve_ranges(
             consumer,
@@ -865,6 +872,7 @@ def run_archive(config: ArchiveConfig) -> dict[str, Any]:
         config.out,
         client_id=config.client_id,
         timeout_s=config.timeout_s,
+        security=config.kafka_security(),
     )
 
 

@@ -31,15 +31,20 @@ from types import FrameType
 from typing import NoReturn
 
 from worker import __version__
-from worker.config import WorkerConfig, bind_env, check_unknown_env, env_snapshot
+from worker.config import (
+    SASL_PASSWORD_ENV,
+    WorkerConfig,
+    add_security_args,
+    bind_env,
+    check_unknown_env,
+    env_snapshot,
+)
 from worker.errors import BrokerError, InferenceError, MMStreamError
 from worker.logs import configure_logging
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[argparse.Namespace], int]
-#: The one secret: read from the environment only, never from a flag, never logged.
-SASL_PASSWORD_ENV = "MMSTREAM_SASL_PASSWORD"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -189,27 +194,7 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
         help="serve /metrics, /healthz and /readyz on this port (0 = off)",
     )
     p.add_argument("--http-host", default="0.0.0.0", help="address the HTTP server binds")
-    p.add_argument(
-        "--security-protocol",
-        default="PLAINTEXT",
-        choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
-        help="Kafka security protocol",
-    )
-    p.add_argument(
-        "--sasl-mechanism",
-        default="",
-        help="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (SASL_* protocols)",
-    )
-    p.add_argument("--sasl-username", default="", help="SASL user name")
-    p.add_argument(
-        "--sasl-password-file",
-        type=Path,
-        default=None,
-        help=f"file holding the SASL password (or set {SASL_PASSWORD_ENV}; never a flag)",
-    )
-    p.add_argument("--ssl-cafile", type=Path, default=None, help="CA bundle to verify brokers")
-    p.add_argument("--ssl-certfile", type=Path, default=None, help="client certificate (mTLS)")
-    p.add_argument("--ssl-keyfile", type=Path, default=None, help="client private key (mTLS)")
+    add_security_args(p)
 
 
 def _add_produce_args(p: argparse.ArgumentParser) -> None:
@@ -480,11 +465,15 @@ def _add_replay_args(p: argparse.ArgumentParser) -> None:
         "--source-file",
         type=Path,
         default=None,
-        help="an archive (mmstream archive, JSON Lines) to re-produce to --to-topic",
+        help="an archive (mmstream archive, JSON Lines): restored to --to-topic, or, with "
+        "--model and --output-topic, scored whole (through a staging topic)",
     )
-    p.add_argument("--to-topic", default="", help="with --source-file: the topic to restore to")
+    p.add_argument(
+        "--to-topic", default="", help="with --source-file: restore the archive to this topic"
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines")
+    add_security_args(p)
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -495,6 +484,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     settings["to_time"] = settings.pop("to") or ""
     ranges = settings.pop("range") or []
     settings["range"] = ",".join(ranges) if isinstance(ranges, list) else str(ranges)
+    settings["sasl_password"] = os.environ.get(SASL_PASSWORD_ENV, "")
     config = ReplayConfig.from_mapping(settings)
     configure_logging(config.log_level, config.log_format)
     stop = _stop_on_signals("stopping the replay at a checkpoint")

@@ -56,8 +56,87 @@ def _positive(name: str, value: int, *, zero_ok: bool = False) -> None:
         raise ConfigError(f"--{name.replace('_', '-')} must be {'>= 0' if zero_ok else '> 0'}")
 
 
+#: The one secret: read from the environment only, never from a flag, never logged.
+SASL_PASSWORD_ENV = "MMSTREAM_SASL_PASSWORD"
+
+
+@dataclass(frozen=True, kw_only=True)
+class KafkaSecurity:
+    """Kafka security settings, shared by every command that talks to a cluster.
+
+    The SASL password comes only from ``MMSTREAM_SASL_PASSWORD`` or
+    ``--sasl-password-file`` (never a flag) and is kept out of ``repr``.
+    """
+
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)
+    sasl_password_file: Path | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    def _check_security(self) -> None:
+        _choice(
+            "security_protocol",
+            self.security_protocol,
+            ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+        )
+        if self.security_protocol.startswith("SASL"):
+            _choice(
+                "sasl_mechanism",
+                self.sasl_mechanism,
+                ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
+            )
+            if not self.sasl_username:
+                raise ConfigError(f"--sasl-username is required with {self.security_protocol}")
+            if self.sasl_password_file is not None:
+                try:
+                    secret = Path(self.sasl_password_file).read_text().strip()
+                except OSError as exc:
+                    raise ConfigError(f"--sasl-password-file: {exc.strerror}") from exc
+                # A copy (dataclasses.replace: --processes children) carries the file's
+                # password already; a different one came from the environment as well.
+                if self.sasl_password and self.sasl_password != secret:
+                    raise ConfigError("give the SASL password by env or by file, not both")
+                object.__setattr__(self, "sasl_password", secret)
+            if not self.sasl_password:
+                raise ConfigError(
+                    "a SASL password is required: MMSTREAM_SASL_PASSWORD or --sasl-password-file"
+                )
+        elif self.sasl_mechanism or self.sasl_username:
+            raise ConfigError("--sasl-* settings need --security-protocol SASL_PLAINTEXT/SASL_SSL")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                raise ConfigError(f"--{name.replace('_', '-')}: no such file {value}")
+
+    def security_settings(self) -> dict[str, Any]:
+        """These settings as config keys for another config (password resolved, no file)."""
+        names = [f.name for f in dataclasses.fields(KafkaSecurity)]
+        out = {n: getattr(self, n) for n in names}
+        out["sasl_password_file"] = None
+        return out
+
+    def kafka_security(self) -> dict[str, Any]:
+        """kafka-python keyword arguments for the security settings (secrets included)."""
+        out: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.security_protocol.startswith("SASL"):
+            out.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password,
+            )
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = str(value)
+        return out
+
+
 @dataclass(frozen=True)
-class WorkerConfig(FrozenConfig):
+class WorkerConfig(KafkaSecurity, FrozenConfig):
     """Settings of ``mmstream worker``; see ``mmstream worker --help`` for each."""
 
     bootstrap_servers: str
@@ -92,14 +171,6 @@ class WorkerConfig(FrozenConfig):
     session_timeout_ms: int = 45_000
     http_port: int = 0
     http_host: str = "0.0.0.0"
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str = ""
-    sasl_username: str = ""
-    sasl_password: str = field(default="", repr=False)
-    sasl_password_file: Path | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("bootstrap_servers", "input_topic", "output_topic", "group_id"):
@@ -142,55 +213,35 @@ class WorkerConfig(FrozenConfig):
             # One id per consumer instance: a restarted pod fences its zombie predecessor.
             suffix = self.group_instance_id or self.client_id
             object.__setattr__(self, "transactional_id", f"{self.group_id}-{suffix}")
-        _choice(
-            "security_protocol",
-            self.security_protocol,
-            ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
-        )
-        if self.security_protocol.startswith("SASL"):
-            _choice(
-                "sasl_mechanism",
-                self.sasl_mechanism,
-                ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
-            )
-            if not self.sasl_username:
-                raise ConfigError(f"--sasl-username is required with {self.security_protocol}")
-            if self.sasl_password and self.sasl_password_file:
-                raise ConfigError("give the SASL password by env or by file, not both")
-            if self.sasl_password_file is not None:
-                try:
-                    secret = Path(self.sasl_password_file).read_text().strip()
-                except OSError as exc:
-                    raise ConfigError(f"--sasl-password-file: {exc.strerror}") from exc
-                object.__setattr__(self, "sasl_password", secret)
-            if not self.sasl_password:
-                raise ConfigError(
-                    "a SASL password is required: MMSTREAM_SASL_PASSWORD or --sasl-password-file"
-                )
-        elif self.sasl_mechanism or self.sasl_username:
-            raise ConfigError("--sasl-* settings need --security-protocol SASL_PLAINTEXT/SASL_SSL")
-        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-            value = getattr(self, name)
-            if value is not None and not Path(value).is_file():
-                raise ConfigError(f"--{name.replace('_', '-')}: no such file {value}")
-
-    def kafka_security(self) -> dict[str, Any]:
-        """kafka-python keyword arguments for the security settings (secrets included)."""
-        out: dict[str, Any] = {"security_protocol": self.security_protocol}
-        if self.security_protocol.startswith("SASL"):
-            out.update(
-                sasl_mechanism=self.sasl_mechanism,
-                sasl_plain_username=self.sasl_username,
-                sasl_plain_password=self.sasl_password,
-            )
-        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = str(value)
-        return out
+        self._check_security()
 
 
 # ------------------------------------------------------------ env vars for argparse
+
+
+def add_security_args(p: argparse.ArgumentParser) -> None:
+    """The Kafka security flags of :class:`KafkaSecurity` (worker, replay, archive)."""
+    p.add_argument(
+        "--security-protocol",
+        default="PLAINTEXT",
+        choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+        help="Kafka security protocol",
+    )
+    p.add_argument(
+        "--sasl-mechanism",
+        default="",
+        help="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (SASL_* protocols)",
+    )
+    p.add_argument("--sasl-username", default="", help="SASL user name")
+    p.add_argument(
+        "--sasl-password-file",
+        type=Path,
+        default=None,
+        help=f"file holding the SASL password (or set {SASL_PASSWORD_ENV}; never a flag)",
+    )
+    p.add_argument("--ssl-cafile", type=Path, default=None, help="CA bundle to verify brokers")
+    p.add_argument("--ssl-certfile", type=Path, default=None, help="client certificate (mTLS)")
+    p.add_argument("--ssl-keyfile", type=Path, default=None, help="client private key (mTLS)")
 
 
 def env_name(dest: str) -> str:

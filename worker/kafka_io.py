@@ -137,6 +137,7 @@ def ensure_topics(
     topics: dict[str, int],
     timeout_s: float = 30,
     configs: dict[str, str] | None = None,
+    security: dict[str, Any] | None = None,
 ) -> None:
     """Create the topics that do not exist yet (name -> partitions, replication 1;
     ``configs``: topic configs of the new topics, e.g. ``message.timestamp.type``).
@@ -148,7 +149,7 @@ def ensure_topics(
     from kafka.errors import TopicAlreadyExistsError
 
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers.split(","))
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers.split(","), **(security or {}))
     except KafkaError as exc:
         raise BrokerError(f"cannot reach Kafka at {bootstrap_servers}: {exc}") from exc
     try:

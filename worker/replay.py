@@ -30,13 +30,18 @@ a live subscription:
 * **Progress**: a bar on a terminal, a log line every 10 s otherwise.
 * ``--dry-run`` prints the resolved ranges and the checkpoint and changes nothing.
 
-Archives (``--source-file``, written by ``mmstream archive``) are re-produced
-to ``--to-topic`` at ``--rate`` (:func:`worker.archive.restore_file`); replay
-that topic to score them.
+Archives (``--source-file``, written by ``mmstream archive``): with
+``--to-topic`` they are re-produced there at ``--rate``
+(:func:`worker.archive.restore_file`) and nothing is scored; with ``--model``
+they are scored: restored once into a staging topic
+``mmstream-staging-<backfill id>`` (same partitions and order; kept by a killed
+run, so a re-run continues instead of restoring again), replayed whole as
+above, and the staging topic is deleted once every event is done.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -49,7 +54,7 @@ from typing import Any, TextIO
 
 from kafka import KafkaConsumer, TopicPartition
 
-from worker.config import FrozenConfig, WorkerConfig
+from worker.config import FrozenConfig, KafkaSecurity, WorkerConfig
 from worker.errors import ConfigError
 from worker.kafka_io import committed, ensure_topics
 from worker.model import ModelRunner
@@ -69,7 +74,7 @@ BACKFILL_GROUP_PREFIX = "mmstream-backfill-"
 
 
 @dataclass(frozen=True)
-class ReplayConfig(FrozenConfig):
+class ReplayConfig(KafkaSecurity, FrozenConfig):
     """Settings of ``mmstream replay``; see ``mmstream replay --help``."""
 
     bootstrap_servers: str
@@ -97,16 +102,24 @@ class ReplayConfig(FrozenConfig):
     log_format: str = "text"
 
     def __post_init__(self) -> None:
+        self._check_security()
         if self.source_file is not None:
             if self.source_topic:
                 raise ConfigError("give --source-topic or --source-file, not both")
-            if not self.to_topic:
-                raise ConfigError(
-                    "--source-file needs --to-topic: an archive is re-produced to a topic, "
-                    "and that topic is then replayed (scoring a file directly is not built)"
-                )
             if self.rate < 0:
                 raise ConfigError("--rate must be >= 0")
+            if self.to_topic:
+                return  # restore only
+            if self.model is None or not self.output_topic:
+                raise ConfigError(
+                    "--source-file: give --to-topic to restore the archive, or --model and "
+                    "--output-topic to score it"
+                )
+            if self.from_time or self.to_time or self.range:
+                raise ConfigError("--source-file is scored whole: no --from/--to/--range")
+            object.__setattr__(self, "model", Path(self.model))
+            if not self.dlq_topic:
+                object.__setattr__(self, "dlq_topic", f"{self.output_topic}.dlq")
             return
         if not self.source_topic:
             raise ConfigError("--source-topic (or --source-file) is required")
@@ -143,8 +156,9 @@ class ReplayConfig(FrozenConfig):
         return parse_offset_ranges([s for s in self.range.split(",") if s.strip()])
 
     def default_backfill_id(self, model_sha256: str) -> str:
-        """Same command (topic, range, output, model) -> same id -> resumes."""
-        parts = (self.source_topic, self.from_time, self.to_time, self.range, self.output_topic)
+        """Same command (topic or file, range, output, model) -> same id -> resumes."""
+        source = self.source_topic or str(Path(self.source_file or "").resolve())
+        parts = (source, self.from_time, self.to_time, self.range, self.output_topic)
         key = "|".join((*parts, model_sha256))
         return hashlib.sha256(key.encode()).hexdigest()[:12]
 
@@ -195,8 +209,15 @@ class ReplayCounters:
 class Progress:
     """A bar on a terminal (``\\r``-updated, 2 per second), else a log line every 10 s."""
 
-    def __init__(self, total_records: int, mode: str, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        total_records: int,
+        mode: str,
+        parts_per_event: int = 1,
+        stream: TextIO | None = None,
+    ) -> None:
         self.stream = stream or sys.stderr
+        self.total_events = total_records // max(1, parts_per_event)
         if mode == "auto":
             mode = "bar" if self.stream.isatty() else "log"
         self.mode = mode
@@ -220,18 +241,20 @@ class Progress:
             width = 30
             bar = "=" * int(frac * width)
             self.stream.write(
-                f"\r[{bar:<{width}}] {frac:6.1%}  {predicted} events  {rate:7.1f} ev/s  "
-                f"ETA {eta:5.0f} s "
+                f"\r[{bar:<{width}}] {frac:6.1%}  {predicted}/~{self.total_events} events  "
+                f"{rate:7.1f} ev/s  ETA {eta:5.0f} s "
             )
             if final:
                 self.stream.write("\n")
             self.stream.flush()
         else:
             log.info(
-                "replay: %.1f%% of %d records, %d events predicted, %.1f events/s, ETA %.0f s",
+                "replay: %.1f%% of %d records, %d of ~%d events predicted, %.1f events/s, "
+                "ETA %.0f s",
                 100 * frac,
                 self.total,
                 predicted,
+                self.total_events,
                 rate,
                 eta,
             )
@@ -377,6 +400,7 @@ def _worker_config(config: ReplayConfig, backfill_id: str) -> WorkerConfig:
         client_id="mmstream-replay",
         log_level=config.log_level,
         log_format=config.log_format,
+        **config.security_settings(),
     )
 
 
@@ -399,6 +423,7 @@ def _plan(config: ReplayConfig, backfill_id: str, ranges: list[PartitionRange]) 
         bootstrap_servers=config.bootstrap_servers.split(","),
         group_id=group,
         enable_auto_commit=False,
+        **config.kafka_security(),
     )
     try:  # reads the checkpoint; joins nothing, commits nothing
         saved = {
@@ -437,17 +462,27 @@ def run_replay(config: ReplayConfig, stop: threading.Event | None = None) -> dic
     if config.source_file is not None:
         from worker.archive import restore_file
 
-        restored: dict[str, Any] = restore_file(
-            config.source_file, config.bootstrap_servers, config.to_topic, rate=config.rate
-        )
-        return restored
+        if config.to_topic:
+            restored: dict[str, Any] = restore_file(
+                config.source_file,
+                config.bootstrap_servers,
+                config.to_topic,
+                rate=config.rate,
+                security=config.kafka_security(),
+            )
+            return restored
+        return _score_archive(config, stop)
     if config.model is None:
         raise ConfigError("--model is required")
     from worker.manifest import load_manifest
 
     manifest = load_manifest(config.model, verify=False)
     backfill_id = config.backfill_id or config.default_backfill_id(manifest.sha256)
-    consumer = KafkaConsumer(bootstrap_servers=config.bootstrap_servers.split(","), group_id=None)
+    consumer = KafkaConsumer(
+        bootstrap_servers=config.bootstrap_servers.split(","),
+        group_id=None,
+        **config.kafka_security(),
+    )
     try:
         ranges = resolve(config, consumer)
         plan = _plan(config, backfill_id, ranges)
@@ -458,7 +493,9 @@ def run_replay(config: ReplayConfig, stop: threading.Event | None = None) -> dic
         plan["dry_run"] = True
         return plan
     ensure_topics(
-        config.bootstrap_servers, {config.output_topic: partitions, config.dlq_topic: partitions}
+        config.bootstrap_servers,
+        {config.output_topic: partitions, config.dlq_topic: partitions},
+        security=config.kafka_security(),
     )
     runner = ModelRunner.load(config.model, config.device, max_batch_size=config.max_batch_size)
     parts_per_event = max(1, len(manifest.inputs))
@@ -469,7 +506,7 @@ def run_replay(config: ReplayConfig, stop: threading.Event | None = None) -> dic
         config.window(),
         restart=config.restart,
         rate=config.rate,
-        progress=Progress(plan["records"], config.progress),
+        progress=Progress(plan["records"], config.progress, parts_per_event),
     )
     log.info(
         "replay %s: %s -> %s, %d records in %d partitions (about %d events)%s",
@@ -517,3 +554,77 @@ def summarize(
         "events_per_s": round(stats.predicted / max(seconds, 1e-3), 1),
         "provider": stats.provider,
     }
+
+
+def _score_archive(config: ReplayConfig, stop: threading.Event | None) -> dict[str, Any]:
+    """An archive, scored: restored once to a staging topic, replayed whole, cleaned up."""
+    from worker.archive import iter_archive, restore_file
+    from worker.manifest import load_manifest
+
+    if config.model is None or config.source_file is None:
+        raise ConfigError("--source-file scoring needs --model")
+    manifest = load_manifest(config.model, verify=False)
+    backfill_id = config.backfill_id or config.default_backfill_id(manifest.sha256)
+    staging = f"mmstream-staging-{backfill_id}"
+    records, partitions = 0, 0
+    for _lineno, rec in iter_archive(config.source_file):  # validates every line first
+        records += 1
+        partitions = max(partitions, rec.partition + 1)
+    if config.dry_run:
+        return {
+            "dry_run": True,
+            "backfill_id": backfill_id,
+            "source_file": str(config.source_file),
+            "records": records,
+            "staging_topic": staging,
+            "output_topic": config.output_topic,
+        }
+    security = config.kafka_security()
+    ensure_topics(config.bootstrap_servers, {staging: max(1, partitions)}, security=security)
+    consumer = KafkaConsumer(bootstrap_servers=config.bootstrap_servers.split(","), **security)
+    try:
+        tps = [TopicPartition(staging, p) for p in range(max(1, partitions))]
+        staged = sum(consumer.end_offsets(tps).values())
+    finally:
+        consumer.close()
+    if staged == 0:
+        restore_file(
+            config.source_file, config.bootstrap_servers, staging, rate=0, security=security
+        )
+    elif staged != records:
+        raise ConfigError(
+            f"staging topic {staging} holds {staged} records, the archive {records}: delete "
+            "the topic (or give another --backfill-id) to start over"
+        )
+    else:
+        log.info("replay: %s already holds the archive's %d records", staging, records)
+    scored = run_replay(
+        dataclasses.replace(
+            config,
+            source_file=None,
+            source_topic=staging,
+            range=",".join(f"{p}:0-" for p in range(max(1, partitions))),
+            backfill_id=backfill_id,
+        ),
+        stop,
+    )
+    if stop is None or not stop.is_set():
+        _delete_topic(config.bootstrap_servers, staging, security)
+    return {**scored, "source_file": str(config.source_file), "staging_topic": staging}
+
+
+def _delete_topic(bootstrap_servers: str, topic: str, security: dict[str, Any]) -> None:
+    from kafka.admin import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers.split(","), **security)
+    except KafkaError as exc:
+        log.warning("could not delete the staging topic %s: %r", topic, exc)
+        return
+    try:
+        admin.delete_topics([topic])
+    except KafkaError as exc:
+        log.warning("could not delete the staging topic %s: %r", topic, exc)
+    finally:
+        admin.close()
