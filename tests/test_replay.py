@@ -160,7 +160,11 @@ def test_window_replay_predicts_what_the_live_worker_did_and_handles_the_edges(
     late = events(tiny_model_dir, "edge-late", 1, end - 600, 0, seed=5)
     early = [(*r[:4], start - 300 if i == 0 else start + 50 + i) for i, r in enumerate(early)]
     late = [(*r[:4], end + 300 if i == 2 else end - 600 + i) for i, r in enumerate(late)]
-    send_timed(kafka_bootstrap, src, a + early + b + late + c)
+    # Incomplete events (a part never sent): "gap-in" inside the window (dead-lettered as
+    # incomplete), "gap-out" in the margin after it (the next window's: only counted).
+    gap_in = events(tiny_model_dir, "gap-in", 1, start + 5_000, 0, seed=10)[:2]
+    gap_out = events(tiny_model_dir, "gap-out", 1, end + 200, 0, seed=11)[:2]
+    send_timed(kafka_bootstrap, src, a + early + gap_in + b + late + gap_out + c)
     n_all = 12 + 20 + 12 + 2
 
     live_cfg = make_config(kafka_bootstrap, (src, live_out, live_dlq), tiny_model_dir)
@@ -191,9 +195,10 @@ def test_window_replay_predicts_what_the_live_worker_did_and_handles_the_edges(
         assert np.max(np.abs(ours - theirs)) <= 1e-6, event_id
         assert pred["label"] == live_by_id[event_id]["label"]
     assert summary["events_predicted"] == 21
-    assert summary["outside_window"] == 1  # edge-late: complete, but its newest part is after
-    assert summary["incomplete_in_window"] == {"dlq": 0}
-    assert summary["dead_lettered"] == {}
+    # edge-late (complete, newest part after the end) and gap-out (incomplete, after it)
+    assert summary["outside_window"] == 2
+    assert summary["incomplete_in_window"] == {"dlq": 1}  # gap-in
+    assert summary["dead_lettered"] == {"incomplete_event": 2}  # gap-in's two parts
     # The live group's offsets were not moved; the backfill checkpoints in its own group.
     assert committed_offsets(kafka_bootstrap, live_cfg.group_id, src, 2) == live_positions
     group = BACKFILL_GROUP_PREFIX + summary["backfill_id"]
@@ -202,8 +207,19 @@ def test_window_replay_predicts_what_the_live_worker_did_and_handles_the_edges(
 
     # Explicit offsets: the whole topic, every event (the edges are ordinary events here).
     out2 = topic_factory(2)
-    whole = run_replay(config(kafka_bootstrap, tiny_model_dir, src, out2, range="0:0-,1:0-"))
+    whole = run_replay(
+        config(
+            kafka_bootstrap,
+            tiny_model_dir,
+            src,
+            out2,
+            range="0:0-,1:0-",
+            guarantee="exactly-once",
+            on_incomplete="drop",
+        )
+    )
     assert whole["events_predicted"] == n_all
+    assert whole["incomplete_in_window"] == {"drop": 2}
     assert {p["event_id"] for p in predictions(kafka_bootstrap, out2)} == set(live_by_id)
 
 
@@ -435,3 +451,31 @@ def test_replay_and_archive_take_the_workers_kafka_security(tmp_path: Path) -> N
         helps = {a.dest: a.help or "" for a in sub._actions}
         assert "[env: MMSTREAM_SECURITY_PROTOCOL]" in helps["security_protocol"], command
         assert "sasl_password" not in helps, command  # the secret never is a flag
+
+
+@pytest.mark.integration
+def test_backpressure_never_resumes_a_partition_that_reached_its_end(
+    kafka_bootstrap: str, topic_factory: Callable[..., str], tiny_model_dir: Path
+) -> None:
+    from kafka import TopicPartition
+
+    from worker.model import ModelRunner
+    from worker.ranges import PartitionRange
+    from worker.replay import ReplayWorker, _worker_config
+
+    src = topic_factory(2)
+    cfg = config(kafka_bootstrap, tiny_model_dir, src, f"{src}.out", range="0:0-,1:0-")
+    ranges = [PartitionRange(p, 0, 10, 0, 10) for p in (0, 1)]
+    worker = ReplayWorker(
+        _worker_config(cfg, "t"), ModelRunner.load(tiny_model_dir, "cpu"), ranges, (None, None)
+    )
+    try:
+        worker.consumer.assign([TopicPartition(src, 0), TopicPartition(src, 1)])
+        worker._reach((src, 0))  # partition 0 is done
+        worker.consumer.pause(TopicPartition(src, 1))  # backpressure paused partition 1
+        assert set(worker.consumer.paused()) == {TopicPartition(src, 0), TopicPartition(src, 1)}
+        assert worker._resumable() == {TopicPartition(src, 1)}
+    finally:
+        worker.stage.close()
+        worker.consumer.close()
+        worker.producer.close()

@@ -154,23 +154,35 @@ def ensure_topics(
         raise BrokerError(f"cannot reach Kafka at {bootstrap_servers}: {exc}") from exc
     try:
         existing = set(admin.list_topics())
+        # Replication -1: the cluster's default.replication.factor (KIP-464), not 1.
         new = [
-            NewTopic(n, p, 1, topic_configs=dict(configs or {}))
+            NewTopic(n, p, -1, topic_configs=dict(configs or {}))
             for n, p in topics.items()
             if n not in existing
         ]
         if new:
             with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics(new)
+        # A topic that existed keeps its partition count: wait for its leaders only.
+        want = {
+            n: (p if n not in existing else _partition_count(admin, n)) for n, p in topics.items()
+        }
         deadline = time.monotonic() + timeout_s
-        while (ready := _partitions_with_leader(admin, topics)) != topics:
+        while (ready := _partitions_with_leader(admin, want)) != want:
             if time.monotonic() > deadline:
-                raise BrokerError(f"topics not ready after {timeout_s} s: {ready} of {topics}")
+                raise BrokerError(f"topics not ready after {timeout_s} s: {ready} of {want}")
             time.sleep(0.1)
     except KafkaError as exc:
         raise BrokerError(f"cannot create topics {sorted(topics)}: {exc}") from exc
     finally:
         admin.close()
+
+
+def _partition_count(admin: Any, topic: str) -> int:
+    for info in admin.describe_topics([topic]):
+        if info.get("name") == topic:
+            return len(info.get("partitions") or [])
+    return 0
 
 
 def _partitions_with_leader(admin: Any, topics: dict[str, int]) -> dict[str, int]:

@@ -254,6 +254,26 @@ class Worker:
         """The committed position and metadata a partition's offset tracking starts from."""
         return committed(self.consumer, tp)
 
+    def _rewind(self) -> None:
+        """After an abort: every partition back to its committed position."""
+        for tp in self.consumer.assignment():
+            pos, _meta = committed(self.consumer, (tp.topic, tp.partition))
+            if pos is None:
+                if self.config.auto_offset_reset == "earliest":
+                    self.consumer.seek_to_beginning(tp)
+                else:
+                    self.consumer.seek_to_end(tp)
+            else:
+                self.consumer.seek(tp, pos)
+
+    def _resumable(self) -> set[Any]:
+        """Paused partitions that backpressure may resume (replay keeps finished ones paused)."""
+        return set(self.consumer.paused())
+
+    def _blocked_wait_ms(self) -> int:
+        """How long to poll while a ready batch may not be submitted yet."""
+        return 2
+
     # ------------------------------------------------------------------ loop turns
 
     def _await_topic_metadata(self, timeout_s: float = 30.0) -> None:
@@ -273,7 +293,7 @@ class Worker:
         wait = self.batcher.wait_ms(self.clock())
         timeout = 100 if wait is None else min(wait, 100)
         if timeout == 0 and not self._can_submit(min(len(self.batcher), self.batcher.max_size)):
-            timeout = 2  # a batch waits (inference thread, --rate): poll briefly, not spin
+            timeout = self._blocked_wait_ms()  # a batch waits (inference thread, --rate)
         polled = self.consumer.poll(
             timeout_ms=timeout, max_records=max(1, min(self.config.max_poll_records, room))
         )
@@ -607,15 +627,7 @@ class Worker:
         self.assembler.clear()
         self.batcher.clear()
         self.tracker.clear()
-        for tp in self.consumer.assignment():
-            pos, _meta = committed(self.consumer, (tp.topic, tp.partition))
-            if pos is None:
-                if self.config.auto_offset_reset == "earliest":
-                    self.consumer.seek_to_beginning(tp)
-                else:
-                    self.consumer.seek_to_end(tp)
-            else:
-                self.consumer.seek(tp, pos)
+        self._rewind()
         log.info("transaction aborted; rewound %d partitions", len(self.consumer.assignment()))
 
     def _handle_revocations(self) -> bool:
@@ -662,7 +674,7 @@ class Worker:
         elif self._paused and (
             events <= RESUME_AT * c.max_pending_events and nbytes <= RESUME_AT * c.max_pending_bytes
         ):
-            self.consumer.resume(*self.consumer.paused())
+            self.consumer.resume(*self._resumable())
             self._paused = False
             log.info("pending below the bound (%d events, %d bytes): resuming", events, nbytes)
         return max(0, c.max_pending_events - events)

@@ -18,13 +18,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kafka import TopicPartition
 
 from worker.errors import ConfigError
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _RANGE = re.compile(r"^(\d+):(\d*)-(\d*)$")
 
 
@@ -61,7 +62,7 @@ def parse_time(text: str, flag: str) -> int:
         ) from exc
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return int(when.timestamp() * 1000)
+    return (when - _EPOCH) // timedelta(milliseconds=1)  # exact: no float rounding
 
 
 def format_time(ms: int) -> str:

@@ -53,9 +53,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kafka import KafkaConsumer, TopicPartition
+from kafka.structs import OffsetAndMetadata
 
+from worker.assemble import Incomplete
 from worker.config import FrozenConfig, KafkaSecurity, WorkerConfig
-from worker.errors import ConfigError
+from worker.errors import BrokerError, ConfigError
 from worker.kafka_io import committed, ensure_topics
 from worker.model import ModelRunner
 from worker.pipeline import Clock, Worker, WorkerStats, wall_ms
@@ -156,11 +158,22 @@ class ReplayConfig(KafkaSecurity, FrozenConfig):
         return parse_offset_ranges([s for s in self.range.split(",") if s.strip()])
 
     def default_backfill_id(self, model_sha256: str) -> str:
-        """Same command (topic or file, range, output, model) -> same id -> resumes."""
-        source = self.source_topic or str(Path(self.source_file or "").resolve())
+        """Same command (topic or file contents, range, output, model) -> same id -> resumes."""
+        source = self.source_topic or _file_sha256(Path(self.source_file or ""))
         parts = (source, self.from_time, self.to_time, self.range, self.output_topic)
         key = "|".join((*parts, model_sha256))
         return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise ConfigError(f"--source-file {str(path)!r}: {exc.strerror or exc}") from exc
+    return digest.hexdigest()
 
 
 class Pacer:
@@ -291,29 +304,49 @@ class ReplayWorker(Worker):
     def _join(self) -> None:
         tps = [TopicPartition(t, p) for t, p in sorted(self.ranges)]
         self.consumer.assign(tps)
+        if self.restart:
+            # The checkpoint says "nothing done": resuming after this run, or rewinding
+            # after an aborted transaction, starts from the range, not from an old run.
+            self.consumer.commit(
+                offsets={
+                    TopicPartition(*k): OffsetAndMetadata(r.start, "", -1)
+                    for k, r in self.ranges.items()
+                }
+            )
         for tp in tps:
-            key = (tp.topic, tp.partition)
-            r = self.ranges[key]
-            pos = r.start
-            if not self.restart:
-                checkpoint, _meta = committed(self.consumer, key)
-                if checkpoint is not None and r.start < checkpoint:
-                    pos = min(checkpoint, r.end)
-                    self.counters.resumed_from[tp.partition] = pos
-            self.consumer.seek(tp, pos)
-            if pos >= r.end:
-                self.reached.add(key)
-        if self.reached:
-            self.consumer.pause(*(TopicPartition(*k) for k in self.reached))
+            pos = self._start_of((tp.topic, tp.partition))
+            r = self.ranges[(tp.topic, tp.partition)]
+            if pos > r.start:
+                self.counters.resumed_from[tp.partition] = pos
         if self.counters.resumed_from:
             log.info("replay: resuming from checkpoint %s", self.counters.resumed_from)
         self.ready.set()
 
+    def _start_of(self, key: tuple[str, int]) -> int:
+        """Seek a partition to its checkpoint (within the range); pause it if it is done."""
+        r = self.ranges[key]
+        checkpoint, _meta = committed(self.consumer, key)
+        pos = r.start if checkpoint is None else min(max(checkpoint, r.start), r.end)
+        tp = TopicPartition(*key)
+        self.consumer.seek(tp, pos)
+        if pos >= r.end:
+            self._reach(key)
+        return pos
+
+    def _rewind(self) -> None:
+        """After an aborted transaction: back to the checkpoint, and the ends not reached."""
+        self.reached.clear()
+        self.flushed = False
+        self.counters.outside_window = self.counters.incomplete_in_window = 0
+        self.consumer.resume(*self.consumer.paused())
+        for key in self.ranges:
+            self._start_of(key)
+
+    def _resumable(self) -> set[Any]:
+        return {tp for tp in self.consumer.paused() if (tp.topic, tp.partition) not in self.reached}
+
     def _owned(self) -> set[tuple[str, int]]:
         return set(self.ranges)
-
-    def _seed(self, tp: tuple[str, int]) -> tuple[int | None, str]:
-        return (None, "") if self.restart else committed(self.consumer, tp)
 
     def _admit(self, raw: RawRecord) -> bool:
         key = (raw.source.topic, raw.source.partition)
@@ -322,7 +355,7 @@ class ReplayWorker(Worker):
             self.counters.beyond_range_records += 1
             self._reach(key)
             return False
-        return True
+        return raw.source.offset >= r.start  # (a rewind to the log start reads before it)
 
     def _accept(self, event: Event) -> bool:
         if self._in_window(event.last_part_ms):
@@ -330,8 +363,25 @@ class ReplayWorker(Worker):
         self.counters.outside_window += 1
         return False
 
+    def _incomplete(self, inc: Incomplete, now: int) -> None:
+        """Incomplete events of the window follow --on-incomplete; the others belong to a
+        neighbouring window and are only counted (one rule for mid-range and at the end)."""
+        newest = max(p.source.timestamp_ms for p in inc.parts.values())
+        if self._in_window(newest):
+            self.counters.incomplete_in_window += 1
+            super()._incomplete(inc, now)
+        else:
+            self.counters.outside_window += 1
+            self._mark_done(tuple(p.source for p in inc.all_parts))
+
     def _can_submit(self, events: int) -> bool:
         return self.stage.has_room() and (self.pacer is None or self.pacer.ready(events))
+
+    def _blocked_wait_ms(self) -> int:
+        if self.pacer is None:
+            return 2
+        n = min(len(self.batcher), self.batcher.max_size)
+        return max(2, min(100, self.pacer.wait_ms(n)))
 
     def _submit(self, events: Any) -> None:
         if self.pacer is not None:
@@ -353,7 +403,7 @@ class ReplayWorker(Worker):
     # -- range bookkeeping
 
     def _reach(self, key: tuple[str, int]) -> None:
-        if key in self.ranges and key not in self.reached:
+        if key in self.ranges:
             self.reached.add(key)
             self.consumer.pause(TopicPartition(*key))
 
@@ -365,13 +415,7 @@ class ReplayWorker(Worker):
         """Every partition is at its end: no more parts will come for what is pending."""
         now = self.clock()
         for inc in self.assembler.expire(now, 0):
-            newest = max(p.source.timestamp_ms for p in inc.all_parts)
-            if self._in_window(newest):
-                self.counters.incomplete_in_window += 1
-                self._incomplete(inc, now)
-            else:
-                self.counters.outside_window += 1
-                self._mark_done(tuple(p.source for p in inc.all_parts))
+            self._incomplete(inc, now)
         self.flushed = True
 
 
@@ -481,6 +525,10 @@ def run_replay(config: ReplayConfig, stop: threading.Event | None = None) -> dic
     consumer = KafkaConsumer(
         bootstrap_servers=config.bootstrap_servers.split(","),
         group_id=None,
+        # Exactly-once reads stop at the last stable offset: resolve the ends the same way.
+        isolation_level=(
+            "read_committed" if config.guarantee == "exactly-once" else "read_uncommitted"
+        ),
         **config.kafka_security(),
     )
     try:
@@ -521,6 +569,12 @@ def run_replay(config: ReplayConfig, stop: threading.Event | None = None) -> dic
     started = time.monotonic()
     stats = worker.run(stop or threading.Event())
     seconds = time.monotonic() - started
+    unsaved = {tp: pos for tp, (pos, _m) in worker.tracker.committable().items()}
+    if unsaved:
+        raise BrokerError(
+            f"replay {backfill_id}: the last checkpoint {unsaved} was not committed; run the "
+            "same command again to continue from the one before"
+        )
     if worker.progress is not None:
         worker.progress.update(stats.consumed, stats.predicted, final=True)
     return summarize(plan, stats, worker.counters, seconds, config)
@@ -580,14 +634,21 @@ def _score_archive(config: ReplayConfig, stop: threading.Event | None) -> dict[s
             "output_topic": config.output_topic,
         }
     security = config.kafka_security()
-    ensure_topics(config.bootstrap_servers, {staging: max(1, partitions)}, security=security)
+    # Archived records keep their old timestamps: time retention would delete them at once.
+    ensure_topics(
+        config.bootstrap_servers,
+        {staging: max(1, partitions)},
+        configs={"retention.ms": "-1", "retention.bytes": "-1"},
+        security=security,
+    )
     consumer = KafkaConsumer(bootstrap_servers=config.bootstrap_servers.split(","), **security)
     try:
         tps = [TopicPartition(staging, p) for p in range(max(1, partitions))]
         staged = sum(consumer.end_offsets(tps).values())
     finally:
         consumer.close()
-    if staged == 0:
+    fresh = staged == 0
+    if fresh:
         restore_file(
             config.source_file, config.bootstrap_servers, staging, rate=0, security=security
         )
@@ -605,6 +666,9 @@ def _score_archive(config: ReplayConfig, stop: threading.Event | None) -> dict[s
             source_topic=staging,
             range=",".join(f"{p}:0-" for p in range(max(1, partitions))),
             backfill_id=backfill_id,
+            # A freshly restored staging topic: any checkpoint is of an earlier one.
+            restart=config.restart or fresh,
+            sasl_password_file=None,
         ),
         stop,
     )
