@@ -107,3 +107,18 @@ def test_depth_zero_runs_inline() -> None:
 def test_negative_depth_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="depth"):
         BatchStage(Recorder(), depth=-1, name="x")
+
+
+def test_close_can_discard_queued_batches() -> None:
+    rec = Recorder()
+    rec.gate.clear()
+    stage: BatchStage[int] = BatchStage(rec, depth=3, name="test-infer")
+    stage.submit([1])
+    assert rec.started.wait(5)
+    stage.submit([2, 3])
+    stage.submit([4])
+    # The running batch is held at the gate while close() drops the queued ones.
+    threading.Timer(0.2, rec.gate.set).start()
+    stage.close(discard=True)
+    assert rec.seen == [[1]]  # [2, 3] and [4] were dropped unrun
+    assert stage.pending_items == 0

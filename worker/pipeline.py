@@ -195,6 +195,7 @@ class Worker:
 
     def run(self, stop: threading.Event) -> WorkerStats:
         c = self.config
+        drained = False
         try:
             if self.eos:
                 self.producer.init_transactions()
@@ -213,10 +214,11 @@ class Worker:
             while not stop.is_set() and not self._done():
                 self._step()
             self._drain()
+            drained = True
         except KafkaError as exc:
             raise BrokerError(f"Kafka failed: {exc!r}") from exc
         finally:
-            self.stage.close(timeout_s=self.config.shutdown_timeout_s)
+            self.stage.close(timeout_s=self.config.shutdown_timeout_s, discard=not drained)
             self.consumer.close(autocommit=False)
             self.producer.close(timeout=5)
         log.info("worker stopped: %s", self.stats)

@@ -231,6 +231,7 @@ class Progress:
     ) -> None:
         self.stream = stream or sys.stderr
         self.total_events = total_records // max(1, parts_per_event)
+        self.done_before = 0  # records before the checkpoint a resumed run starts from
         if mode == "auto":
             mode = "bar" if self.stream.isatty() else "log"
         self.mode = mode
@@ -247,6 +248,7 @@ class Progress:
             return
         self._last = now
         elapsed = max(1e-3, now - self.start)
+        records += self.done_before
         frac = min(1.0, records / self.total)
         rate = predicted / elapsed
         eta = (elapsed / frac - elapsed) if frac > 0 else float("nan")
@@ -320,6 +322,11 @@ class ReplayWorker(Worker):
                 self.counters.resumed_from[tp.partition] = pos
         if self.counters.resumed_from:
             log.info("replay: resuming from checkpoint %s", self.counters.resumed_from)
+            if self.progress is not None:
+                self.progress.done_before = sum(
+                    pos - self.ranges[(self.config.input_topic, p)].start
+                    for p, pos in self.counters.resumed_from.items()
+                )
         self.ready.set()
 
     def _start_of(self, key: tuple[str, int]) -> int:

@@ -95,10 +95,14 @@ class BatchStage(Generic[T]):
                 timeout=timeout_s,
             )
 
-    def close(self, timeout_s: float = 30.0) -> None:
-        """Stop the thread after the queued batches ran."""
+    def close(self, timeout_s: float = 30.0, discard: bool = False) -> None:
+        """Stop the thread after the queued batches ran (``discard``: drop them unrun,
+        when the loop failed and nothing they send would be committed)."""
         with self._cond:
             self._closed = True
+            if discard:
+                self._items -= sum(len(b) for b in self._queue)
+                self._queue.clear()
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout_s)
