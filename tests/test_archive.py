@@ -396,7 +396,7 @@ def test_schema_is_valid_and_accepts_both_line_kinds() -> None:
 def test_archive_config_is_strict(tmp_path: Path) -> None:
     base = {"bootstrap_servers": "b:9092", "source_topic": "t", "out": tmp_path / "a.jsonl"}
     cfg = ArchiveConfig.from_mapping(base)
-    assert cfg.offsets is None and cfg.from_ms is None and not cfg.dry_run
+    assert cfg.offsets() is None and cfg.window()[0] is None and not cfg.dry_run
     with pytest.raises(AttributeError):
         cfg.dry_run = True  # type: ignore[misc]
     with pytest.raises(ConfigError, match="unknown setting"):
@@ -418,4 +418,4 @@ def test_archive_config_is_strict(tmp_path: Path) -> None:
     assert archive_config(parser.parse_args(argv)).ranges == ("0:1-2", "1:5-")
     flag_wins = parser.parse_args([*argv, "--range", "2:0-1", "--range", "0:-9,1:4-"])
     flag_wins.command, flag_wins.handler = "archive", cmd_archive  # as the CLI sets them
-    assert archive_config(flag_wins).offsets == {2: (0, 1), 0: (None, 9), 1: (4, None)}
+    assert archive_config(flag_wins).offsets() == {2: (0, 1), 0: (None, 9), 1: (4, None)}

@@ -117,7 +117,7 @@ def test_replay_config_rejects_what_it_cannot_do() -> None:
     with pytest.raises(ConfigError, match="give a range"):
         ReplayConfig.from_mapping(base)
     with pytest.raises(ConfigError, match="not both"):
-        ReplayConfig.from_mapping({**base, "from_time": "2026-01-01T00:00:00Z", "range": "0:1-"})
+        ReplayConfig.from_mapping({**base, "from_time": "2026-01-01T00:00:00Z", "ranges": "0:1-"})
     with pytest.raises(ConfigError, match="ISO-8601"):
         ReplayConfig.from_mapping({**base, "from_time": "yesterday"})
     with pytest.raises(ConfigError, match="after --from"):
@@ -125,11 +125,11 @@ def test_replay_config_rejects_what_it_cannot_do() -> None:
             {**base, "from_time": "2026-01-02T00:00:00Z", "to_time": "2026-01-01T00:00:00Z"}
         )
     with pytest.raises(ConfigError, match="PARTITION:START-END"):
-        ReplayConfig.from_mapping({**base, "range": "zero:1-2"})
+        ReplayConfig.from_mapping({**base, "ranges": "zero:1-2"})
     with pytest.raises(ConfigError, match="must differ"):
-        ReplayConfig.from_mapping({**base, "range": "0:1-", "output_topic": "in"})
+        ReplayConfig.from_mapping({**base, "ranges": "0:1-", "output_topic": "in"})
     with pytest.raises(ConfigError, match="unknown setting"):
-        ReplayConfig.from_mapping({**base, "range": "0:1-", "speed": 3})
+        ReplayConfig.from_mapping({**base, "ranges": "0:1-", "speed": 3})
     ok = ReplayConfig.from_mapping({**base, "from_time": "2026-11-28T10:00:00+01:00"})
     assert ok.output_topic == "in.backfill" and ok.dlq_topic == "in.backfill.dlq"
     assert ok.window() == (parse_time("2026-11-28T09:00:00Z", "--from"), None)
@@ -213,7 +213,7 @@ def test_window_replay_predicts_what_the_live_worker_did_and_handles_the_edges(
             tiny_model_dir,
             src,
             out2,
-            range="0:0-,1:0-",
+            ranges="0:0-,1:0-",
             guarantee="exactly-once",
             on_incomplete="drop",
         )
@@ -232,7 +232,7 @@ def test_dry_run_changes_nothing(
     send_timed(kafka_bootstrap, src, events(tiny_model_dir, "d", 10, HOUR_AGO, 10, seed=6))
     out = f"{src}.never"
     plan = run_replay(
-        config(kafka_bootstrap, tiny_model_dir, src, out, range="0:0-,1:0-", dry_run=True)
+        config(kafka_bootstrap, tiny_model_dir, src, out, ranges="0:0-,1:0-", dry_run=True)
     )
     assert plan["dry_run"] is True and plan["records"] == 30
     assert sum(p["records"] for p in plan["partitions"]) == 30
@@ -319,7 +319,7 @@ def test_rate_holds_within_ten_percent(
     send_timed(kafka_bootstrap, src, events(tiny_model_dir, "r", n, HOUR_AGO, 10, seed=8))
     stop = threading.Event()
     summary = run_replay(
-        config(kafka_bootstrap, tiny_model_dir, src, out, range="0:0-,1:0-", rate=rate), stop
+        config(kafka_bootstrap, tiny_model_dir, src, out, ranges="0:0-,1:0-", rate=rate), stop
     )
     assert summary["events_predicted"] == n
     from kafka import KafkaConsumer
@@ -419,11 +419,11 @@ def test_replay_and_archive_take_the_workers_kafka_security(tmp_path: Path) -> N
         "sasl_username": "backfill",
         "sasl_password_file": secret,
     }
-    base = {"bootstrap_servers": "b:9092", "source_topic": "in", "model": "m", "range": "0:0-"}
+    base = {"bootstrap_servers": "b:9092", "source_topic": "in", "model": "m", "ranges": "0:0-"}
     replay = ReplayConfig.from_mapping({**base, **sasl})
     assert replay.kafka_security()["sasl_plain_password"] == "s3cret"
     assert "s3cret" not in repr(replay)
-    assert dataclasses.replace(replay, range="1:0-").sasl_password == "s3cret"  # copies work
+    assert dataclasses.replace(replay, ranges=("1:0-",)).sasl_password == "s3cret"  # copies work
     with pytest.raises(ConfigError, match="sasl-username"):
         ReplayConfig.from_mapping({**base, **sasl, "sasl_username": ""})
     archive = ArchiveConfig.from_mapping(
@@ -464,7 +464,7 @@ def test_backpressure_never_resumes_a_partition_that_reached_its_end(
     from worker.replay import ReplayWorker, _worker_config
 
     src = topic_factory(2)
-    cfg = config(kafka_bootstrap, tiny_model_dir, src, f"{src}.out", range="0:0-,1:0-")
+    cfg = config(kafka_bootstrap, tiny_model_dir, src, f"{src}.out", ranges="0:0-,1:0-")
     ranges = [PartitionRange(p, 0, 10, 0, 10) for p in (0, 1)]
     worker = ReplayWorker(
         _worker_config(cfg, "t"), ModelRunner.load(tiny_model_dir, "cpu"), ranges, (None, None)

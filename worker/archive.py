@@ -72,7 +72,6 @@ import gzip
 import json
 import logging
 import os
-import re
 import threading
 import time
 import uuid
@@ -91,9 +90,10 @@ from worker.errors import BrokerError, ConfigError
 from worker.kafka_io import make_producer
 from worker.ranges import (
     PartitionRange,
+    RangeSettings,
+    add_range_args,
     format_time,
-    parse_offset_ranges,
-    parse_time,
+    range_settings,
     resolve_ranges,
 )
 
@@ -682,7 +682,7 @@ def restore_file(
 
 
 @dataclass(frozen=True)
-class ArchiveConfig(KafkaSecurity, FrozenConfig):
+class ArchiveConfig(KafkaSecurity, RangeSettings, FrozenConfig):
     """Settings of ``mmstream archive``; see ``mmstream archive --help``.
 
     ``from_time``/``to_time`` are the ``--from``/``--to`` flags (ISO-8601), ``ranges``
@@ -693,9 +693,6 @@ class ArchiveConfig(KafkaSecurity, FrozenConfig):
     bootstrap_servers: str
     source_topic: str
     out: Path | None = None
-    from_time: str | None = None
-    to_time: str | None = None
-    ranges: tuple[str, ...] = ()
     dry_run: bool = False
     client_id: str = "mmstream-archive"
     timeout_s: float = 30.0
@@ -704,12 +701,7 @@ class ArchiveConfig(KafkaSecurity, FrozenConfig):
         for name in ("bootstrap_servers", "source_topic"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} is required")
-        given = [self.ranges] if isinstance(self.ranges, str) else list(self.ranges or ())
-        # Each --range (and MMSTREAM_RANGE) may also be a comma-separated list.
-        specs = tuple(s for g in given for s in re.split(r"[,\s]+", g) if s)
-        object.__setattr__(self, "ranges", specs)
-        object.__setattr__(self, "from_time", self.from_time or None)
-        object.__setattr__(self, "to_time", self.to_time or None)
+        self._check_range()
         if self.out is not None and str(self.out):
             object.__setattr__(self, "out", Path(self.out))
         else:
@@ -723,74 +715,21 @@ class ArchiveConfig(KafkaSecurity, FrozenConfig):
                 raise ConfigError(
                     f"--out {str(self.out)!r}: directory {str(self.out.parent)!r} does not exist"
                 )
-        if self.ranges and (self.from_time or self.to_time):
-            raise ConfigError("give --from/--to or --range, not both")
-        parse_offset_ranges(self.ranges)  # errors now, before connecting
-        from_ms, to_ms = self.from_ms, self.to_ms
-        if from_ms is not None and to_ms is not None and to_ms <= from_ms:
-            raise ConfigError("--to must be after --from")
         if self.timeout_s <= 0:
             raise ConfigError("--timeout-s must be > 0")
         self._check_security()
-
-    @property
-    def from_ms(self) -> int | None:
-        return parse_time(self.from_time, "--from") if self.from_time else None
-
-    @property
-    def to_ms(self) -> int | None:
-        return parse_time(self.to_time, "--to") if self.to_time else None
-
-    @property
-    def offsets(self) -> dict[int, tuple[int | None, int | None]] | None:
-        return parse_offset_ranges(self.ranges) if self.ranges else None
-
-
-class RangeListAction(argparse.Action):
-    """``action="append"`` that also copes with a string default from ``MMSTREAM_RANGE``
-    (comma-separated): a ``--range`` flag replaces the variable's list (the flag wins)."""
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: str | Sequence[Any] | None,
-        option_string: str | None = None,
-    ) -> None:
-        items = getattr(namespace, self.dest, None)
-        merged = list(items) if isinstance(items, list) else []
-        merged.append(values)
-        setattr(namespace, self.dest, merged)
 
 
 def add_archive_args(p: argparse.ArgumentParser) -> None:
     """The flags of ``mmstream archive``."""
     p.add_argument("--bootstrap-servers", required=True, help="Kafka bootstrap servers")
     p.add_argument("--source-topic", required=True, help="topic to archive")
-    p.add_argument(
-        "--from",
-        dest="from",
-        default=None,
-        metavar="TIME",
-        help="ISO-8601 start (inclusive), e.g. 2026-11-29T10:00:00Z (no zone = UTC): per "
-        "partition, the first offset whose timestamp is at or after it",
-    )
-    p.add_argument(
-        "--to",
-        dest="to",
-        default=None,
-        metavar="TIME",
-        help="ISO-8601 end (exclusive; default: the current end of each partition)",
-    )
-    p.add_argument(
-        "--range",
-        dest="range",
-        action=RangeListAction,
-        default=None,
-        metavar="PARTITION:START-END",
-        help="explicit offsets, END exclusive, either side may be empty (0:100-200, 1:-50, "
-        "2:7-); repeatable or comma-separated, only the partitions named; not with "
-        "--from/--to. Neither given: every partition, whole log",
+    add_range_args(
+        p,
+        "ISO-8601 start (inclusive), e.g. 2026-11-29T10:00:00Z (no zone = UTC): per "
+        "partition, the first offset whose timestamp is at or after it; none of "
+        "--from/--to/--range: every partition, whole log",
+        "ISO-8601 end (exclusive; default: the current end of each partition)",
     )
     p.add_argument(
         "--out",
@@ -815,17 +754,13 @@ def add_archive_args(p: argparse.ArgumentParser) -> None:
     add_security_args(p)
 
 
-#: argparse dest -> ArchiveConfig field, where they differ (``from`` is a keyword).
-_FLAG_FIELDS = {"from": "from_time", "to": "to_time", "range": "ranges"}
 #: Namespace entries that are not settings (set by the CLI's parser).
 _NOT_SETTINGS = frozenset({"command", "handler", "known_env"})
 
 
 def archive_config(args: argparse.Namespace) -> ArchiveConfig:
     """Parsed ``mmstream archive`` flags -> :class:`ArchiveConfig` (unknown keys refused)."""
-    settings = {_FLAG_FIELDS.get(k, k): v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
-    if settings.get("ranges") is None:
-        settings["ranges"] = ()
+    settings = range_settings({k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS})
     settings.setdefault("sasl_password", os.environ.get(SASL_PASSWORD_ENV, ""))
     return ArchiveConfig.from_mapping(settings)
 
@@ -833,13 +768,14 @@ def archive_config(args: argparse.Namespace) -> ArchiveConfig:
 def run_archive(config: ArchiveConfig) -> dict[str, Any]:
     """Resolve the ranges of ``config`` and archive them (or, with ``dry_run``, report them)."""
     consumer = plain_consumer(config.bootstrap_servers, config.client_id, **config.kafka_security())
+    from_ms, to_ms = config.window()
     try:
         resolved = resolve_ranges(
             consumer,
             config.source_topic,
-            from_ms=config.from_ms,
-            to_ms=config.to_ms,
-            offsets=config.offsets,
+            from_ms=from_ms,
+            to_ms=to_ms,
+            offsets=config.offsets(),
         )
     except KafkaError as exc:
         raise BrokerError(f"cannot resolve offsets of {config.source_topic!r}: {exc}") from exc

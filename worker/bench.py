@@ -57,7 +57,7 @@ from numpy.typing import NDArray
 from worker.config import FrozenConfig, WorkerConfig
 from worker.demo import read_predictions
 from worker.errors import BrokerError, ConfigError, MMStreamError
-from worker.kafka_io import ensure_topics
+from worker.kafka_io import count_records, delete_topics, ensure_topics
 from worker.model import ModelRunner
 from worker.pipeline import Worker, WorkerStats
 from worker.produce import ProduceConfig, produce
@@ -350,23 +350,23 @@ def _worker_config(
     )
 
 
-def _latencies(preds: list[tuple[dict[str, Any], int]]) -> list[float]:
-    """Per event (first prediction seen): record timestamp - newest part's timestamp, ms."""
-    seen: dict[str, float] = {}
+Preds = list[tuple[dict[str, Any], int]]
+
+
+def _first_per_event(preds: Preds) -> Preds:
+    """The first prediction (value, record timestamp) of each event, in reading order."""
+    first: dict[str, tuple[dict[str, Any], int]] = {}
     for value, ts in preds:
-        seen.setdefault(value["event_id"], float(ts - value["timing"]["last_part_ms"]))
-    return list(seen.values())
+        first.setdefault(value["event_id"], (value, ts))
+    return list(first.values())
 
 
-def _latency_stages(preds: list[tuple[dict[str, Any], int]]) -> dict[str, dict[str, float]]:
+def _latency_stages(first: Preds) -> dict[str, dict[str, float]]:
     """Where each event's latency went, from the prediction's own timing (p50/p95/p99 ms):
     last part in Kafka -> event assembled in the worker (fetch, decode, assembly);
     assembled -> batch inferred (batch delay, queue, ORT); inferred -> prediction in Kafka
     (JSON, send, linger). Worker-clock and broker-clock stamps: one machine here."""
-    first: dict[str, tuple[dict[str, Any], int]] = {}
-    for value, ts in preds:
-        first.setdefault(value["event_id"], (value, ts))
-    rows = [(v["timing"], ts) for v, ts in first.values()]
+    rows = [(v["timing"], ts) for v, ts in first]
     return {
         "to_assembled": percentiles([t["completed_ms"] - t["last_part_ms"] for t, _ in rows]),
         "to_inferred": percentiles([t["inferred_ms"] - t["completed_ms"] for t, _ in rows]),
@@ -505,39 +505,36 @@ class _WorkerProcesses:
         self._log.close()
 
 
-def _count_records(bootstrap_servers: str, topic: str) -> int:
-    """Records in ``topic`` (sum of end offsets; the bench's topics start empty)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers.split(","), group_id=None)
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        return sum(consumer.end_offsets(tps).values()) if tps else 0
-    finally:
-        consumer.close()
+def _run_report(
+    config: BenchConfig, preds: Preds, n: int, topic_out: str, note: str
+) -> tuple[dict[str, Any], Preds]:
+    """One worker run, from its output topic alone.
 
-
-def _run_summary(
-    preds: list[tuple[dict[str, Any], int]], n: int, dead_lettered: int
-) -> dict[str, Any]:
-    """Throughput from the output topic alone: first event assembled -> last prediction
-    written (the worker's clock stamps ``completed_ms``; the broker's record timestamp
-    is the producer's send time). Batches: each prediction carries its batch's size."""
-    by_event: dict[str, tuple[dict[str, Any], int]] = {}
-    for value, ts in preds:
-        by_event.setdefault(value["event_id"], (value, ts))
-    first = min((v["timing"]["completed_ms"] for v, _ in by_event.values()), default=0)
-    last = max((ts for _, ts in by_event.values()), default=0)
-    seconds = max(1, last - first) / 1000.0
-    batches = sum(1.0 / max(1, v["timing"]["batch_size"]) for v, _ in by_event.values())
+    Throughput: first event assembled -> last prediction written (the worker's clock
+    stamps ``completed_ms``; the record timestamp is the broker's append time). Batches:
+    each prediction carries its batch's size. Latency per event: its first prediction's
+    record timestamp - the newest part's record timestamp (``_latencies``: the values).
+    Also returns each event's first prediction."""
+    first = _first_per_event(preds)
+    start = min((v["timing"]["completed_ms"] for v, _ in first), default=0)
+    last = max((ts for _, ts in first), default=0)
+    seconds = max(1, last - start) / 1000.0
+    batches = sum(1.0 / max(1, v["timing"]["batch_size"]) for v, _ in first)
+    lat = [float(ts - v["timing"]["last_part_ms"]) for v, ts in first]
     return {
         "events": n,
-        "predicted": len(by_event),
-        "duplicates": len(preds) - len(by_event),
-        "dead_lettered": dead_lettered,
+        "predicted": len(first),
+        "duplicates": len(preds) - len(first),
+        "dead_lettered": count_records(config.bootstrap_servers, f"{topic_out}.dlq"),
         "batches": round(batches),
-        "mean_batch_size": len(by_event) / max(1.0, batches),
+        "mean_batch_size": len(first) / max(1.0, batches),
         "seconds": seconds,
-        "events_per_s": len(by_event) / seconds,
-    }
+        "events_per_s": len(first) / seconds,
+        "processes": config.processes,
+        "latency_ms": percentiles(lat),
+        "latency_note": note,
+        "_latencies": lat,
+    }, first
 
 
 def bench_end_to_end(
@@ -552,19 +549,16 @@ def bench_end_to_end(
         rss = w.rss_report()
         if rc != 0:
             raise BrokerError(f"the worker exited with {rc}: {w.tail()}")
-    result = _run_summary(
-        preds, config.events, _count_records(config.bootstrap_servers, f"{topic_out}.dlq")
-    )
-    result["processes"] = config.processes
-    lat = _latencies(preds)
-    result["latency_ms"] = percentiles(lat)
-    result["latency_note"] = (
+    result, _first = _run_report(
+        config,
+        preds,
+        config.events,
+        topic_out,
         "prediction record timestamp - newest part's record timestamp (both broker "
         "append times: the topics use LogAppendTime); every part was "
-        "written before the worker started, so this is mostly time spent queued"
+        "written before the worker started, so this is mostly time spent queued",
     )
     result["rss_mb"] = rss
-    result["_latencies"] = lat
     return result
 
 
@@ -616,42 +610,22 @@ def bench_open_loop(
         rc = w.stop()
         if rc != 0:
             raise BrokerError(f"the worker exited with {rc}: {w.tail()}")
-    result = _run_summary(preds, n, _count_records(config.bootstrap_servers, f"{topic_out}.dlq"))
-    result["processes"] = config.processes
-    result["target_rate"] = rate
-    result["produced_rate"] = n / max(1e-3, produced["ms"] / 1000.0)
-    lat = _latencies(preds)
-    result["latency_ms"] = percentiles(lat)
-    result["latency_stages_ms"] = _latency_stages(preds)
-    result["latency_note"] = (
+    result, first = _run_report(
+        config,
+        preds,
+        n,
+        topic_out,
         "prediction record timestamp - newest part's record timestamp (both broker "
         "append times: the topics use LogAppendTime), parts produced "
-        "at target_rate by a separate process while the worker ran"
+        "at target_rate by a separate process while the worker ran",
     )
-    result["_latencies"] = lat
+    result["latency_stages_ms"] = _latency_stages(first)
+    result["target_rate"] = rate
+    result["produced_rate"] = n / max(1e-3, produced["ms"] / 1000.0)
     return result
 
 
 # ------------------------------------------------------------------ the run
-
-
-def _delete_topics(bootstrap_servers: str, topics: list[str]) -> None:
-    from kafka.admin import KafkaAdminClient
-
-    try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers.split(","))
-    except KafkaError as exc:
-        log.warning("could not delete the bench topics: %r", exc)
-        return
-    try:
-        existing = set(admin.list_topics())
-        doomed = [t for t in topics if t in existing]
-        if doomed:
-            admin.delete_topics(doomed)
-    except KafkaError as exc:
-        log.warning("could not delete the bench topics %s: %r", topics, exc)
-    finally:
-        admin.close()
 
 
 @contextlib.contextmanager
@@ -664,7 +638,7 @@ def _topics(config: BenchConfig, names: dict[str, int]) -> Iterator[None]:
         yield
     finally:
         if not config.keep_topics:
-            _delete_topics(config.bootstrap_servers, list(names))
+            delete_topics(config.bootstrap_servers, list(names))
 
 
 def run_bench(config: BenchConfig) -> dict[str, Any]:

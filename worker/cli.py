@@ -41,6 +41,7 @@ from worker.config import (
 )
 from worker.errors import BrokerError, InferenceError, MMStreamError
 from worker.logs import configure_logging
+from worker.ranges import add_range_args, range_settings
 
 log = logging.getLogger(__name__)
 
@@ -388,30 +389,14 @@ def _export_handler(name: str) -> Handler:
 
 
 def _add_replay_args(p: argparse.ArgumentParser) -> None:
-    from worker.archive import RangeListAction
-
     p.add_argument("--bootstrap-servers", required=True, help="Kafka bootstrap servers")
     p.add_argument("--source-topic", default="", help="topic of the parts to re-score")
     p.add_argument("--model", type=Path, default=None, help="model directory to score with")
-    p.add_argument(
-        "--from",
-        dest="from",
-        default="",
-        metavar="TIME",
-        help="start of the window, ISO-8601 (e.g. 2026-11-28T00:00:00Z; no zone = UTC); "
+    add_range_args(
+        p,
+        "start of the window, ISO-8601 (e.g. 2026-11-28T00:00:00Z; no zone = UTC); "
         "events whose newest part is at or after it",
-    )
-    p.add_argument(
-        "--to", dest="to", default="", metavar="TIME", help="end of the window, ISO-8601, exclusive"
-    )
-    p.add_argument(
-        "--range",
-        dest="range",
-        action=RangeListAction,
-        default=None,
-        metavar="PARTITION:START-END",
-        help="explicit offsets instead of times, repeatable or comma-separated (END "
-        "exclusive; either may be empty, e.g. 0:100-,1:-500)",
+        "end of the window, ISO-8601, exclusive",
     )
     p.add_argument(
         "--output-topic", default="", help="where predictions go (default: <source>.backfill)"
@@ -479,11 +464,7 @@ def _add_replay_args(p: argparse.ArgumentParser) -> None:
 def _cmd_replay(args: argparse.Namespace) -> int:
     from worker.replay import ReplayConfig, run_replay
 
-    settings = _settings(args)
-    settings["from_time"] = settings.pop("from") or ""
-    settings["to_time"] = settings.pop("to") or ""
-    ranges = settings.pop("range") or []
-    settings["range"] = ",".join(ranges) if isinstance(ranges, list) else str(ranges)
+    settings = range_settings(_settings(args))
     settings["sasl_password"] = os.environ.get(SASL_PASSWORD_ENV, "")
     config = ReplayConfig.from_mapping(settings)
     configure_logging(config.log_level, config.log_format)

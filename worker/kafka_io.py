@@ -201,3 +201,41 @@ def _partitions_with_leader(admin: Any, topics: dict[str, int]) -> dict[str, int
                 if p.get("error_code", 0) == 0 and p.get("leader_id", -1) >= 0
             )
     return ready
+
+
+def count_records(
+    bootstrap_servers: str, topic: str, security: dict[str, Any] | None = None
+) -> int:
+    """Records in ``topic``: the sum of its partitions' end offsets (a topic that started
+    empty and was never truncated), 0 for a topic that does not exist."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap_servers.split(","), group_id=None, **(security or {})
+    )
+    try:
+        parts = sorted(consumer.partitions_for_topic(topic) or ())
+        tps = [TopicPartition(topic, p) for p in parts]
+        return sum(consumer.end_offsets(tps).values()) if tps else 0
+    finally:
+        consumer.close()
+
+
+def delete_topics(
+    bootstrap_servers: str, topics: list[str], security: dict[str, Any] | None = None
+) -> None:
+    """Delete those of ``topics`` that exist; a failure is logged, not raised (clean-up)."""
+    from kafka.admin import KafkaAdminClient
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers.split(","), **(security or {}))
+    except KafkaError as exc:
+        log.warning("could not delete the topics %s: %r", topics, exc)
+        return
+    try:
+        existing = set(admin.list_topics())
+        doomed = [t for t in topics if t in existing]
+        if doomed:
+            admin.delete_topics(doomed)
+    except KafkaError as exc:
+        log.warning("could not delete the topics %s: %r", topics, exc)
+    finally:
+        admin.close()

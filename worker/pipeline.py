@@ -372,10 +372,14 @@ class Worker:
             self.stats.duplicate_parts = self.assembler.duplicate_parts
         if event is not None:
             self.metrics.events_completed.inc()
-            if self._accept(event):
-                self.batcher.add(event, now)
-            else:
-                self._mark_done(event.sources)
+            self._batch(event, now)
+
+    def _batch(self, event: Event, now: int) -> None:
+        """Queue an event for inference, or finish it without output if not accepted."""
+        if self._accept(event):
+            self.batcher.add(event, now)
+        else:
+            self._mark_done(event.sources)
 
     def _expire(self) -> None:
         timeout = self.config.assembly_timeout_ms
@@ -403,10 +407,7 @@ class Worker:
                 duplicates=tuple(p.source for p in inc.duplicates),
                 missing=inc.missing,
             )
-            if self._accept(event):
-                self.batcher.add(event, now)
-            else:
-                self._mark_done(event.sources)
+            self._batch(event, now)
         elif action == "dlq":
             for part in inc.all_parts:
                 raw = part.raw or RawRecord(part.source, inc.event_id.encode(), b"", ())

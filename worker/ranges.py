@@ -15,8 +15,9 @@ the window is the caller's rule (replay: the event's newest part must fall in
 
 from __future__ import annotations
 
+import argparse
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -150,4 +151,85 @@ def resolve_ranges(
         start = min(max(starts[tp.partition], lo), hi)
         end = min(max(ends[tp.partition], start), hi)
         out.append(PartitionRange(tp.partition, start, end, lo, hi))
+    return out
+
+
+# ------------------------------------------------------------------ the flags
+
+
+@dataclass(frozen=True, kw_only=True)
+class RangeSettings:
+    """``--from`` / ``--to`` / ``--range`` of the commands that read a range (replay,
+    archive). ``ranges`` may be given as one comma-separated string too."""
+
+    from_time: str = ""
+    to_time: str = ""
+    ranges: tuple[str, ...] = ()
+
+    def _check_range(self) -> None:
+        given = [self.ranges] if isinstance(self.ranges, str) else list(self.ranges or ())
+        # Each --range (and MMSTREAM_RANGE) may also be a comma-separated list.
+        specs = tuple(s for g in given for s in re.split(r"[,\s]+", g) if s)
+        object.__setattr__(self, "ranges", specs)
+        object.__setattr__(self, "from_time", self.from_time or "")
+        object.__setattr__(self, "to_time", self.to_time or "")
+        if self.ranges and (self.from_time or self.to_time):
+            raise ConfigError("give --from/--to or --range, not both")
+        parse_offset_ranges(self.ranges)  # errors now, before connecting
+        self.window()
+
+    def window(self) -> tuple[int | None, int | None]:
+        """(``--from``, ``--to``) in epoch ms, None where not given."""
+        start = parse_time(self.from_time, "--from") if self.from_time else None
+        end = parse_time(self.to_time, "--to") if self.to_time else None
+        if start is not None and end is not None and end <= start:
+            raise ConfigError("--to must be after --from")
+        return start, end
+
+    def offsets(self) -> dict[int, tuple[int | None, int | None]] | None:
+        """The ``--range`` offsets by partition, None where none were given."""
+        return parse_offset_ranges(self.ranges) if self.ranges else None
+
+
+class RangeListAction(argparse.Action):
+    """``action="append"`` that also copes with a string default from ``MMSTREAM_RANGE``
+    (comma-separated): a ``--range`` flag replaces the variable's list (the flag wins)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        items = getattr(namespace, self.dest, None)
+        merged = list(items) if isinstance(items, list) else []
+        merged.append(values)
+        setattr(namespace, self.dest, merged)
+
+
+def add_range_args(p: argparse.ArgumentParser, from_help: str, to_help: str) -> None:
+    """``--from``, ``--to`` and ``--range`` (dests ``from``, ``to``, ``range``: see
+    :func:`range_settings`)."""
+    p.add_argument("--from", dest="from", default="", metavar="TIME", help=from_help)
+    p.add_argument("--to", dest="to", default="", metavar="TIME", help=to_help)
+    p.add_argument(
+        "--range",
+        dest="range",
+        action=RangeListAction,
+        default=None,
+        metavar="PARTITION:START-END",
+        help="explicit offsets instead of times, END exclusive, either side may be empty "
+        "(0:100-200, 1:-50, 2:7-); repeatable or comma-separated, only the partitions "
+        "named; not with --from/--to",
+    )
+
+
+def range_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Parsed flags -> config keys: ``from``/``to``/``range`` become the
+    :class:`RangeSettings` fields (``from`` is a Python keyword)."""
+    out = dict(settings)
+    out["from_time"] = out.pop("from", "") or ""
+    out["to_time"] = out.pop("to", "") or ""
+    out["ranges"] = out.pop("range", None) or ()
     return out

@@ -58,16 +58,10 @@ from kafka.structs import OffsetAndMetadata
 from worker.assemble import Incomplete
 from worker.config import FrozenConfig, KafkaSecurity, WorkerConfig
 from worker.errors import BrokerError, ConfigError
-from worker.kafka_io import committed, ensure_topics
+from worker.kafka_io import committed, count_records, delete_topics, ensure_topics
 from worker.model import ModelRunner
 from worker.pipeline import Clock, Worker, WorkerStats, wall_ms
-from worker.ranges import (
-    PartitionRange,
-    format_time,
-    parse_offset_ranges,
-    parse_time,
-    resolve_ranges,
-)
+from worker.ranges import PartitionRange, RangeSettings, format_time, resolve_ranges
 from worker.records import Event, RawRecord
 
 log = logging.getLogger(__name__)
@@ -76,15 +70,12 @@ BACKFILL_GROUP_PREFIX = "mmstream-backfill-"
 
 
 @dataclass(frozen=True)
-class ReplayConfig(KafkaSecurity, FrozenConfig):
+class ReplayConfig(KafkaSecurity, RangeSettings, FrozenConfig):
     """Settings of ``mmstream replay``; see ``mmstream replay --help``."""
 
     bootstrap_servers: str
     source_topic: str = ""
     model: Path | None = None
-    from_time: str = ""
-    to_time: str = ""
-    range: str = ""
     output_topic: str = ""
     dlq_topic: str = ""
     backfill_id: str = ""
@@ -105,6 +96,7 @@ class ReplayConfig(KafkaSecurity, FrozenConfig):
 
     def __post_init__(self) -> None:
         self._check_security()
+        self._check_range()
         if self.source_file is not None:
             if self.source_topic:
                 raise ConfigError("give --source-topic or --source-file, not both")
@@ -117,7 +109,7 @@ class ReplayConfig(KafkaSecurity, FrozenConfig):
                     "--source-file: give --to-topic to restore the archive, or --model and "
                     "--output-topic to score it"
                 )
-            if self.from_time or self.to_time or self.range:
+            if self.from_time or self.to_time or self.ranges:
                 raise ConfigError("--source-file is scored whole: no --from/--to/--range")
             object.__setattr__(self, "model", Path(self.model))
             if not self.dlq_topic:
@@ -128,9 +120,7 @@ class ReplayConfig(KafkaSecurity, FrozenConfig):
         if self.model is None:
             raise ConfigError("--model is required")
         object.__setattr__(self, "model", Path(self.model))
-        if self.range and (self.from_time or self.to_time):
-            raise ConfigError("give --from/--to or --range, not both")
-        if not self.range and not (self.from_time or self.to_time):
+        if not self.ranges and not (self.from_time or self.to_time):
             raise ConfigError("give a range: --from and/or --to, or --range P:START-END,...")
         if not self.output_topic:
             object.__setattr__(self, "output_topic", f"{self.source_topic}.backfill")
@@ -142,25 +132,12 @@ class ReplayConfig(KafkaSecurity, FrozenConfig):
             raise ConfigError("--rate and --edge-margin-ms must be >= 0")
         if self.progress not in ("auto", "bar", "log", "none"):
             raise ConfigError("--progress must be auto, bar, log or none")
-        self.window()  # validates the times
-        self.offsets()  # validates the ranges
-
-    def window(self) -> tuple[int | None, int | None]:
-        start = parse_time(self.from_time, "--from") if self.from_time else None
-        end = parse_time(self.to_time, "--to") if self.to_time else None
-        if start is not None and end is not None and end <= start:
-            raise ConfigError("--to must be after --from")
-        return start, end
-
-    def offsets(self) -> dict[int, tuple[int | None, int | None]] | None:
-        if not self.range:
-            return None
-        return parse_offset_ranges([s for s in self.range.split(",") if s.strip()])
 
     def default_backfill_id(self, model_sha256: str) -> str:
         """Same command (topic or file contents, range, output, model) -> same id -> resumes."""
         source = self.source_topic or _file_sha256(Path(self.source_file or ""))
-        parts = (source, self.from_time, self.to_time, self.range, self.output_topic)
+        ranges = ",".join(self.ranges)  # the id of a comma-separated --range is unchanged
+        parts = (source, self.from_time, self.to_time, ranges, self.output_topic)
         key = "|".join((*parts, model_sha256))
         return hashlib.sha256(key.encode()).hexdigest()[:12]
 
@@ -215,7 +192,6 @@ class ReplayCounters:
 
     outside_window: int = 0
     incomplete_in_window: int = 0
-    beyond_range_records: int = 0
     resumed_from: dict[int, int] = field(default_factory=dict)
 
 
@@ -359,7 +335,6 @@ class ReplayWorker(Worker):
         key = (raw.source.topic, raw.source.partition)
         r = self.ranges.get(key)
         if r is None or raw.source.offset >= r.end:
-            self.counters.beyond_range_records += 1
             self._reach(key)
             return False
         return raw.source.offset >= r.start  # (a rewind to the log start reads before it)
@@ -648,12 +623,7 @@ def _score_archive(config: ReplayConfig, stop: threading.Event | None) -> dict[s
         configs={"retention.ms": "-1", "retention.bytes": "-1"},
         security=security,
     )
-    consumer = KafkaConsumer(bootstrap_servers=config.bootstrap_servers.split(","), **security)
-    try:
-        tps = [TopicPartition(staging, p) for p in range(max(1, partitions))]
-        staged = sum(consumer.end_offsets(tps).values())
-    finally:
-        consumer.close()
+    staged = count_records(config.bootstrap_servers, staging, security)
     fresh = staged == 0
     if fresh:
         restore_file(
@@ -671,7 +641,7 @@ def _score_archive(config: ReplayConfig, stop: threading.Event | None) -> dict[s
             config,
             source_file=None,
             source_topic=staging,
-            range=",".join(f"{p}:0-" for p in range(max(1, partitions))),
+            ranges=tuple(f"{p}:0-" for p in range(max(1, partitions))),
             backfill_id=backfill_id,
             # A freshly restored staging topic: any checkpoint is of an earlier one.
             restart=config.restart or fresh,
@@ -680,22 +650,5 @@ def _score_archive(config: ReplayConfig, stop: threading.Event | None) -> dict[s
         stop,
     )
     if stop is None or not stop.is_set():
-        _delete_topic(config.bootstrap_servers, staging, security)
+        delete_topics(config.bootstrap_servers, [staging], security)
     return {**scored, "source_file": str(config.source_file), "staging_topic": staging}
-
-
-def _delete_topic(bootstrap_servers: str, topic: str, security: dict[str, Any]) -> None:
-    from kafka.admin import KafkaAdminClient
-    from kafka.errors import KafkaError
-
-    try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers.split(","), **security)
-    except KafkaError as exc:
-        log.warning("could not delete the staging topic %s: %r", topic, exc)
-        return
-    try:
-        admin.delete_topics([topic])
-    except KafkaError as exc:
-        log.warning("could not delete the staging topic %s: %r", topic, exc)
-    finally:
-        admin.close()
