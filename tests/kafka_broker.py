@@ -117,6 +117,28 @@ def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
         consumer.close()
 
 
+def read_topic(
+    bootstrap: str, topic: str, until: Callable[[list[Any]], bool], timeout_s: float
+) -> list[Any]:
+    """Records of ``topic`` from the start, until ``until(records)`` or ``timeout_s``."""
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not until(out) and time.monotonic() < deadline:
+            for recs in consumer.poll(timeout_ms=300).values():
+                out.extend(recs)
+    finally:
+        consumer.close()
+    return out
+
+
 # --- internals ---------------------------------------------------------------------------------
 
 

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer
 
 from worker.cli import build_parser
 from worker.decode import Limits, decode_record
@@ -35,6 +33,7 @@ from worker.produce import (
 from worker.records import RawRecord, SourceRef
 
 from factories import small_manifest
+from kafka_broker import read_topic
 
 LIMITS = Limits()
 MODALITIES = {"image", "text", "audio"}
@@ -166,22 +165,7 @@ def test_fraction_flags_read_their_env_vars() -> None:
 
 
 def read_all(bootstrap: str, topic: str, n: int, timeout_s: float = 20) -> list[RawRecord]:
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
-    out: list[RawRecord] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(out) < n and time.monotonic() < deadline:
-            for recs in consumer.poll(timeout_ms=300).values():
-                out.extend(to_raw(r) for r in recs)
-    finally:
-        consumer.close()
-    return out
+    return [to_raw(r) for r in read_topic(bootstrap, topic, lambda got: len(got) >= n, timeout_s)]
 
 
 @pytest.mark.integration

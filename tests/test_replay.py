@@ -22,13 +22,14 @@ import pytest
 from kafka import KafkaAdminClient, KafkaProducer
 
 from worker.errors import ConfigError
+from worker.kafka_io import count_records
 from worker.manifest import load_manifest
 from worker.produce import encode_sample
 from worker.ranges import format_time, parse_offset_ranges, parse_time
 from worker.reference_data import samples
 from worker.replay import BACKFILL_GROUP_PREFIX, Pacer, Progress, ReplayConfig, run_replay
 
-from kafka_broker import committed_offsets, end_offsets
+from kafka_broker import committed_offsets, end_offsets, read_topic
 
 ROOT = Path(__file__).resolve().parents[1]
 HOUR_AGO = int(time.time() * 1000) - 3_600_000
@@ -68,20 +69,12 @@ def events(
 
 
 def predictions(bootstrap: str, topic: str, timeout_s: float = 5.0) -> list[dict[str, Any]]:
-    from kafka import KafkaConsumer
-
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=int(timeout_s * 1000),
-    )
-    try:
-        return [json.loads(r.value) for r in consumer]
-    finally:
-        consumer.close()
+    """Every prediction in ``topic`` now (read up to its end offsets)."""
+    n = count_records(bootstrap, topic)
+    return [
+        json.loads(r.value)
+        for r in read_topic(bootstrap, topic, lambda got: len(got) >= n, timeout_s)
+    ]
 
 
 def config(bootstrap: str, model: Path, source: str, out: str, **kw: Any) -> ReplayConfig:
@@ -145,7 +138,7 @@ def test_replay_config_rejects_what_it_cannot_do() -> None:
 def test_window_replay_predicts_what_the_live_worker_did_and_handles_the_edges(
     kafka_bootstrap: str, topic_factory: Callable[..., str], tiny_model_dir: Path
 ) -> None:
-    from test_worker_kafka import RunningWorker, make_config, read_topic
+    from test_worker_kafka import RunningWorker, make_config
 
     src, live_out, live_dlq = topic_factory(2), topic_factory(2), topic_factory(2)
     # Three blocks, a minute apart: A (before the window), B (inside), C (after).

@@ -30,7 +30,7 @@ from worker.pipeline import Worker, WorkerStats
 from worker.produce import encode_sample
 from worker.reference_data import samples
 
-from kafka_broker import committed_offsets, end_offsets
+from kafka_broker import committed_offsets, end_offsets, read_topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -64,27 +64,6 @@ def send_all(bootstrap: str, topic: str, records: list[Rec]) -> list[tuple[int, 
     placed = [(md.partition, md.offset) for md in (f.get(timeout=10) for f in futures)]
     producer.close()
     return placed
-
-
-def read_topic(
-    bootstrap: str, topic: str, until: Callable[[list[Any]], bool], timeout_s: float
-) -> list[Any]:
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
-    out: list[Any] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not until(out) and time.monotonic() < deadline:
-            for recs in consumer.poll(timeout_ms=300).values():
-                out.extend(recs)
-    finally:
-        consumer.close()
-    return out
 
 
 class RunningWorker:
