@@ -476,6 +476,14 @@ class _WorkerProcesses:
             self.proc.wait(10)
             raise BrokerError(f"the worker did not stop within {timeout_s} s") from None
 
+    def collect(self, topic_out: str, n: int) -> list[tuple[dict[str, Any], int]]:
+        """Read until ``n`` events have a prediction, then stop the worker (it must exit 0)."""
+        preds = read_predictions(self.config.bootstrap_servers, topic_out, n, self.config.timeout_s)
+        rc = self.stop()
+        if rc != 0:
+            raise BrokerError(f"the worker exited with {rc}: {self.tail()}")
+        return preds
+
     def tail(self, lines: int = 5) -> str:
         self._log.seek(0)
         text = self._log.read().decode("utf-8", "replace").strip().splitlines()
@@ -542,13 +550,8 @@ def bench_end_to_end(
 ) -> dict[str, Any]:
     """The worker process(es) on the pre-produced topic until every event is predicted."""
     with _WorkerProcesses(config, run, topic_in, topic_out) as w:
-        preds = read_predictions(
-            config.bootstrap_servers, topic_out, config.events, config.timeout_s
-        )
-        rc = w.stop()
+        preds = w.collect(topic_out, config.events)
         rss = w.rss_report()
-        if rc != 0:
-            raise BrokerError(f"the worker exited with {rc}: {w.tail()}")
     result, _first = _run_report(
         config,
         preds,
@@ -606,10 +609,7 @@ def bench_open_loop(
             tail = proc.stderr.strip().splitlines()[-1:]
             raise BrokerError(f"the open-loop producer failed: {tail}")
         produced = json.loads(proc.stdout.strip().splitlines()[-1])
-        preds = read_predictions(config.bootstrap_servers, topic_out, n, config.timeout_s)
-        rc = w.stop()
-        if rc != 0:
-            raise BrokerError(f"the worker exited with {rc}: {w.tail()}")
+        preds = w.collect(topic_out, n)
     result, first = _run_report(
         config,
         preds,
