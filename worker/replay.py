@@ -467,7 +467,7 @@ def _plan(config: ReplayConfig, backfill_id: str, ranges: list[PartitionRange]) 
         "window": {
             "from": format_time(start) if start is not None else None,
             "to": format_time(end) if end is not None else None,
-            "edge_margin_ms": config.edge_margin_ms if config.window() != (None, None) else 0,
+            "edge_margin_ms": config.edge_margin_ms if (start, end) != (None, None) else 0,
         },
         "partitions": [
             {
