@@ -1,4 +1,4 @@
-"""``train-reference`` and ``export`` command bodies, for the CLI in ``worker/cli.py``.
+"""``train-reference`` and ``export`` command bodies, for the CLI in ``worker/cli/main.py``.
 
 Importing this module is cheap and does not import TensorFlow: the parser
 helpers only add arguments, and TensorFlow is loaded when a command runs.
@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from worker.errors import ConfigError
-from worker.manifest import MODEL_FILE
+from worker.contract.errors import ConfigError
+from worker.contract.manifest import MODEL_FILE
 
 DEFAULT_REFERENCE_DIR = ".cache/reference-model"
 DEFAULT_OPSET = 17

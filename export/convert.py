@@ -29,8 +29,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from export import KERAS_FILE, SIDECAR_FILE
-from worker.errors import ExportError, ModelError
-from worker.manifest import (
+from worker.contract.errors import ExportError, ModelError
+from worker.contract.manifest import (
     MANIFEST_FILE,
     MODEL_FILE,
     InputInfo,
@@ -38,7 +38,7 @@ from worker.manifest import (
     OutputInfo,
     sha256_file,
 )
-from worker.preprocess import AudioSpec, ImageSpec, Spec, TextSpec, log_mel, spec_from_dict
+from worker.contract.preprocess import AudioSpec, ImageSpec, Spec, TextSpec, log_mel, spec_from_dict
 
 log = logging.getLogger(__name__)
 

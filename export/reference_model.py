@@ -12,7 +12,7 @@ A small Keras functional model with one input per modality (named ``image``,
   time, dense;
 * concatenation, a hidden layer, dropout and the 10-way softmax ``probabilities``.
 
-Features are made only with :mod:`worker.preprocess`, the code the worker
+Features are made only with :mod:`worker.contract.preprocess`, the code the worker
 serves with. :func:`train_reference` writes ``model.keras`` and the sidecar
 ``mmstream-spec.json`` (input specs, labels, model card) that
 :func:`export.convert.export_model` turns into the ONNX model directory.
@@ -33,8 +33,8 @@ from keras import layers, ops
 from numpy.typing import NDArray
 
 from export import KERAS_FILE, SIDECAR_FILE
-from worker.errors import ConfigError
-from worker.preprocess import (
+from worker.contract.errors import ConfigError
+from worker.contract.preprocess import (
     AudioSpec,
     ImageSpec,
     Spec,
@@ -45,7 +45,7 @@ from worker.preprocess import (
     prepare_image,
     tokenize,
 )
-from worker.reference_data import LABELS, MODALITIES, VOCABULARY, Sample, samples
+from worker.contract.reference_data import LABELS, MODALITIES, VOCABULARY, Sample, samples
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def featurize(samples: Sequence[Sample], specs: Mapping[str, Spec]) -> dict[str,
     """Batch tensors of ``samples``: image float32 ``[n, H, W, C]``, text int32
     ``[n, max_length]``, audio float32 ``[n, frames, n_mels]``.
 
-    Uses only :mod:`worker.preprocess`, i.e. exactly what the worker does.
+    Uses only :mod:`worker.contract.preprocess`, i.e. exactly what the worker does.
     """
     image_spec, text_spec, audio_spec = _typed_specs(specs)
     n = len(samples)
@@ -113,7 +113,7 @@ def featurize(samples: Sequence[Sample], specs: Mapping[str, Spec]) -> dict[str,
 def blank_features(n: int, specs: Mapping[str, Spec]) -> dict[str, NDArray[Any]]:
     """What ``n`` absent modalities look like: zero image, empty text, silent audio.
 
-    The same :func:`worker.preprocess.blank_input` the worker uses to fill missing inputs.
+    The same :func:`worker.contract.preprocess.blank_input` the worker uses to fill missing inputs.
     """
     out = {}
     for name, spec in specs.items():
@@ -373,7 +373,8 @@ def train_reference(
 
     card: dict[str, Any] = {
         "task": "classify a digit 0-9 shown as an image, named in text and heard as DTMF audio",
-        "data": "worker.reference_data: scikit-learn load_digits images, template phrases, "
+        "data": "worker.contract.reference_data: scikit-learn load_digits images, template "
+        "phrases, "
         "synthetic DTMF tones; each modality corrupted independently with probability corrupt_p",
         "evaluation": {
             "split": "test",

@@ -6,10 +6,10 @@ from typing import Any
 
 import numpy as np
 
-from worker.manifest import InputInfo, Manifest, OutputInfo
-from worker.preprocess import AudioSpec, ImageSpec, TextSpec
-from worker.records import Event, Part, RawRecord, SourceRef
-from worker.reference_data import LABELS, VOCABULARY
+from worker.contract.manifest import InputInfo, Manifest, OutputInfo
+from worker.contract.preprocess import AudioSpec, ImageSpec, TextSpec
+from worker.contract.records import Event, Part, RawRecord, SourceRef
+from worker.contract.reference_data import LABELS, VOCABULARY
 
 
 def small_manifest(image_size: int = 16) -> Manifest:

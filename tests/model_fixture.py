@@ -39,7 +39,7 @@ def build_tiny_model_dir(
         sidecar,
         write_sidecar,
     )
-    from worker.reference_data import LABELS, samples
+    from worker.contract.reference_data import LABELS, samples
 
     keras_dir = Path(tmp_dir) / "keras"
     model_dir = Path(tmp_dir) / "model"

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from worker.manifest import load_manifest
-from worker.produce import encode_sample
-from worker.reference_data import samples
+from worker.contract.manifest import load_manifest
+from worker.contract.reference_data import samples
+from worker.tools.produce import encode_sample
 
 from kafka_broker import KAFKA_SH, _free_ports, wait_ready
 
@@ -38,7 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 Record = tuple[str, str, bytes, str]  # key (event id), modality, value, content type
 
-#: The worker logs this (worker/kafka_io.py) when it is given at least one partition.
+#: The worker logs this (worker/edge/kafka_io.py) when it is given at least one partition.
 ASSIGNED_RE = re.compile(r"partitions assigned: \[\(")
 PRODUCING_RE = re.compile(r"producing \d+ events")
 

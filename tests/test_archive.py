@@ -17,7 +17,7 @@ from jsonschema import Draft202012Validator
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.serializer import Serializer
 
-from worker.archive import (
+from worker.backfill.archive import (
     ArchiveConfig,
     add_archive_args,
     archive_config,
@@ -25,9 +25,9 @@ from worker.archive import (
     cmd_archive,
     restore_file,
 )
+from worker.backfill.ranges import PartitionRange, format_time, resolve_ranges
 from worker.config import bind_env
-from worker.errors import BrokerError, ConfigError
-from worker.ranges import PartitionRange, format_time, resolve_ranges
+from worker.contract.errors import BrokerError, ConfigError
 
 from kafka_broker import end_offsets
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from worker.bench import BenchConfig, format_summary, percentiles, run_bench
-from worker.cli import build_parser
-from worker.errors import ConfigError
+from worker.cli.main import build_parser
+from worker.contract.errors import ConfigError
+from worker.tools.bench import BenchConfig, format_summary, percentiles, run_bench
 
 
 def positive(x: Any) -> bool:

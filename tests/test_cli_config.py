@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from worker.cli import build_parser, main
+from worker.cli.main import build_parser, main
 from worker.config import WorkerConfig, check_unknown_env
-from worker.errors import ConfigError, MMStreamError, Reason
+from worker.contract.errors import ConfigError, MMStreamError, Reason
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
@@ -129,8 +129,8 @@ def test_main_maps_error_kinds_to_exit_codes(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_worker_cli_does_not_import_tensorflow() -> None:
     code = (
-        "import sys; from worker.cli import build_parser; build_parser({}); "
-        "import worker.pipeline, worker.demo; print('tensorflow' in sys.modules)"
+        "import sys; from worker.cli.main import build_parser; build_parser({}); "
+        "import worker.core.pipeline, worker.tools.demo; print('tensorflow' in sys.modules)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
@@ -139,7 +139,7 @@ def test_worker_cli_does_not_import_tensorflow() -> None:
 
 
 def test_errors_share_one_root_with_retriable_flag() -> None:
-    from worker.errors import BrokerError, ExportError, RecordError
+    from worker.contract.errors import BrokerError, ExportError, RecordError
 
     assert BrokerError("x").retriable and not ExportError("x").retriable
     assert issubclass(RecordError, MMStreamError)
@@ -181,7 +181,7 @@ def test_exactly_once_gets_a_transactional_id_per_instance() -> None:
 def test_json_log_format_is_one_object_per_line() -> None:
     import logging
 
-    from worker.logs import JsonFormatter
+    from worker.ops.logs import JsonFormatter
 
     record = logging.LogRecord("worker.x", logging.WARNING, "f", 1, "took %d ms", (5,), None)
     line = JsonFormatter().format(record)
@@ -204,9 +204,9 @@ def test_every_worker_setting_has_a_flag_and_every_flag_a_setting() -> None:
 @pytest.mark.parametrize(
     ("command", "module", "cls"),
     [
-        ("produce", "worker.produce", "ProduceConfig"),
-        ("demo", "worker.demo", "DemoConfig"),
-        ("bench", "worker.bench", "BenchConfig"),
+        ("produce", "worker.tools.produce", "ProduceConfig"),
+        ("demo", "worker.tools.demo", "DemoConfig"),
+        ("bench", "worker.tools.bench", "BenchConfig"),
     ],
 )
 def test_other_commands_flags_match_their_config(command: str, module: str, cls: str) -> None:

@@ -6,11 +6,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from worker.assemble import Assembler
-from worker.batcher import Batcher
-from worker.errors import InferenceError
-from worker.model import ModelRunner, SessionInfo
-from worker.offsets import METADATA_MAX_CHARS, OffsetTracker, decode_done, encode_done
+from worker.contract.errors import InferenceError
+from worker.core.assemble import Assembler
+from worker.core.batcher import Batcher
+from worker.core.offsets import METADATA_MAX_CHARS, OffsetTracker, decode_done, encode_done
+from worker.inference.model import ModelRunner, SessionInfo
 
 from factories import event, part, small_manifest
 
@@ -142,7 +142,7 @@ class FakeSession:
 
 
 def full_event(event_id: str, fill: float = 0.0) -> Any:
-    from worker.records import Event, Part
+    from worker.contract.records import Event, Part
 
     from factories import source
 
@@ -230,7 +230,7 @@ def test_expire_returns_only_events_past_the_timeout_oldest_first() -> None:
 
 
 def test_runner_blanks_missing_inputs_of_an_incomplete_event() -> None:
-    from worker.records import Event
+    from worker.contract.records import Event
 
     session = FakeSession()
     runner = ModelRunner(small_manifest(), session, SessionInfo("CPU", ()))

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from worker.decode import Limits, decode_record
-from worker.errors import Reason, RecordError
-from worker.produce import npy_bytes, png_bytes, wav_bytes
-from worker.records import CONTENT_NPY
+from worker.contract.errors import Reason, RecordError
+from worker.contract.records import CONTENT_NPY
+from worker.core.decode import Limits, decode_record
+from worker.tools.produce import npy_bytes, png_bytes, wav_bytes
 
 from factories import raw, small_manifest
 

@@ -26,9 +26,9 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from worker.cli import build_parser
+from worker.cli.main import build_parser
 from worker.config import WorkerConfig, check_unknown_env
-from worker.produce import ProduceConfig
+from worker.tools.produce import ProduceConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "deploy" / "docker"
@@ -472,7 +472,7 @@ def test_dockerignore_keeps_the_context_small_but_the_models_in() -> None:
         assert ignored(path), path
     for path in ("tests/test_core.py", "worker/__pycache__/cli.cpython-311.pyc", "docs"):
         assert ignored(path), path
-    for path in ("pyproject.toml", "constraints.txt", "README.md", "worker/cli.py", "export"):
+    for path in ("pyproject.toml", "constraints.txt", "README.md", "worker/cli/main.py", "export"):
         assert not ignored(path), path
     for path in (".cache/reference-onnx/model.onnx", ".cache/reference-onnx-256/manifest.json"):
         assert not ignored(path), path

@@ -5,7 +5,7 @@ too where one is installed, which must give the same objects). Built-in kinds ar
 validated with kubernetes-validate (strict: unknown fields fail) at the oldest and the
 newest Kubernetes version this deployment targets; the custom resources (KEDA, Strimzi,
 Prometheus Operator) against small hand-written schemas of the fields used. The drift
-checks hold the manifests to worker/cli.py, worker/http.py and worker/metrics.py.
+checks hold the manifests to worker/cli/main.py, worker/ops/http.py and worker/ops/metrics.py.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from worker.cli import build_parser
+from worker.cli.main import build_parser
 from worker.config import SASL_PASSWORD_ENV, check_unknown_env
-from worker.http import ProbeServer
-from worker.metrics import WorkerMetrics
+from worker.ops.http import ProbeServer
+from worker.ops.metrics import WorkerMetrics
 
 from kustomize_lite import KustomizeError, build, json6902, load_documents, split_image
 from kustomize_lite import strategic_merge as smp
@@ -635,7 +635,7 @@ def test_shutdown_fits_in_the_grace_period() -> None:
 
 
 def http_ports(deployment: Obj) -> list[int]:
-    """The ports the worker processes serve: --http-port + i (worker/processes.py)."""
+    """The ports the worker processes serve: --http-port + i (worker/ops/processes.py)."""
     env = pod_env(deployment, config_map())
     base = int(env["MMSTREAM_HTTP_PORT"])
     return [base + i for i in range(processes(deployment))]
@@ -994,7 +994,7 @@ def promql_metrics(expr: str) -> set[str]:
 
 
 def worker_metric_names() -> dict[str, set[str]]:
-    """Sample names worker/metrics.py exports, by metric family."""
+    """Sample names worker/ops/metrics.py exports, by metric family."""
     suffixes = {
         "counter": ("_total", "_created"),
         "gauge": ("",),

@@ -12,12 +12,12 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.assemble import Assembler
-from worker.decode import Limits, decode_record
-from worker.errors import Reason, RecordError
-from worker.produce import encode_sample, png_bytes
-from worker.records import RawRecord, SourceRef
-from worker.reference_data import Sample
+from worker.contract.errors import Reason, RecordError
+from worker.contract.records import RawRecord, SourceRef
+from worker.contract.reference_data import Sample
+from worker.core.assemble import Assembler
+from worker.core.decode import Limits, decode_record
+from worker.tools.produce import encode_sample, png_bytes
 
 from factories import small_manifest
 

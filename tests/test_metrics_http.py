@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
-from worker.errors import ConfigError
-from worker.http import ProbeServer, loop_health
-from worker.metrics import WorkerMetrics
+from worker.contract.errors import ConfigError
+from worker.ops.http import ProbeServer, loop_health
+from worker.ops.metrics import WorkerMetrics
 
 # Metric family names as the text exposition's "# TYPE" lines spell them.
 METRIC_NAMES = [
@@ -307,7 +307,7 @@ def test_bad_port_is_a_config_error(metrics: WorkerMetrics) -> None:
 def test_request_logs_go_to_logger_not_stderr(
     server: str, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level("DEBUG", logger="worker.http"):
+    with caplog.at_level("DEBUG", logger="worker.ops.http"):
         get(server + "/healthz")
     assert capsys.readouterr().err == ""
     assert any("GET /healthz" in r.getMessage() for r in caplog.records)

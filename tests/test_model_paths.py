@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-import worker.model
-from worker.errors import ConfigError, InferenceError
-from worker.manifest import MODEL_FILE, Manifest, load_manifest
-from worker.model import (
+import worker.inference.model
+from worker.contract.errors import ConfigError, InferenceError
+from worker.contract.manifest import MODEL_FILE, Manifest, load_manifest
+from worker.contract.preprocess import TextSpec
+from worker.contract.records import Event, Part
+from worker.inference.model import (
     DEFAULT_BATCH_BUCKETS,
     ModelRunner,
     SessionInfo,
@@ -27,8 +29,6 @@ from worker.model import (
     cuda_provider_options,
     host_buffer,
 )
-from worker.preprocess import TextSpec
-from worker.records import Event, Part
 
 from factories import small_manifest, source
 
@@ -230,7 +230,7 @@ def test_bound_run_through_pinned_buffers_equals_plain_run(
     """With page-locked buffers every batch is staged through them (CUDA's way); same outputs."""
     plain, _ = runners
     cudart = FakeCudart()
-    monkeypatch.setattr(worker.model, "_loaded_cudart", lambda: cudart)
+    monkeypatch.setattr(worker.inference.model, "_loaded_cudart", lambda: cudart)
     pinned = ModelRunner(plain.manifest, plain.session, plain.info, io_binding=True, pin_host=True)
     rng = np.random.default_rng(11)
     for n in (4, 3, 4):

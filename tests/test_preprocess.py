@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker.errors import ModelError
-from worker.preprocess import (
+from worker.contract.errors import ModelError
+from worker.contract.preprocess import (
     AudioSpec,
     ImageSpec,
     TextSpec,
@@ -15,7 +15,7 @@ from worker.preprocess import (
     spec_from_dict,
     tokenize,
 )
-from worker.reference_data import DTMF_HZ, VOCABULARY, dtmf
+from worker.contract.reference_data import DTMF_HZ, VOCABULARY, dtmf
 
 TEXT = TextSpec(VOCABULARY, max_length=8)
 

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from worker.cli import build_parser
-from worker.decode import Limits, decode_record
-from worker.errors import ConfigError, Reason, RecordError
-from worker.kafka_io import to_raw
-from worker.manifest import Manifest, load_manifest
-from worker.produce import (
+from worker.cli.main import build_parser
+from worker.contract.errors import ConfigError, Reason, RecordError
+from worker.contract.manifest import Manifest, load_manifest
+from worker.contract.records import RawRecord, SourceRef
+from worker.core.decode import Limits, decode_record
+from worker.edge.kafka_io import to_raw
+from worker.tools.produce import (
     POISON_KINDS,
     OutRecord,
     ProduceConfig,
@@ -30,7 +31,6 @@ from worker.produce import (
     build_plan,
     produce,
 )
-from worker.records import RawRecord, SourceRef
 
 from factories import small_manifest
 from kafka_broker import read_topic

@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 from kafka import KafkaAdminClient, KafkaProducer
 
-from worker.errors import ConfigError
-from worker.kafka_io import count_records
-from worker.manifest import load_manifest
-from worker.produce import encode_sample
-from worker.ranges import format_time, parse_offset_ranges, parse_time
-from worker.reference_data import samples
-from worker.replay import BACKFILL_GROUP_PREFIX, Pacer, Progress, ReplayConfig, run_replay
+from worker.backfill.ranges import format_time, parse_offset_ranges, parse_time
+from worker.backfill.replay import BACKFILL_GROUP_PREFIX, Pacer, Progress, ReplayConfig, run_replay
+from worker.contract.errors import ConfigError
+from worker.contract.manifest import load_manifest
+from worker.contract.reference_data import samples
+from worker.edge.kafka_io import count_records
+from worker.tools.produce import encode_sample
 
 from kafka_broker import committed_offsets, end_offsets, read_topic
 
@@ -399,10 +399,10 @@ def test_progress_bar_and_log_lines() -> None:
 def test_replay_and_archive_take_the_workers_kafka_security(tmp_path: Path) -> None:
     import dataclasses
 
-    from worker.archive import ArchiveConfig
-    from worker.cli import build_parser
+    from worker.backfill.archive import ArchiveConfig
+    from worker.cli.main import build_parser
     from worker.config import WorkerConfig
-    from worker.processes import child_config
+    from worker.ops.processes import child_config
 
     secret = tmp_path / "password"
     secret.write_text("s3cret\n")
@@ -452,9 +452,9 @@ def test_backpressure_never_resumes_a_partition_that_reached_its_end(
 ) -> None:
     from kafka import TopicPartition
 
-    from worker.model import ModelRunner
-    from worker.ranges import PartitionRange
-    from worker.replay import ReplayWorker, _worker_config
+    from worker.backfill.ranges import PartitionRange
+    from worker.backfill.replay import ReplayWorker, _worker_config
+    from worker.inference.model import ModelRunner
 
     src = topic_factory(2)
     cfg = config(kafka_bootstrap, tiny_model_dir, src, f"{src}.out", ranges="0:0-,1:0-")

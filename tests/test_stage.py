@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from worker.errors import ConfigError, InferenceError
-from worker.stage import BatchStage
+from worker.contract.errors import ConfigError, InferenceError
+from worker.core.stage import BatchStage
 
 
 class Recorder:

@@ -23,12 +23,12 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from worker.config import WorkerConfig
-from worker.errors import Reason
-from worker.manifest import MODEL_FILE, load_manifest
-from worker.model import ModelRunner
-from worker.pipeline import Worker, WorkerStats
-from worker.produce import encode_sample
-from worker.reference_data import samples
+from worker.contract.errors import Reason
+from worker.contract.manifest import MODEL_FILE, load_manifest
+from worker.contract.reference_data import samples
+from worker.core.pipeline import Worker, WorkerStats
+from worker.inference.model import ModelRunner
+from worker.tools.produce import encode_sample
 
 from kafka_broker import committed_offsets, end_offsets, read_topic
 
@@ -270,7 +270,7 @@ def test_incomplete_event_holds_back_the_commit(
 def test_demo_runs_end_to_end_and_summarises(
     kafka_bootstrap: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    from worker.demo import DemoConfig, format_summary, run_demo
+    from worker.tools.demo import DemoConfig, format_summary, run_demo
 
     config = DemoConfig(
         bootstrap_servers=kafka_bootstrap, model=tiny_model_dir, count=60, rate=0, device="cpu"
@@ -408,8 +408,8 @@ def test_a_broken_model_stops_the_worker_instead_of_dead_lettering_everything(
     tiny_model_dir: Path,
     inference_queue: int,
 ) -> None:
-    from worker.errors import InferenceError
-    from worker.pipeline import MAX_POISON_STREAK
+    from worker.contract.errors import InferenceError
+    from worker.core.pipeline import MAX_POISON_STREAK
 
     topics = (topic_factory(1), topic_factory(1), topic_factory(1))
     manifest = load_manifest(tiny_model_dir)

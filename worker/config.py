@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from worker.errors import ConfigError
+from worker.contract.errors import ConfigError
 
 ENV_PREFIX = "MMSTREAM_"
 #: Variables read by the project's scripts, not by the CLI.

@@ -1,10 +1,10 @@
 """Raw ONNX Runtime throughput of mmstream model directories, with and without IO binding.
 
 Run by ``deploy/gpu/bench-gpu.sh`` (see README.md beside it) from the repository root
-with ``PYTHONPATH=.``. It imports only ``worker.model``, ``worker.manifest``,
-``worker.preprocess``, ``worker.reference_data`` and ``worker.rawort`` (numpy, Pillow,
+with ``PYTHONPATH=.``. It imports only ``worker.inference.model``, ``worker.contract.manifest``,
+``worker.contract.preprocess``, ``worker.contract.reference_data`` and ``worker.inference.rawort`` (numpy, Pillow,
 ONNX Runtime), so it runs where kafka-python is missing; the raw-ORT loop is
-``worker.rawort.bench_ort``, the one ``mmstream bench`` uses.
+``worker.inference.rawort.bench_ort``, the one ``mmstream bench`` uses.
 
 Per model and variant (a fresh session each): the first run at each batch size (a new
 shape: buffers, cuDNN algorithm choice), then events/s per batch size. Variants on
@@ -86,7 +86,7 @@ def machine_info() -> dict[str, Any]:
 
 def first_runs(runner: Any, pool: dict[str, NDArray[Any]], sizes: list[int]) -> dict[str, float]:
     """ms of the first run at each batch size (a shape the session has not seen)."""
-    from worker.rawort import ort_feed  # after preload(): it imports ONNX Runtime
+    from worker.inference.rawort import ort_feed  # after preload(): it imports ONNX Runtime
 
     out = {}
     for b in sizes:
@@ -98,7 +98,7 @@ def first_runs(runner: Any, pool: dict[str, NDArray[Any]], sizes: list[int]) -> 
 
 
 def parity(plain: Any, bound: Any, pool: dict[str, NDArray[Any]]) -> dict[str, Any]:
-    from worker.rawort import ort_feed
+    from worker.inference.rawort import ort_feed
 
     worst = 0.0
     per: dict[str, float] = {}
@@ -125,9 +125,9 @@ def variants(device: str) -> list[tuple[str, dict[str, Any]]]:
 def bench_model(
     model_dir: Path, device: str, sizes: list[int], seconds: float, seed: int
 ) -> dict[str, Any]:
-    from worker.manifest import load_manifest
-    from worker.model import ModelRunner
-    from worker.rawort import ORT_POOL, bench_ort, example_pool
+    from worker.contract.manifest import load_manifest
+    from worker.inference.model import ModelRunner
+    from worker.inference.rawort import ORT_POOL, bench_ort, example_pool
 
     manifest = load_manifest(model_dir, verify=True)
     pool = example_pool(manifest, ORT_POOL, seed)
@@ -185,7 +185,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             f"## {model['name']} {model['version']} {model['inputs']}",
             "",
-            "raw ORT loop: worker.rawort.bench_ort; "
+            "raw ORT loop: worker.inference.rawort.bench_ort; "
             f"parity bound vs plain: {model.get('parity', {}).get('max_abs_diff')}",
             "",
             "events/s (ms/batch):",
@@ -212,9 +212,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def probe(model_dir: Path) -> int:
-    from worker.errors import MMStreamError
-    from worker.manifest import MODEL_FILE
-    from worker.model import create_session
+    from worker.contract.errors import MMStreamError
+    from worker.contract.manifest import MODEL_FILE
+    from worker.inference.model import create_session
 
     try:
         _, info = create_session(model_dir / MODEL_FILE, "cuda")

@@ -1,0 +1,1 @@
+"""Backfills: ``mmstream replay`` (bounded, resumable), offset/time ranges, ``mmstream archive``."""

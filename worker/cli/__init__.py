@@ -1,0 +1,5 @@
+"""The ``mmstream`` command line (``main``)."""
+
+from worker.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,4 @@
+"""The contract shared with ``export/``.
+
+Records and headers, the manifest, preprocessing, the reference task, errors.
+"""

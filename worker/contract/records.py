@@ -1,0 +1,195 @@
+"""The message contract's records: parts in, events assembled, predictions out.
+
+Input topic: one Kafka record per modality part. Key = event id (UTF-8);
+header ``mm-modality`` = the manifest input name; header ``content-type`` =
+``application/x-npy`` or a raw media type; optional ``mm-event-time`` (ms).
+Parts of one event share a key, hence a partition, so assembly is local to the
+consumer that owns it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+HEADER_MODALITY = "mm-modality"
+HEADER_CONTENT_TYPE = "content-type"
+HEADER_EVENT_TIME = "mm-event-time"
+HEADER_ERROR = "mm-error"
+HEADER_ERROR_DETAIL = "mm-error-detail"
+HEADER_SOURCE = "mm-source"
+
+CONTENT_NPY = "application/x-npy"
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """Where a record came from.
+
+    Attributes:
+        topic, partition, offset: the record's position in Kafka.
+        timestamp_ms: the record's timestamp (producer create time, ms since epoch).
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+
+    def __str__(self) -> str:
+        return f"{self.topic}/{self.partition}/{self.offset}"
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """A consumed Kafka record, before decoding.
+
+    Attributes:
+        source: topic/partition/offset/timestamp.
+        key: the record key, or None.
+        value: the record value, or None (tombstone).
+        headers: header name -> value bytes, as sent (duplicates: last wins).
+    """
+
+    source: SourceRef
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+
+    def header(self, name: str) -> bytes | None:
+        found = None
+        for k, v in self.headers:
+            if k.lower() == name:
+                found = v
+        return found
+
+
+@dataclass(frozen=True)
+class OutRecord:
+    """A record the worker writes: a prediction or a dead letter.
+
+    Attributes:
+        topic: where it goes.
+        key, value: as written (bytes, or None).
+        headers: header name -> value bytes, in order.
+    """
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Key, value and header bytes: what the record holds while unacknowledged."""
+        return (
+            len(self.key or b"")
+            + len(self.value or b"")
+            + sum(len(k) + len(v) for k, v in self.headers)
+        )
+
+
+@dataclass(frozen=True)
+class Part:
+    """One decoded modality part of an event.
+
+    Attributes:
+        event_id: the record key, decoded as UTF-8.
+        input_name: the model input this part feeds (``mm-modality``).
+        tensor: per-example tensor in the model's dtype and shape.
+        source: where the record came from.
+        event_time_ms: ``mm-event-time`` if sent, else None.
+        raw: the original record (dead-letter records carry its key, value and headers).
+    """
+
+    event_id: str
+    input_name: str
+    tensor: NDArray[Any]
+    source: SourceRef
+    event_time_ms: int | None = None
+    raw: RawRecord | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held for this part: tensor plus original value."""
+        raw_len = len(self.raw.value or b"") if self.raw is not None else 0
+        return int(self.tensor.nbytes) + raw_len
+
+
+@dataclass(frozen=True)
+class Event:
+    """A complete event: one part per model input.
+
+    Attributes:
+        event_id: the shared key of the parts.
+        partition: the partition its parts came from.
+        parts: input name -> part.
+        first_seen_ms, completed_ms: worker clock when the first part arrived
+            and when the last one completed the event.
+        duplicates: parts for an input that already had one (the later replaced it).
+        missing: inputs absent when an incomplete event is inferred anyway
+            (``--on-incomplete infer``); they are filled with the model's blank input.
+    """
+
+    event_id: str
+    partition: int
+    parts: dict[str, Part]
+    first_seen_ms: int
+    completed_ms: int
+    duplicates: tuple[SourceRef, ...] = ()
+    missing: tuple[str, ...] = ()
+
+    @property
+    def sources(self) -> tuple[SourceRef, ...]:
+        return tuple(p.source for p in self.parts.values()) + self.duplicates
+
+    @property
+    def last_part_ms(self) -> int:
+        """Timestamp of the newest part record (where end-to-end latency starts)."""
+        return max(p.source.timestamp_ms for p in self.parts.values())
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One model prediction for one event (the output topic's value).
+
+    Attributes:
+        event_id: the event's key.
+        outputs: output name -> values of this event (lists of floats).
+        label, score: argmax class name and its probability, when the manifest has labels.
+        modalities: inputs that were present.
+        missing: inputs that were absent and blanked (``--on-incomplete infer``).
+        timing: ms since epoch: ``last_part_ms`` (newest part record),
+            ``completed_ms`` (event assembled), ``inferred_ms`` (batch returned);
+            and ``batch_size``.
+    """
+
+    event_id: str
+    outputs: dict[str, list[float]]
+    label: str | None
+    score: float | None
+    modalities: tuple[str, ...]
+    timing: dict[str, int]
+    missing: tuple[str, ...] = ()
+
+    def to_json_dict(self, model: dict[str, str]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "event_id": self.event_id,
+            "model": model,
+            "outputs": self.outputs,
+            "modalities": list(self.modalities),
+            "timing": self.timing,
+        }
+        if self.missing:
+            out["missing"] = list(self.missing)
+        if self.label is not None:
+            out["label"] = self.label
+            out["score"] = self.score
+        return out
+
+
+def as_f32_list(values: NDArray[np.floating[Any]]) -> list[float]:
+    return [float(v) for v in np.asarray(values, dtype=np.float64).ravel()]

@@ -1,0 +1,53 @@
+"""Backpressure: pause fetching at the memory bounds, resume below them.
+
+Pure: :meth:`Backpressure.decide` takes what the worker holds and returns a
+:class:`Pressure` decision; the loop applies it to its source (pause or resume
+partitions) and asks the consumer for at most ``room`` records. The loop keeps
+polling while paused, so the consumer stays in its group.
+
+Held is what the worker has taken responsibility for and not yet finished:
+events waiting for parts, for a batch or in inference, and their bytes.
+Fetching resumes once both are at or below :data:`RESUME_AT` of their bounds
+(hysteresis, so a worker at the bound does not flap).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Resume fetching once held events/bytes fall to this share of their bound.
+RESUME_AT = 0.8
+
+
+@dataclass(frozen=True)
+class Pressure:
+    """One turn's decision: ``pause`` / ``resume`` fetching (at most one is true),
+    ``room`` = how many more records may be fetched now."""
+
+    pause: bool
+    resume: bool
+    room: int
+
+
+class Backpressure:
+    """Bounds on held events and bytes."""
+
+    def __init__(self, max_events: int, max_bytes: int, resume_at: float = RESUME_AT) -> None:
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.resume_at = resume_at
+        self.paused = False
+
+    def decide(self, events: int, nbytes: int) -> Pressure:
+        full = events >= self.max_events or nbytes >= self.max_bytes
+        resume = (
+            not full
+            and self.paused
+            and events <= self.resume_at * self.max_events
+            and nbytes <= self.resume_at * self.max_bytes
+        )
+        if full:
+            self.paused = True
+        elif resume:
+            self.paused = False
+        return Pressure(pause=full, resume=resume, room=max(0, self.max_events - events))

@@ -1,0 +1,103 @@
+"""Sources: where the loop's records come from, and where it may rewind to.
+
+* :class:`GroupSource` -- the live worker: it joins the consumer group on the
+  input topic; the group assigns partitions and holds the checkpoints.
+* :class:`~worker.backfill.source.RangeSource` -- a replay: fixed per-partition
+  offset ranges, assigned directly (no live group is joined or touched),
+  checkpointed in the backfill's own group, exhausted once every partition
+  reached its range's end.
+
+Both work through the :class:`~worker.edge.client.Consumer` interface only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+from worker.contract.records import RawRecord
+from worker.edge.client import TP, Consumer
+
+log = logging.getLogger(__name__)
+
+
+class Source(Protocol):
+    def join(self) -> None:
+        """Start reading (subscribe, or assign and seek)."""
+
+    def admits(self, raw: RawRecord) -> bool:
+        """Whether a polled record is input at all (a range: inside it)."""
+
+    def owned(self) -> set[TP]:
+        """Partitions whose positions this run may commit."""
+
+    def seed(self, tp: TP) -> tuple[int | None, str]:
+        """The committed position and metadata a partition's tracking starts from."""
+
+    def rewind(self) -> None:
+        """After an aborted transaction: every partition back to its checkpoint."""
+
+    def resumable(self) -> set[TP]:
+        """Paused partitions that backpressure may resume."""
+
+    def after_poll(self) -> None:
+        """Once per loop turn, after the polled records were consumed."""
+
+    def exhausted(self) -> bool:
+        """True when no more records will come (a bounded source at its ends)."""
+
+
+class GroupSource:
+    """The consumer group on ``topic``: the group assigns, the group checkpoints."""
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        topic: str,
+        auto_offset_reset: str = "earliest",
+        metadata_timeout_s: float = 30.0,
+    ) -> None:
+        self.consumer = consumer
+        self.topic = topic
+        self.auto_offset_reset = auto_offset_reset
+        self.metadata_timeout_s = metadata_timeout_s
+
+    def join(self) -> None:
+        # Know the topic's partitions before joining: a group leader without them assigns
+        # nothing and, in kafka-python, may not rejoin until the next metadata refresh.
+        deadline = time.monotonic() + self.metadata_timeout_s
+        while not self.consumer.partitions_for(self.topic):
+            if time.monotonic() > deadline:
+                log.warning("no metadata for %s after %.0f s", self.topic, self.metadata_timeout_s)
+                break
+            time.sleep(0.1)
+        self.consumer.subscribe(self.topic)
+
+    def admits(self, raw: RawRecord) -> bool:
+        return True
+
+    def owned(self) -> set[TP]:
+        return self.consumer.owned()
+
+    def seed(self, tp: TP) -> tuple[int | None, str]:
+        return self.consumer.committed(tp)
+
+    def rewind(self) -> None:
+        for tp in self.consumer.assignment():
+            pos, _meta = self.consumer.committed(tp)
+            if pos is not None:
+                self.consumer.seek(tp, pos)
+            elif self.auto_offset_reset == "earliest":
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek_to_end(tp)
+
+    def resumable(self) -> set[TP]:
+        return self.consumer.paused()
+
+    def after_poll(self) -> None:
+        pass
+
+    def exhausted(self) -> bool:
+        return False

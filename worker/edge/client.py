@@ -1,0 +1,130 @@
+"""The seam between the worker and a Kafka client library.
+
+The streaming core (:mod:`worker.core`) never imports a client library: it is
+given a :class:`Clients` factory and talks to what it makes through the two
+small interfaces below. :mod:`worker.edge.kafka_python` implements them with
+kafka-python (the default client); a second client (librdkafka through
+confluent-kafka) implements the same interfaces, and the unit tests of the
+loop use a fake (``tests/fake_kafka.py``).
+
+What every implementation promises:
+
+* Records come back as :class:`~worker.contract.records.RawRecord`, topic
+  partitions as ``(topic, partition)`` tuples, commit positions as
+  ``{(topic, partition): (next offset, metadata)}``.
+* Every client failure is raised as :class:`~worker.contract.errors.BrokerError`
+  carrying the client's own ``retriable`` flag; a commit refused because the
+  group is rebalancing or the member was fenced is :class:`CommitFailed`.
+* Rebalance callbacks run on the client's thread; the consumer only queues
+  what was revoked or lost, and the loop takes it with :meth:`Consumer.revocations`.
+* Delivery callbacks (``on_ack``/``on_error`` of :meth:`Producer.send`) may run
+  on any thread; they must only hand the result over (queues), never block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Protocol
+
+from worker.contract.errors import BrokerError
+from worker.contract.records import OutRecord, RawRecord
+
+if TYPE_CHECKING:
+    from worker.config import WorkerConfig
+
+TP = tuple[str, int]
+Positions = Mapping[TP, tuple[int, str]]
+
+
+class CommitFailed(BrokerError):
+    """An offset commit the group refused (rebalance in progress, member fenced)."""
+
+    def __init__(self, message: str, *, rebalancing: bool, retriable: bool = True) -> None:
+        super().__init__(message, retriable=retriable)
+        self.rebalancing = rebalancing
+
+
+class Consumer(Protocol):
+    """What the loop needs of a Kafka consumer (auto-commit off)."""
+
+    def subscribe(self, topic: str) -> None:
+        """Join the group on ``topic`` (cooperative-sticky, revocations queued)."""
+
+    def assign(self, tps: Iterable[TP]) -> None:
+        """Read these partitions without joining a group's assignment."""
+
+    def poll(self, timeout_ms: int, max_records: int) -> list[RawRecord]: ...
+
+    def revocations(self) -> list[frozenset[TP]]:
+        """Partitions revoked or lost since the last call, oldest first (drains the queue)."""
+
+    def revocation_pending(self) -> bool: ...
+
+    def joined(self) -> bool:
+        """True once the first assignment arrived (even an empty one)."""
+
+    def owned(self) -> set[TP]:
+        """Partitions the group assigned to this member and has not revoked."""
+
+    def assignment(self) -> set[TP]: ...
+
+    def pause(self, tps: Iterable[TP]) -> None: ...
+
+    def resume(self, tps: Iterable[TP]) -> None: ...
+
+    def paused(self) -> set[TP]: ...
+
+    def seek(self, tp: TP, offset: int) -> None: ...
+
+    def seek_to_beginning(self, tp: TP) -> None: ...
+
+    def seek_to_end(self, tp: TP) -> None: ...
+
+    def position(self, tp: TP) -> int: ...
+
+    def committed(self, tp: TP) -> tuple[int | None, str]:
+        """The group's committed position and metadata of one partition."""
+
+    def commit(self, positions: Positions) -> None: ...
+
+    def group_metadata(self) -> object:
+        """The handle :meth:`Producer.send_offsets_to_transaction` needs."""
+
+    def partitions_for(self, topic: str) -> set[int]:
+        """The topic's partitions (empty while its metadata is unknown)."""
+
+    def close(self) -> None: ...
+
+
+class Producer(Protocol):
+    """What the loop needs of a Kafka producer (acks=all, idempotent)."""
+
+    def send(
+        self,
+        record: OutRecord,
+        on_ack: Callable[[], None],
+        on_error: Callable[[BaseException], None],
+    ) -> None: ...
+
+    def flush(self, timeout_s: float) -> None: ...
+
+    def init_transactions(self) -> None: ...
+
+    def begin_transaction(self) -> None: ...
+
+    def send_offsets_to_transaction(self, positions: Positions, group_metadata: object) -> None: ...
+
+    def commit_transaction(self) -> None: ...
+
+    def abort_transaction(self) -> None: ...
+
+    def close(self, timeout_s: float) -> None: ...
+
+
+class Clients(Protocol):
+    """The factory the worker is given: its consumer and its producer."""
+
+    def consumer(self, config: WorkerConfig) -> Consumer: ...
+
+    def producer(self, config: WorkerConfig) -> Producer:
+        """Transactional (``config.transactional_id``) when the guarantee is exactly-once."""

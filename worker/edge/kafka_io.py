@@ -1,0 +1,241 @@
+"""Kafka at the edges: building clients and converting their records.
+
+Everything that touches kafka-python lives here and in :mod:`worker.core.pipeline`;
+the stages in between are pure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from worker.config import WorkerConfig
+from worker.contract.errors import BrokerError
+from worker.contract.records import RawRecord, SourceRef
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """Partitions taken away from this consumer (revoked or lost)."""
+
+    partitions: frozenset[tuple[str, int]]
+
+
+class QueueingListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Forwards revocations to the poll loop (callbacks run on kafka-python's IO thread)."""
+
+    def __init__(self) -> None:
+        self.events: queue.SimpleQueue[Revocation] = queue.SimpleQueue()
+        self.assigned: set[tuple[str, int]] = set()
+        self.joined = False  # set at the first assignment, even an empty one
+
+    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        tps = frozenset((tp.topic, tp.partition) for tp in revoked)
+        if tps:
+            log.info("partitions revoked: %s", sorted(tps))
+            self.events.put(Revocation(tps))
+        self.assigned -= tps
+
+    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        tps = {(tp.topic, tp.partition) for tp in assigned}
+        log.info("partitions assigned: %s", sorted(tps))
+        self.assigned |= tps
+        self.joined = True
+
+    def on_partitions_lost(self, lost: Iterable[TopicPartition]) -> None:
+        self.on_partitions_revoked(lost)
+
+
+def make_consumer(config: WorkerConfig) -> KafkaConsumer:
+    """The worker's consumer: manual commits, cooperative-sticky, optional static membership."""
+    kwargs: dict[str, Any] = dict(
+        bootstrap_servers=config.bootstrap_servers.split(","),
+        group_id=config.group_id,
+        client_id=config.client_id,
+        enable_auto_commit=False,
+        auto_offset_reset=config.auto_offset_reset,
+        max_poll_records=config.max_poll_records,
+        fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+        partition_assignment_strategy=[CooperativeStickyAssignor()],
+        session_timeout_ms=config.session_timeout_ms,
+        metadata_max_age_ms=30_000,
+        # A short heartbeat makes members notice a rebalance sooner (two rounds when
+        # cooperative).
+        heartbeat_interval_ms=max(300, min(1000, config.session_timeout_ms // 3)),
+        isolation_level=(
+            "read_committed" if config.guarantee == "exactly-once" else "read_uncommitted"
+        ),
+        **config.kafka_security(),
+    )
+    if config.group_instance_id:
+        kwargs["group_instance_id"] = config.group_instance_id
+    try:
+        return KafkaConsumer(**kwargs)
+    except KafkaError as exc:
+        raise BrokerError(f"cannot connect consumer to {config.bootstrap_servers}: {exc}") from exc
+
+
+def make_producer(bootstrap_servers: str, client_id: str, **extra: Any) -> KafkaProducer:
+    """An idempotent producer with acks=all (``extra``: transactional_id, security, ...)."""
+    try:
+        return KafkaProducer(
+            bootstrap_servers=bootstrap_servers.split(","),
+            client_id=client_id,
+            acks="all",
+            linger_ms=5,
+            max_request_size=32 * 1024 * 1024,
+            **extra,
+        )
+    except KafkaError as exc:
+        raise BrokerError(f"cannot connect producer to {bootstrap_servers}: {exc}") from exc
+
+
+def to_raw(record: Any) -> RawRecord:
+    """A kafka-python ``ConsumerRecord`` -> :class:`RawRecord`."""
+    return RawRecord(
+        source=SourceRef(record.topic, record.partition, record.offset, record.timestamp),
+        key=record.key,
+        value=record.value,
+        headers=tuple((k, v if v is not None else b"") for k, v in (record.headers or ())),
+    )
+
+
+def to_offsets(
+    positions: dict[tuple[str, int], tuple[int, str]],
+) -> dict[TopicPartition, OffsetAndMetadata]:
+    """(topic, partition) -> (next offset, metadata) as kafka-python wants them."""
+    return {
+        TopicPartition(topic, part): OffsetAndMetadata(pos, meta, -1)
+        for (topic, part), (pos, meta) in positions.items()
+    }
+
+
+def committed(consumer: KafkaConsumer, tp: tuple[str, int]) -> tuple[int | None, str]:
+    """The group's committed position and metadata of one partition."""
+    found = consumer.committed(TopicPartition(*tp), metadata=True)
+    if found is None:
+        return None, ""
+    return found.offset, found.metadata or ""
+
+
+def ensure_topics(
+    bootstrap_servers: str,
+    topics: dict[str, int],
+    timeout_s: float = 30,
+    configs: dict[str, str] | None = None,
+    security: dict[str, Any] | None = None,
+) -> None:
+    """Create the topics that do not exist yet (name -> partitions, replication 1;
+    ``configs``: topic configs of the new topics, e.g. ``message.timestamp.type``).
+
+    Returns once every partition of every topic has a leader, so a consumer group
+    joining right after sees all partitions.
+    """
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers.split(","), **(security or {}))
+    except KafkaError as exc:
+        raise BrokerError(f"cannot reach Kafka at {bootstrap_servers}: {exc}") from exc
+    try:
+        existing = set(admin.list_topics())
+        # Replication -1: the cluster's default.replication.factor (KIP-464), not 1.
+        new = [
+            NewTopic(n, p, -1, topic_configs=dict(configs or {}))
+            for n, p in topics.items()
+            if n not in existing
+        ]
+        if new:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics(new)
+        # A topic that existed keeps its partition count: wait for its leaders only.
+        want = {
+            n: (p if n not in existing else _partition_count(admin, n)) for n, p in topics.items()
+        }
+        deadline = time.monotonic() + timeout_s
+        while (ready := _partitions_with_leader(admin, want)) != want:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"topics not ready after {timeout_s} s: {ready} of {want}")
+            time.sleep(0.1)
+    except KafkaError as exc:
+        raise BrokerError(f"cannot create topics {sorted(topics)}: {exc}") from exc
+    finally:
+        admin.close()
+
+
+def _partition_count(admin: Any, topic: str) -> int:
+    for info in admin.describe_topics([topic]):
+        if info.get("name") == topic:
+            return len(info.get("partitions") or [])
+    return 0
+
+
+def _partitions_with_leader(admin: Any, topics: dict[str, int]) -> dict[str, int]:
+    """Per topic, how many partitions have a leader (0 while it is not known yet)."""
+    ready = dict.fromkeys(topics, 0)
+    try:
+        described = admin.describe_topics(list(topics))
+    except KafkaError as exc:
+        log.debug("describe_topics failed: %r", exc)
+        return ready
+    for info in described:
+        if info.get("name") in ready and info.get("error_code", 0) == 0:
+            ready[info["name"]] = sum(
+                1
+                for p in info.get("partitions") or []
+                if p.get("error_code", 0) == 0 and p.get("leader_id", -1) >= 0
+            )
+    return ready
+
+
+def count_records(
+    bootstrap_servers: str, topic: str, security: dict[str, Any] | None = None
+) -> int:
+    """Records in ``topic``: the sum of its partitions' end offsets (a topic that started
+    empty and was never truncated), 0 for a topic that does not exist."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap_servers.split(","), group_id=None, **(security or {})
+    )
+    try:
+        parts = sorted(consumer.partitions_for_topic(topic) or ())
+        tps = [TopicPartition(topic, p) for p in parts]
+        return sum(consumer.end_offsets(tps).values()) if tps else 0
+    finally:
+        consumer.close()
+
+
+def delete_topics(
+    bootstrap_servers: str, topics: list[str], security: dict[str, Any] | None = None
+) -> None:
+    """Delete those of ``topics`` that exist; a failure is logged, not raised (clean-up)."""
+    from kafka.admin import KafkaAdminClient
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers.split(","), **(security or {}))
+    except KafkaError as exc:
+        log.warning("could not delete the topics %s: %r", topics, exc)
+        return
+    try:
+        existing = set(admin.list_topics())
+        doomed = [t for t in topics if t in existing]
+        if doomed:
+            admin.delete_topics(doomed)
+    except KafkaError as exc:
+        log.warning("could not delete the topics %s: %r", topics, exc)
+    finally:
+        admin.close()

@@ -1,0 +1,265 @@
+"""The :mod:`worker.edge.client` interfaces, implemented with kafka-python.
+
+Every kafka-python error leaves this module as a
+:class:`~worker.contract.errors.BrokerError` that keeps kafka-python's own
+``retriable`` flag; refused commits are :class:`~worker.edge.client.CommitFailed`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from worker.contract.errors import BrokerError
+from worker.contract.records import OutRecord, RawRecord, SourceRef
+from worker.edge.client import TP, CommitFailed, Positions
+from worker.edge.kafka_io import make_consumer, make_producer
+
+if TYPE_CHECKING:
+    from worker.config import WorkerConfig
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def broker_error(what: str, exc: KafkaError) -> BrokerError:
+    """A kafka-python error as a BrokerError with kafka-python's retriable flag."""
+    if isinstance(exc, CommitFailedError | RebalanceInProgressError):
+        return CommitFailed(
+            f"{what}: {exc!r}", rebalancing=isinstance(exc, RebalanceInProgressError)
+        )
+    return BrokerError(f"{what}: {exc!r}", retriable=bool(getattr(exc, "retriable", True)))
+
+
+def _wrapped(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    def deco(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def inner(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return fn(*args, **kwargs)
+            except KafkaError as exc:
+                raise broker_error(what, exc) from exc
+
+        return inner
+
+    return deco
+
+
+def _tp(tp: TP) -> TopicPartition:
+    return TopicPartition(tp[0], tp[1])
+
+
+def to_raw(record: Any) -> RawRecord:
+    """A kafka-python ``ConsumerRecord`` -> :class:`RawRecord`."""
+    return RawRecord(
+        source=SourceRef(record.topic, record.partition, record.offset, record.timestamp),
+        key=record.key,
+        value=record.value,
+        headers=tuple((k, v if v is not None else b"") for k, v in (record.headers or ())),
+    )
+
+
+def to_offsets(positions: Positions) -> dict[TopicPartition, OffsetAndMetadata]:
+    """(topic, partition) -> (next offset, metadata) as kafka-python wants them."""
+    return {
+        TopicPartition(topic, part): OffsetAndMetadata(pos, meta, -1)
+        for (topic, part), (pos, meta) in positions.items()
+    }
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Queues revocations for the loop (callbacks run on kafka-python's IO thread)."""
+
+    def __init__(self) -> None:
+        self.events: queue.SimpleQueue[frozenset[TP]] = queue.SimpleQueue()
+        self.assigned: set[TP] = set()
+        self.joined = False  # set at the first assignment, even an empty one
+
+    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        tps = frozenset((tp.topic, tp.partition) for tp in revoked)
+        if tps:
+            log.info("partitions revoked: %s", sorted(tps))
+            self.events.put(tps)
+        self.assigned -= tps
+
+    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        tps = {(tp.topic, tp.partition) for tp in assigned}
+        log.info("partitions assigned: %s", sorted(tps))
+        self.assigned |= tps
+        self.joined = True
+
+    def on_partitions_lost(self, lost: Iterable[TopicPartition]) -> None:
+        self.on_partitions_revoked(lost)
+
+
+class KafkaPythonConsumer:
+    """:class:`~worker.edge.client.Consumer` over a ``KafkaConsumer``."""
+
+    def __init__(self, consumer: KafkaConsumer) -> None:
+        self._c = consumer
+        self._listener = _Listener()
+        self._assigned_directly = False
+
+    @_wrapped("cannot subscribe")
+    def subscribe(self, topic: str) -> None:
+        self._c.subscribe([topic], listener=self._listener)
+
+    @_wrapped("cannot assign partitions")
+    def assign(self, tps: Iterable[TP]) -> None:
+        self._c.assign([_tp(tp) for tp in tps])
+        self._assigned_directly = True
+
+    @_wrapped("Kafka poll failed")
+    def poll(self, timeout_ms: int, max_records: int) -> list[RawRecord]:
+        polled = self._c.poll(timeout_ms=timeout_ms, max_records=max_records)
+        return [to_raw(rec) for records in polled.values() for rec in records]
+
+    def revocations(self) -> list[frozenset[TP]]:
+        out = []
+        while not self._listener.events.empty():
+            out.append(self._listener.events.get())
+        return out
+
+    def revocation_pending(self) -> bool:
+        return not self._listener.events.empty()
+
+    def joined(self) -> bool:
+        return self._assigned_directly or self._listener.joined
+
+    def owned(self) -> set[TP]:
+        if self._assigned_directly:
+            return self.assignment()
+        return set(self._listener.assigned)
+
+    def assignment(self) -> set[TP]:
+        return {(tp.topic, tp.partition) for tp in self._c.assignment()}
+
+    @_wrapped("cannot pause")
+    def pause(self, tps: Iterable[TP]) -> None:
+        wanted = [_tp(tp) for tp in tps]
+        if wanted:
+            self._c.pause(*wanted)
+
+    @_wrapped("cannot resume")
+    def resume(self, tps: Iterable[TP]) -> None:
+        wanted = [_tp(tp) for tp in tps]
+        if wanted:
+            self._c.resume(*wanted)
+
+    def paused(self) -> set[TP]:
+        return {(tp.topic, tp.partition) for tp in self._c.paused()}
+
+    @_wrapped("cannot seek")
+    def seek(self, tp: TP, offset: int) -> None:
+        self._c.seek(_tp(tp), offset)
+
+    @_wrapped("cannot seek")
+    def seek_to_beginning(self, tp: TP) -> None:
+        self._c.seek_to_beginning(_tp(tp))
+
+    @_wrapped("cannot seek")
+    def seek_to_end(self, tp: TP) -> None:
+        self._c.seek_to_end(_tp(tp))
+
+    @_wrapped("cannot read the position")
+    def position(self, tp: TP) -> int:
+        return int(self._c.position(_tp(tp)))
+
+    @_wrapped("cannot read the committed offset")
+    def committed(self, tp: TP) -> tuple[int | None, str]:
+        found = self._c.committed(_tp(tp), metadata=True)
+        if found is None:
+            return None, ""
+        return found.offset, found.metadata or ""
+
+    @_wrapped("commit failed")
+    def commit(self, positions: Positions) -> None:
+        self._c.commit(offsets=to_offsets(positions))
+
+    def group_metadata(self) -> object:
+        return self._c.group_metadata()
+
+    @_wrapped("cannot read topic metadata")
+    def partitions_for(self, topic: str) -> set[int]:
+        return set(self._c.partitions_for_topic(topic) or ())
+
+    def close(self) -> None:
+        try:
+            self._c.close(autocommit=False)
+        except KafkaError as exc:
+            log.warning("closing the consumer failed: %r", exc)
+
+
+class KafkaPythonProducer:
+    """:class:`~worker.edge.client.Producer` over a ``KafkaProducer``."""
+
+    def __init__(self, producer: KafkaProducer) -> None:
+        self._p = producer
+
+    def send(
+        self,
+        record: OutRecord,
+        on_ack: Callable[[], None],
+        on_error: Callable[[BaseException], None],
+    ) -> None:
+        try:
+            future = self._p.send(
+                record.topic, key=record.key, value=record.value, headers=list(record.headers)
+            )
+        except KafkaError as exc:
+            raise broker_error(f"cannot send to {record.topic}", exc) from exc
+        future.add_callback(lambda _md: on_ack())
+        future.add_errback(on_error)
+
+    @_wrapped("flush failed")
+    def flush(self, timeout_s: float) -> None:
+        self._p.flush(timeout=timeout_s)
+
+    @_wrapped("cannot initialise transactions")
+    def init_transactions(self) -> None:
+        self._p.init_transactions()
+
+    @_wrapped("cannot begin a transaction")
+    def begin_transaction(self) -> None:
+        self._p.begin_transaction()
+
+    @_wrapped("cannot add offsets to the transaction")
+    def send_offsets_to_transaction(self, positions: Positions, group_metadata: object) -> None:
+        self._p.send_offsets_to_transaction(to_offsets(positions), group_metadata)
+
+    @_wrapped("cannot commit the transaction")
+    def commit_transaction(self) -> None:
+        self._p.commit_transaction()
+
+    @_wrapped("cannot abort the transaction")
+    def abort_transaction(self) -> None:
+        self._p.abort_transaction()
+
+    def close(self, timeout_s: float) -> None:
+        try:
+            self._p.close(timeout=timeout_s)
+        except KafkaError as exc:
+            log.warning("closing the producer failed: %r", exc)
+
+
+class KafkaPythonClients:
+    """The default :class:`~worker.edge.client.Clients`: kafka-python."""
+
+    def consumer(self, config: WorkerConfig) -> KafkaPythonConsumer:
+        return KafkaPythonConsumer(make_consumer(config))
+
+    def producer(self, config: WorkerConfig) -> KafkaPythonProducer:
+        extra: dict[str, Any] = dict(config.kafka_security())
+        if config.guarantee == "exactly-once":
+            extra["transactional_id"] = config.transactional_id
+        return KafkaPythonProducer(make_producer(config.bootstrap_servers, config.client_id, **extra))

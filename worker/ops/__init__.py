@@ -1,0 +1,1 @@
+"""Operations: probes and metrics over HTTP, logging, the ``--processes`` launcher."""

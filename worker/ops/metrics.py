@@ -1,0 +1,241 @@
+"""Prometheus metrics of one worker, served at ``GET /metrics`` (see :mod:`worker.ops.http`).
+
+Each :class:`WorkerMetrics` owns its own ``CollectorRegistry`` (never the process-global
+one), so several workers in one process -- tests, mostly -- do not clash.
+
+Consume::
+
+    mmstream_records_consumed_total{modality}     counter
+        Records read from the input topic, by their ``mm-modality`` header when it
+        names a model input ("unknown" otherwise: header values never become labels).
+    mmstream_assigned_partitions                  gauge
+        Input partitions currently assigned to this worker.
+    mmstream_paused_partitions                    gauge
+        Assigned partitions paused for back-pressure (pending events/bytes over limit).
+    mmstream_partitions_revoked_total             counter
+        Rebalances that took partitions away from this worker.
+
+Assemble::
+
+    mmstream_events_completed_total               counter
+        Events whose parts all arrived.
+    mmstream_events_incomplete_total{action}      counter
+        Events that timed out incomplete; action = dlq | drop | infer, the
+        --on-incomplete policy that was applied.
+    mmstream_duplicate_parts_total                counter
+        Parts that arrived again for an input the event already had (the later
+        one replaces the earlier; both offsets settle with the event).
+    mmstream_pending_events                       gauge
+        Events held in memory: waiting for parts or for a batch.
+    mmstream_pending_bytes                        gauge
+        Payload bytes held by those pending events.
+
+Infer::
+
+    mmstream_batch_size                           histogram
+        Events per model call (buckets 1, 2, 4, ... 512).
+    mmstream_inference_seconds                    histogram
+        Wall time of one ONNX Runtime call (buckets 0.1 ms .. 1 s).
+    mmstream_execution_provider{provider}         gauge
+        1 for the ONNX Runtime execution provider in use (e.g. CUDAExecutionProvider);
+        it is the only series.
+
+Produce::
+
+    mmstream_predictions_total                    counter
+        Prediction records acknowledged by the broker.
+    mmstream_dead_letters_total{reason}           counter
+        Records sent to the dead-letter topic, by reason code (the ``mm-error``
+        header; see worker.contract.errors.Reason).
+    mmstream_end_to_end_seconds                   histogram
+        From the newest part's record timestamp to the prediction's acknowledgement
+        (buckets 1 ms .. 60 s).
+
+Commit::
+
+    mmstream_uncommitted_records                  gauge
+        Commit lag: records consumed past the committed position (in flight or
+        awaiting commit).
+    mmstream_commits_total{result}                counter
+        Offset commits; result = ok | failed.
+    mmstream_transactions_total{result}           counter
+        Kafka transactions (exactly-once mode); result = committed | aborted.
+
+Loop::
+
+    mmstream_loop_last_iteration_seconds          gauge
+        Unix time of the poll loop's last iteration; ``/healthz`` fails when it
+        stops advancing (see worker.ops.http.loop_health).
+
+Counters also expose ``*_created`` series (their creation time), as prometheus_client does.
+Label values from a fixed set (action, reason, result) start at 0 so that ``rate()`` and
+``increase()`` work from the first scrape.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from worker.contract.errors import Reason
+
+BATCH_SIZE_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
+INFERENCE_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+END_TO_END_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+INCOMPLETE_ACTIONS = ("dlq", "drop", "infer")
+COMMIT_RESULTS = ("ok", "failed")
+TRANSACTION_RESULTS = ("committed", "aborted")
+UNKNOWN_MODALITY = "unknown"
+
+
+class WorkerMetrics:
+    """All metrics of one worker, registered on ``registry`` (a new one by default)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        reg = self.registry
+        self.records_consumed = Counter(
+            "mmstream_records_consumed",
+            "Records read from the input topic, by model input named in mm-modality (else unknown)",
+            ["modality"],
+            registry=reg,
+        )
+        self.events_completed = Counter(
+            "mmstream_events_completed", "Events assembled complete", registry=reg
+        )
+        self.events_incomplete = Counter(
+            "mmstream_events_incomplete",
+            "Events timed out incomplete, by the action taken",
+            ["action"],
+            registry=reg,
+        )
+        self.duplicate_parts = Counter(
+            "mmstream_duplicate_parts",
+            "Parts that replaced an earlier part of the same input of an event",
+            registry=reg,
+        )
+        self.predictions = Counter(
+            "mmstream_predictions", "Predictions acknowledged by the broker", registry=reg
+        )
+        self.dead_letters = Counter(
+            "mmstream_dead_letters",
+            "Records sent to the dead-letter topic, by reason",
+            ["reason"],
+            registry=reg,
+        )
+        self.batch_size = Histogram(
+            "mmstream_batch_size",
+            "Events per model call",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=reg,
+        )
+        self.inference_seconds = Histogram(
+            "mmstream_inference_seconds",
+            "Wall time of one ONNX Runtime call",
+            buckets=INFERENCE_BUCKETS,
+            registry=reg,
+        )
+        self.end_to_end_seconds = Histogram(
+            "mmstream_end_to_end_seconds",
+            "Newest part's record timestamp to prediction acknowledged",
+            buckets=END_TO_END_BUCKETS,
+            registry=reg,
+        )
+        self.pending_events = Gauge(
+            "mmstream_pending_events", "Events waiting for parts or a batch", registry=reg
+        )
+        self.pending_bytes = Gauge(
+            "mmstream_pending_bytes", "Payload bytes held by pending events", registry=reg
+        )
+        self.paused_partitions = Gauge(
+            "mmstream_paused_partitions", "Partitions paused for back-pressure", registry=reg
+        )
+        self.assigned_partitions = Gauge(
+            "mmstream_assigned_partitions", "Input partitions assigned", registry=reg
+        )
+        self.uncommitted_records = Gauge(
+            "mmstream_uncommitted_records",
+            "Records consumed past the committed position",
+            registry=reg,
+        )
+        self.commits = Counter(
+            "mmstream_commits", "Offset commits, by result", ["result"], registry=reg
+        )
+        self.transactions = Counter(
+            "mmstream_transactions", "Kafka transactions, by result", ["result"], registry=reg
+        )
+        self.rebalances = Counter(
+            "mmstream_partitions_revoked", "Rebalances that revoked partitions", registry=reg
+        )
+        self.provider = Gauge(
+            "mmstream_execution_provider",
+            "1 for the ONNX Runtime execution provider in use",
+            ["provider"],
+            registry=reg,
+        )
+        self.loop_last_iteration = Gauge(
+            "mmstream_loop_last_iteration_seconds",
+            "Unix time of the poll loop's last iteration",
+            registry=reg,
+        )
+        self._last_beat: float | None = None
+        for action in INCOMPLETE_ACTIONS:
+            self.events_incomplete.labels(action=action)
+        for reason in Reason:
+            self.dead_letters.labels(reason=reason.value)
+        for result in COMMIT_RESULTS:
+            self.commits.labels(result=result)
+        for result in TRANSACTION_RESULTS:
+            self.transactions.labels(result=result)
+
+    def set_provider(self, name: str) -> None:
+        """Mark ``name`` as the execution provider in use (the only series, value 1)."""
+        self.provider.clear()
+        self.provider.labels(provider=name).set(1)
+
+    def beat(self, now_s: float) -> None:
+        """The poll loop ran an iteration at unix time ``now_s``."""
+        self._last_beat = now_s
+        self.loop_last_iteration.set(now_s)
+
+    @property
+    def last_beat(self) -> float | None:
+        """Unix time of the last :meth:`beat`, or None before the first."""
+        return self._last_beat
+
+    def render(self) -> bytes:
+        """This registry in the Prometheus text exposition format."""
+        return generate_latest(self.registry)
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """One sample's value (full sample name, e.g. ``mmstream_predictions_total``), or None."""
+        return self.registry.get_sample_value(name, labels)

@@ -1,0 +1,1 @@
+"""Tools around the worker: the sample/load producer, the demo, the benchmark."""

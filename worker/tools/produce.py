@@ -1,0 +1,422 @@
+"""``mmstream produce``: reference-model events to the input topic, per the contract.
+
+Each event is three records (image, text, audio) sharing a key. Parts are
+shuffled within windows of ``shuffle_window`` events, so the parts of
+different events interleave and arrive in any order. With ``--content raw``
+parts are PNG / UTF-8 text / PCM16 WAV; with ``--content npy`` they are the
+model's own tensors (``numpy.save``), preprocessed with the manifest's specs.
+
+As a load and fault generator: ``--missing-fraction`` of the events never send
+one of their parts, and ``--poison-fraction`` of them send one bad record in
+place of a good part, cycling over the kinds the worker dead-letters
+(:data:`POISON_KINDS`). Which events, which part and which kind follow from
+``--seed`` alone: the same settings give the same records (all but their
+``mm-event-time`` header, the wall clock at sending). ``--labels-out``
+writes one JSON line per event saying its true label and what was done to it
+(:meth:`EventPlan.to_json_dict`), so accuracy can be computed on the clean
+events and the dead letters checked downstream.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import time
+import wave
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from kafka.errors import KafkaError
+from PIL import Image
+
+from worker.config import FrozenConfig
+from worker.contract.errors import BrokerError, ConfigError, Reason
+from worker.contract.manifest import InputInfo, Manifest, load_manifest
+from worker.contract.records import (
+    CONTENT_NPY,
+    HEADER_CONTENT_TYPE,
+    HEADER_EVENT_TIME,
+    HEADER_MODALITY,
+)
+from worker.contract.reference_data import SAMPLE_RATE, Sample, sample_tensors, samples
+from worker.edge.kafka_io import make_producer
+
+log = logging.getLogger(__name__)
+
+Record = tuple[str, str, bytes, str]  # event id, modality, value, content type
+T = TypeVar("T")
+
+#: The bad records ``--poison-fraction`` sends, in the order poisoned events cycle
+#: through them, each named by the reason code the worker dead-letters it with.
+POISON_KINDS: tuple[Reason, ...] = (
+    Reason.MISSING_KEY,
+    Reason.UNKNOWN_MODALITY,
+    Reason.UNSUPPORTED_CONTENT_TYPE,
+    Reason.DECODE_ERROR,
+    Reason.SHAPE_MISMATCH,
+)
+#: ``mm-modality`` of the unknown_modality poison: names no model input.
+POISON_MODALITY = "no-such-input"
+#: ``content-type`` of the unsupported_content_type poison: no input takes it.
+POISON_CONTENT_TYPE = "application/octet-stream"
+#: Value of the decode_error poison: not PNG, JPEG, WAV, .npy, nor even UTF-8
+#: (starts with 0xFF), and short enough for any text size limit.
+POISON_BYTES = b"\xff\xfe\x00mmstream-poison\xc3\x28"
+
+#: Second seed word of the generator that picks missing and poisoned events, so
+#: that the events themselves and their order stay those of ``--seed`` alone.
+_FAULT_STREAM = 0xFA17
+
+
+@dataclass(frozen=True)
+class ProduceConfig(FrozenConfig):
+    """Settings of ``mmstream produce``; see ``mmstream produce --help``."""
+
+    bootstrap_servers: str
+    topic: str
+    count: int = 300
+    rate: float = 0.0
+    content: str = "raw"
+    model: Path | None = None
+    seed: int = 0
+    corrupt_p: float = 0.0
+    missing_fraction: float = 0.0
+    poison_fraction: float = 0.0
+    shuffle_window: int = 16
+    labels_out: Path | None = None
+    key_prefix: str = ""
+    client_id: str = "mmstream-produce"
+
+    def __post_init__(self) -> None:
+        if self.count <= 0:
+            raise ConfigError("--count must be > 0")
+        if self.rate < 0:
+            raise ConfigError("--rate must be >= 0 (0 = as fast as possible)")
+        if self.seed < 0:
+            raise ConfigError("--seed must be >= 0")
+        if self.content not in ("raw", "npy"):
+            raise ConfigError("--content must be raw or npy")
+        if self.content == "npy" and self.model is None:
+            raise ConfigError("--content npy needs --model (the tensors follow its manifest)")
+        for name in ("corrupt_p", "missing_fraction", "poison_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be within [0, 1]")
+        if self.missing_fraction + self.poison_fraction > 1.0:
+            raise ConfigError(
+                "--missing-fraction + --poison-fraction must be <= 1 "
+                "(an event is missing a part or poisoned, never both)"
+            )
+        if self.shuffle_window <= 0:
+            raise ConfigError("--shuffle-window must be > 0")
+
+
+@dataclass(frozen=True)
+class OutRecord:
+    """One record to send to the input topic.
+
+    Attributes:
+        event_id: the event it belongs to (also its key, unless ``key`` is None).
+        key: the record key; None for the missing_key poison.
+        modality: the ``mm-modality`` header.
+        value: the record value.
+        content_type: the ``content-type`` header.
+        poison: the reason the worker will dead-letter it with; None for a good part.
+    """
+
+    event_id: str
+    key: bytes | None
+    modality: str
+    value: bytes
+    content_type: str
+    poison: Reason | None = None
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        """The contract headers (``mm-event-time`` is added when the record is sent)."""
+        return [
+            (HEADER_MODALITY, self.modality.encode()),
+            (HEADER_CONTENT_TYPE, self.content_type.encode()),
+        ]
+
+
+@dataclass(frozen=True)
+class EventPlan:
+    """What is sent for one event.
+
+    Attributes:
+        event_id: the event's key.
+        label: its true label.
+        missing: the part never sent, or None.
+        poison: the kind of bad record sent in place of ``poison_part``, or None.
+        poison_part: the good part that bad record replaced, or None.
+    """
+
+    event_id: str
+    label: str
+    missing: str | None = None
+    poison: Reason | None = None
+    poison_part: str | None = None
+
+    @property
+    def clean(self) -> bool:
+        """All parts sent, none bad: the worker should predict this event."""
+        return self.missing is None and self.poison is None
+
+    def to_json_dict(self) -> dict[str, str]:
+        """One line of ``--labels-out``; see :func:`produce`."""
+        out = {"event_id": self.event_id, "label": self.label}
+        if self.missing is not None:
+            out["missing"] = self.missing
+        if self.poison is not None and self.poison_part is not None:
+            out["poison"] = str(self.poison)
+            out["poison_part"] = self.poison_part
+        return out
+
+
+@dataclass(frozen=True)
+class ProducePlan:
+    """Everything :func:`produce` sends, before any broker is involved.
+
+    Attributes:
+        events: one entry per event, in event-id order.
+        records: the records in send order (parts interleaved across events).
+        parts_per_event: parts of a complete event (the model's inputs).
+    """
+
+    events: tuple[EventPlan, ...]
+    records: tuple[OutRecord, ...]
+    parts_per_event: int
+
+    def counts(self) -> dict[str, Any]:
+        """events, parts, clean, missing, and poison by reason (every kind, zeros too)."""
+        poison = {str(kind): 0 for kind in POISON_KINDS}
+        for e in self.events:
+            if e.poison is not None:
+                poison[str(e.poison)] += 1
+        return {
+            "events": len(self.events),
+            "parts": len(self.records),
+            "clean": sum(1 for e in self.events if e.clean),
+            "missing": sum(1 for e in self.events if e.missing is not None),
+            "poison": poison,
+        }
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def wav_bytes(wave_f32: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
+    pcm = (np.clip(wave_f32, -1.0, 1.0) * 32767.0).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_sample(
+    event_id: str, sample: Sample, content: str, manifest: Manifest | None
+) -> list[Record]:
+    """The three part records of one sample."""
+    if content == "raw":
+        return [
+            (event_id, "image", png_bytes(sample.image), "image/png"),
+            (event_id, "text", sample.text.encode(), "text/plain; charset=utf-8"),
+            (event_id, "audio", wav_bytes(sample.audio), "audio/wav"),
+        ]
+    if manifest is None:
+        raise ConfigError("npy content needs a manifest")
+    return [
+        (event_id, name, npy_bytes(tensor), CONTENT_NPY)
+        for name, tensor in sample_tensors(sample, manifest).items()
+    ]
+
+
+def poison_record(good: Record, kind: Reason, info: InputInfo | None) -> OutRecord:
+    """The bad record of ``kind`` sent in place of the good part ``good``.
+
+    ``info`` is the model input the part feeds (None without a manifest); the
+    shape_mismatch poison uses it to send the input's dtype with a wrong shape
+    (a batch of two examples), else an empty float32 array, which fits no input.
+    """
+    event_id, modality, value, ctype = good
+    key: bytes | None = event_id.encode()
+    if kind == Reason.MISSING_KEY:
+        key = None
+    elif kind == Reason.UNKNOWN_MODALITY:
+        modality = POISON_MODALITY
+    elif kind == Reason.UNSUPPORTED_CONTENT_TYPE:
+        ctype = POISON_CONTENT_TYPE
+    elif kind == Reason.DECODE_ERROR:
+        value = POISON_BYTES
+    elif kind == Reason.SHAPE_MISMATCH:
+        wrong = (
+            np.zeros((2, *info.shape), dtype=info.dtype)
+            if info is not None
+            else np.zeros((0,), dtype=np.float32)
+        )
+        value, ctype = npy_bytes(wrong), CONTENT_NPY
+    else:
+        raise ConfigError(f"no poison record for reason {kind!s}")
+    return OutRecord(event_id, key, modality, value, ctype, poison=kind)
+
+
+def interleave(
+    records: Sequence[Sequence[T]], window: int, rng: np.random.Generator
+) -> Iterator[T]:
+    """Shuffle parts within windows of ``window`` events."""
+    for start in range(0, len(records), window):
+        chunk = [r for event in records[start : start + window] for r in event]
+        for i in rng.permutation(len(chunk)):
+            yield chunk[i]
+
+
+def _share(fraction: float, count: int) -> int:
+    return min(count, int(fraction * count + 0.5))
+
+
+def build_plan(config: ProduceConfig) -> ProducePlan:
+    """The events and records :func:`produce` sends: a function of the config alone.
+
+    Events, their order and the interleaving come from ``--seed`` (as before the
+    fault options existed); which events miss a part or are poisoned, and which
+    part, come from a second generator seeded with it, so adding faults leaves
+    the rest of the traffic unchanged. Missing and poisoned events are disjoint;
+    poisoned events, in event-id order, cycle over :data:`POISON_KINDS`.
+    """
+    rng = np.random.default_rng(config.seed)
+    faults = np.random.default_rng([config.seed, _FAULT_STREAM])
+    manifest = load_manifest(config.model, verify=False) if config.model else None
+    prefix = config.key_prefix or f"ev-{config.seed}-"
+    batch = samples(config.count, rng, split="test", corrupt_p=config.corrupt_p)
+    ids = [f"{prefix}{i:06d}" for i in range(config.count)]
+    encoded = [
+        encode_sample(i, s, config.content, manifest) for i, s in zip(ids, batch, strict=True)
+    ]
+    n_missing = _share(config.missing_fraction, config.count)
+    n_poison = min(_share(config.poison_fraction, config.count), config.count - n_missing)
+    order = faults.permutation(config.count)
+    missing = {int(i) for i in order[:n_missing]}
+    poisoned = {int(i) for i in order[n_missing : n_missing + n_poison]}
+
+    events: list[EventPlan] = []
+    out: list[list[OutRecord]] = []
+    kinds = itertools.cycle(POISON_KINDS)
+    for idx, (event_id, sample, parts) in enumerate(zip(ids, batch, encoded, strict=True)):
+        records = [OutRecord(e, e.encode(), m, v, c) for e, m, v, c in parts]
+        label = str(sample.label)
+        if idx in missing:
+            j = int(faults.integers(len(parts)))
+            events.append(EventPlan(event_id, label, missing=parts[j][1]))
+            del records[j]
+        elif idx in poisoned:
+            j = int(faults.integers(len(parts)))
+            name = parts[j][1]
+            kind = next(kinds)
+            info = manifest.input(name) if manifest is not None else None
+            records[j] = poison_record(parts[j], kind, info)
+            events.append(EventPlan(event_id, label, poison=kind, poison_part=name))
+        else:
+            events.append(EventPlan(event_id, label))
+        out.append(records)
+    return ProducePlan(
+        events=tuple(events),
+        records=tuple(interleave(out, config.shuffle_window, rng)),
+        parts_per_event=len(encoded[0]),
+    )
+
+
+def write_labels(path: Path, events: Sequence[EventPlan]) -> None:
+    """``--labels-out``: one JSON object per line and event; see :func:`produce`."""
+    with Path(path).open("w") as f:
+        for e in events:
+            f.write(json.dumps(e.to_json_dict()) + "\n")
+
+
+def produce(config: ProduceConfig) -> dict[str, Any]:
+    """Send ``config.count`` events (:func:`build_plan`); return what was sent.
+
+    ``config.labels_out``, when set, gets one JSON line per event, in event-id order::
+
+        {"event_id": "ev-0-000000", "label": "7"}
+        {"event_id": "ev-0-000001", "label": "3", "missing": "audio"}
+        {"event_id": "ev-0-000002", "label": "1", "poison": "decode_error", "poison_part": "image"}
+
+    ``missing``: that part was never sent (the worker times the event out as
+    ``incomplete_event``). ``poison``: a bad record that the worker dead-letters
+    with this reason code was sent in place of the ``poison_part`` part, so the
+    event's other parts end incomplete too. Neither key: the event is clean and
+    should be predicted (accuracy is computed on these).
+
+    The returned summary (printed as JSON by the CLI): ``events``, ``parts``
+    (records sent, bad ones included), ``clean``, ``missing`` (events missing a
+    part), ``poison`` (poisoned events by reason code, every kind listed), ``ms``
+    (time spent sending until every record was acknowledged) and the achieved
+    ``events_per_s`` and ``parts_per_s``.
+    """
+    plan = build_plan(config)
+    summary = plan.counts()
+    if config.labels_out:
+        write_labels(config.labels_out, plan.events)
+    producer = make_producer(config.bootstrap_servers, config.client_id)
+    log.info(
+        "producing %d events (%d parts each; %d missing a part, %d poisoned) to %s at %s",
+        config.count,
+        plan.parts_per_event,
+        summary["missing"],
+        sum(summary["poison"].values()),
+        config.topic,
+        f"{config.rate:g} events/s" if config.rate > 0 else "full speed",
+    )
+    # Paced in events/s: records go out evenly at rate x (records per event on average).
+    interval = config.count / (config.rate * len(plan.records)) if config.rate > 0 else 0.0
+    start = time.monotonic()
+    sent = 0
+    futures = []
+    try:
+        for rec in plan.records:
+            if interval:
+                delay = start + sent * interval - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            headers = [
+                *rec.headers(),
+                (HEADER_EVENT_TIME, str(time.time_ns() // 1_000_000).encode()),
+            ]
+            futures.append(
+                producer.send(config.topic, key=rec.key, value=rec.value, headers=headers)
+            )
+            sent += 1
+        producer.flush()
+        failed = [f.exception for f in futures if f.failed()]
+        if failed:
+            raise BrokerError(f"{len(failed)} of {sent} parts were not acknowledged: {failed[0]}")
+    except KafkaError as exc:
+        raise BrokerError(f"producing to {config.topic} failed: {exc}") from exc
+    finally:
+        producer.close(timeout=5)
+    elapsed = time.monotonic() - start
+    seconds = max(elapsed, 1e-6)
+    log.info("produced %d events (%d parts) in %.2f s", config.count, sent, elapsed)
+    summary.update(
+        parts=sent,
+        ms=int(elapsed * 1000),
+        events_per_s=round(config.count / seconds, 1),
+        parts_per_s=round(sent / seconds, 1),
+    )
+    return summary
