@@ -10,6 +10,8 @@ with the FP32 graph's on at least :data:`FP16_MIN_AGREEMENT` of the parity
 inputs and further batches from the same generator (:data:`FP16_MIN_ROWS` in all).
 Everything is written into a temporary directory beside ``out_dir`` and renamed
 into place at the end, so a failed export never leaves a half-written directory.
+Every failure is one :class:`~worker.contract.errors.ExportError` line (exit 2), except
+a full disk, quota or I/O error while writing: a ``StorageError`` (exit 1).
 """
 
 from __future__ import annotations
@@ -29,7 +31,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from export import KERAS_FILE, SIDECAR_FILE
-from worker.contract.errors import ExportError, ModelError
+from worker.contract.errors import (
+    STORAGE_ERRNOS,
+    ExportError,
+    ModelError,
+    one_line,
+    os_error,
+)
 from worker.contract.manifest import (
     MANIFEST_FILE,
     MODEL_FILE,
@@ -151,7 +159,11 @@ def load_sidecar(path: Path) -> Sidecar:
         raw = json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise ExportError(f"no sidecar {path}: {_SIDECAR_HELP}") from exc
-    except (OSError, json.JSONDecodeError) as exc:
+    except OSError as exc:
+        if exc.errno in STORAGE_ERRNOS:
+            raise os_error(f"sidecar {path}", exc) from exc
+        raise ExportError(f"cannot read sidecar {path}: {exc}; {_SIDECAR_HELP}") from exc
+    except json.JSONDecodeError as exc:
         raise ExportError(f"cannot read sidecar {path}: {exc}; {_SIDECAR_HELP}") from exc
     if not isinstance(raw, dict):
         raise ExportError(f"sidecar {path} is not a JSON object; {_SIDECAR_HELP}")
@@ -447,6 +459,8 @@ def _convert(model: Any, dtypes: Mapping[str, str], side: Sidecar, opset: int, p
             model, input_signature=[signature], opset=opset, output_path=str(path)
         )
     except Exception as exc:  # tf2onnx raises many types
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            raise  # a full disk writing model.onnx: export_model reports it
         raise ExportError(f"tf2onnx conversion failed: {type(exc).__name__}: {exc}") from exc
 
 
@@ -465,7 +479,24 @@ def _convert_fp16(src: Path, dst: Path) -> None:
         model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
         onnx.save(model, str(dst))
     except Exception as exc:  # the converter raises many types (and asserts)
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            raise  # a full disk writing the FP16 model: export_model reports it
         raise ExportError(f"FP16 conversion failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _ort_session(path: Path, what: str) -> Any:
+    """An ONNX Runtime (CPU) session on ``path``; a load failure is one ExportError line.
+
+    ``what`` names the model in the message (e.g. "the converted model").
+    """
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own untyped exceptions
+        raise ExportError(
+            one_line(f"{what} does not load in ONNX Runtime (CPU): {type(exc).__name__}: {exc}")
+        ) from exc
 
 
 def _ort_dtype(name: str, ort_type: str) -> str:
@@ -552,7 +583,9 @@ def export_model(
             batches, then more from the same generator).
 
     Raises:
-        ExportError: bad arguments or sidecar, conversion failure, parity not met.
+        ExportError: bad arguments or sidecar, conversion failure, ONNX Runtime cannot
+            load the converted model, parity not met, ``out_dir`` cannot be written.
+        StorageError: a full disk, exceeded quota or I/O error while writing.
     """
     _check_args(opset, tolerance, parity_batch_sizes)
     model_path = Path(keras_model_path)
@@ -575,14 +608,15 @@ def export_model(
         for name, t in zip(model.output_names, model.outputs, strict=True)
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as exc:
+        raise os_error(f"export to {str(out)!r}", exc, input_error=ExportError) from exc
     try:
         onnx_path = tmp / MODEL_FILE
         _convert(model, dtypes, side, opset, onnx_path)
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        session = _ort_session(onnx_path, "the converted model")
         inputs, outputs = _manifest_io(session, side, keras_out_shapes)
         parity = check_parity(
             model,
@@ -630,6 +664,9 @@ def export_model(
         manifest.write(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         _replace_dir(tmp, out)
+    except OSError as exc:  # writing the model, the manifest, or renaming into place
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise os_error(f"export to {str(out)!r}", exc, input_error=ExportError) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -656,16 +693,9 @@ def _make_fp16(
     batch_sizes: Sequence[int],
 ) -> Fp16Result:
     """Replace the checked FP32 ``onnx_path`` by its FP16 conversion; return FP16 vs FP32."""
-    import onnxruntime as ort
-
     fp16_path = onnx_path.with_name(f"fp16-{onnx_path.name}")
     _convert_fp16(onnx_path, fp16_path)
-    try:
-        session16 = ort.InferenceSession(str(fp16_path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own untyped exceptions
-        raise ExportError(
-            f"the FP16 model does not load in ONNX Runtime (CPU): {type(exc).__name__}: {exc}"
-        ) from exc
+    session16 = _ort_session(fp16_path, "the FP16 model")
     if _manifest_io(session16, side, keras_out_shapes) != io:
         raise ExportError(
             "the FP16 model's inputs or outputs differ from the FP32 model's "

@@ -33,7 +33,7 @@ from keras import layers, ops
 from numpy.typing import NDArray
 
 from export import KERAS_FILE, SIDECAR_FILE
-from worker.contract.errors import ConfigError
+from worker.contract.errors import ConfigError, os_error
 from worker.contract.preprocess import (
     AudioSpec,
     ImageSpec,
@@ -325,6 +325,10 @@ def train_reference(
 
     Returns:
         ``{"out_dir", "model_file", "sidecar_file", "model_card"}``.
+
+    Raises:
+        ConfigError: a bad argument, or ``out_dir`` cannot be created or written.
+        StorageError: a full disk, exceeded quota or I/O error while writing.
     """
     if n_train < 1 or epochs < 1 or n_test < 1:
         raise ConfigError(
@@ -333,7 +337,10 @@ def train_reference(
     if not 0.0 <= corrupt_p < 1.0:
         raise ConfigError(f"corrupt_p must be in [0, 1), not {corrupt_p}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_error(f"--out {str(out)!r}", exc) from exc
     specs = reference_specs(image_size)
     keras.utils.set_random_seed(seed)
 
@@ -403,8 +410,11 @@ def train_reference(
         "limitations": "synthetic reference task; not a general digit, text or speech model",
     }
     model_path = out / KERAS_FILE
-    model.save(model_path)
-    sidecar_path = write_sidecar(out, sidecar(specs, version=version, model_card=card))
+    try:
+        model.save(model_path)
+        sidecar_path = write_sidecar(out, sidecar(specs, version=version, model_card=card))
+    except OSError as exc:
+        raise os_error(f"--out {str(out)!r}", exc) from exc
     log.info("wrote %s and %s", model_path, sidecar_path)
     return {
         "out_dir": str(out),

@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from kafka_broker import bootstrap_servers, create_topic, wait_ready
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Tests that call the CLI in-process get its log handler (on pytest's captured
+    stderr, closed after the test); later tests must not log into it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    kafka_level = logging.getLogger("kafka").level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    for h in handlers:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)
+    logging.getLogger("kafka").setLevel(kafka_level)
 
 
 @pytest.fixture(scope="session")

@@ -124,7 +124,23 @@ def test_bad_flag_value_and_unknown_env_are_one_line_errors() -> None:
 
 
 def test_main_maps_error_kinds_to_exit_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from worker.contract.errors import BrokerError, InferenceError
+
     assert main(["produce", "--bootstrap-servers", "b", "--topic", "t", "--count", "0"]) == 2
+    cli = importlib.import_module("worker.cli.main")  # worker.cli.main is also the function
+    for error, code in [
+        (BrokerError("down"), 1),
+        (InferenceError("ORT"), 1),
+        (ConfigError("x"), 2),
+    ]:
+
+        def handler(_args: object, error: MMStreamError = error) -> int:
+            raise error
+
+        monkeypatch.setattr(cli, "_cmd_produce", handler)
+        assert main(["produce", "--bootstrap-servers", "b", "--topic", "t"]) == code
 
 
 def test_worker_cli_does_not_import_tensorflow() -> None:
@@ -142,6 +158,7 @@ def test_errors_share_one_root_with_retriable_flag() -> None:
     from worker.contract.errors import BrokerError, ExportError, RecordError
 
     assert BrokerError("x").retriable and not ExportError("x").retriable
+    assert BrokerError("x").exit_code == 1 and ExportError("x").exit_code == 2
     assert issubclass(RecordError, MMStreamError)
     assert not RecordError(Reason.DECODE_ERROR, "x").retriable
 

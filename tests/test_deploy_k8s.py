@@ -34,7 +34,7 @@ import yaml
 from worker.cli.main import build_parser
 from worker.config import SASL_PASSWORD_ENV, check_unknown_env
 from worker.ops.http import ProbeServer
-from worker.ops.metrics import WorkerMetrics
+from worker.ops.metrics import PoolMetrics, WorkerMetrics
 
 from kustomize_lite import KustomizeError, build, json6902, load_documents, split_image
 from kustomize_lite import strategic_merge as smp
@@ -634,85 +634,86 @@ def test_shutdown_fits_in_the_grace_period() -> None:
 # ------------------------------------------------------------------ HTTP: probes, metrics
 
 
-def http_ports(deployment: Obj) -> list[int]:
-    """The ports the worker processes serve: --http-port + i (worker/ops/processes.py)."""
-    env = pod_env(deployment, config_map())
-    base = int(env["MMSTREAM_HTTP_PORT"])
-    return [base + i for i in range(processes(deployment))]
+def http_port(deployment: Obj) -> int:
+    """The pod's one HTTP port, as the worker parses its environment: ``--http-port``
+    (with ``--processes N`` the launcher serves it for all N, worker/ops/processes.py)."""
+    args = parse_with_env(
+        "worker", pod_env(deployment, config_map()), container(deployment)["args"]
+    )
+    port: int = args.http_port
+    return port
 
 
-def probe_target(probe: Obj, named_ports: dict[str, int]) -> tuple[str, list[int]]:
-    """(path, ports) a probe asks: an httpGet, or the exec script over every process."""
+def probe_target(probe: Obj, named_ports: dict[str, int]) -> tuple[str, int]:
+    """(path, port) of a probe, which must be a plain-HTTP ``httpGet``."""
     handlers = [k for k in ("httpGet", "exec", "tcpSocket", "grpc") if k in probe]
-    assert len(handlers) == 1, handlers
-    if "httpGet" in probe:
-        port = probe["httpGet"]["port"]
-        return probe["httpGet"]["path"], [named_ports.get(port, port)]
-    command = probe["exec"]["command"]
-    assert command[:2] == ["python3", "-c"]
-    return command[3], [int(p) for p in command[4:]]
+    assert handlers == ["httpGet"], handlers
+    get = probe["httpGet"]
+    assert get.get("scheme", "HTTP") == "HTTP" and "host" not in get
+    port = get["port"]
+    return get["path"], named_ports[port] if isinstance(port, str) else port
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_ports_probes_and_scrape_cover_every_process(overlay: str, tmp_path: Path) -> None:
+def test_one_port_serves_probes_and_metrics(overlay: str, tmp_path: Path) -> None:
     objs = render(f"overlays/{overlay}")
     deployment = only(objs, "Deployment")
     c = container(deployment)
-    ports = http_ports(deployment)
+    port = http_port(deployment)
+    assert port > 0
+    # One port per pod, whatever MMSTREAM_PROCESSES (4 in the gpu overlay).
+    assert c["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
     named = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert sorted(named.values()) == ports
-    assert named["http"] == ports[0]
-    assert probe_target(c["livenessProbe"], named) == ("/healthz", ports)
-    assert probe_target(c["readinessProbe"], named) == ("/readyz", ports)
+    assert probe_target(c["livenessProbe"], named) == ("/healthz", port)
+    assert probe_target(c["readinessProbe"], named) == ("/readyz", port)
+    if "startupProbe" in c:
+        path, probed = probe_target(c["startupProbe"], named)
+        assert path in WORKER_ROUTES and probed == port
+    # A stuck loop restarts the container, but not before it had its stall window.
+    env = pod_env(deployment, config_map())
+    stall_s = float(env.get("MMSTREAM_STALL_TIMEOUT_S", 60.0))
+    live = c["livenessProbe"]
+    assert live["timeoutSeconds"] < live["periodSeconds"] <= stall_s
     service = only(objs, "Service")
-    assert sorted(named[p["targetPort"]] for p in service["spec"]["ports"]) == ports
-    assert all(p["port"] == named[p["targetPort"]] for p in service["spec"]["ports"])
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["targetPort"] == "http" and service_port["port"] == port
     notes = service["metadata"]["annotations"]
     assert notes["prometheus.io/scrape"] == "true" and notes["prometheus.io/path"] == "/metrics"
-    if len(ports) == 1:
-        assert notes["prometheus.io/port"] == str(ports[0])
-    else:  # the annotation would send every endpoint to process 0's port
-        assert "prometheus.io/port" not in notes
+    assert notes["prometheus.io/port"] == str(port)
     monitored = render_variant(tmp_path, [f"overlays/{overlay}"], ["components/monitoring"])
     monitor = only(monitored, "ServiceMonitor")
-    endpoint_ports = {e["port"] for e in monitor["spec"]["endpoints"]}
-    assert {p["name"] for p in service["spec"]["ports"]} <= endpoint_ports
-    assert {e["path"] for e in monitor["spec"]["endpoints"]} == {"/metrics"}
+    endpoints = monitor["spec"]["endpoints"]
+    assert [(e["port"], e["path"]) for e in endpoints] == [(service_port["name"], "/metrics")]
     assert (
         monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     )
 
 
-def test_routes_exist_in_the_worker() -> None:
-    metrics = WorkerMetrics()
-    with ProbeServer("127.0.0.1", 0, metrics, lambda: (True, "ok"), lambda: (True, "ok")) as s:
-        for path in WORKER_ROUTES:
-            with urllib.request.urlopen(f"http://127.0.0.1:{s.bound_port}{path}", timeout=5) as r:
-                assert r.status == 200, path
-        with pytest.raises(urllib.error.HTTPError) as err:
-            urllib.request.urlopen(f"http://127.0.0.1:{s.bound_port}/nope", timeout=5)
-        assert err.value.code == 404
-        err.value.close()
+def test_routes_exist_in_the_worker(tmp_path: Path) -> None:
+    """The probed and scraped paths are served, by one worker process's server and by the
+    ``--processes`` launcher's (the same ProbeServer over every child's merged metrics)."""
+    for metrics in (WorkerMetrics(), PoolMetrics(tmp_path)):
+        with ProbeServer("127.0.0.1", 0, metrics, lambda: (True, "ok"), lambda: (True, "ok")) as s:
+            for path in WORKER_ROUTES:
+                url = f"http://127.0.0.1:{s.bound_port}{path}"
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    assert r.status == 200, path
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(f"http://127.0.0.1:{s.bound_port}/nope", timeout=5)
+            assert err.value.code == 404
+            err.value.close()
 
 
-def test_exec_probe_asks_every_process(tmp_path: Path) -> None:
-    probe = container(only(render("overlays/gpu"), "Deployment"))["livenessProbe"]
-    script = probe["exec"]["command"][2]
-    metrics = WorkerMetrics()
-    healthy = ProbeServer("127.0.0.1", 0, metrics, lambda: (True, "ok"), lambda: (True, "ok"))
-    sick = ProbeServer("127.0.0.1", 0, metrics, lambda: (False, "stalled"), lambda: (True, "ok"))
-
-    def run(*ports: int) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-c", script, "/healthz", *map(str, ports)]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=30)
-
-    with healthy, sick:
-        assert run(healthy.bound_port).returncode == 0
-        assert run(healthy.bound_port, healthy.bound_port).returncode == 0
-        failed = run(healthy.bound_port, sick.bound_port)
-        assert failed.returncode == 1 and f"port {sick.bound_port}" in failed.stderr
-        closed = sick.bound_port
-    assert run(closed).returncode == 1  # a process that exited: connection refused
+def test_no_probe_asks_per_process_ports() -> None:
+    """Every probe of every workload is an httpGet on a declared container port (no exec
+    script over per-process ports: the children serve none)."""
+    for where, obj in workloads():
+        c = container(obj)
+        named = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+        for kind in ("livenessProbe", "readinessProbe", "startupProbe"):
+            if kind in c:
+                path, port = probe_target(c[kind], named)
+                assert port in named.values() and path in WORKER_ROUTES, (where, kind)
 
 
 # ------------------------------------------------------------------ autoscaling

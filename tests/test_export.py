@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import json
 import os
@@ -24,7 +25,12 @@ if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("t
 import onnxruntime as ort  # noqa: E402
 
 from export import KERAS_FILE, SIDECAR_FILE  # noqa: E402
-from worker.contract.errors import ConfigError, ExportError, ModelError  # noqa: E402
+from worker.contract.errors import (  # noqa: E402
+    ConfigError,
+    ExportError,
+    ModelError,
+    StorageError,
+)
 from worker.contract.manifest import (  # noqa: E402
     MANIFEST_FILE,
     MODEL_FILE,
@@ -336,6 +342,30 @@ def test_failed_parity_leaves_nothing(
     assert _leftovers(tmp_path) == []
 
 
+def test_an_ort_load_failure_is_one_export_error_line_and_leaves_nothing(
+    keras_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real conversion, then ONNX Runtime refuses the converted model."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph
+
+    from export.convert import export_model
+
+    def refuse(*_args: Any, **_kwargs: Any) -> Any:
+        raise InvalidGraph("[ONNXRuntimeError] : 10 : INVALID_GRAPH : Load model failed:\n bad")
+
+    monkeypatch.setattr(ort, "InferenceSession", refuse)
+    out = tmp_path / "out"
+    with pytest.raises(ExportError) as info:
+        export_model(keras_file, out, parity_batch_sizes=(2,))
+    assert str(info.value) == (
+        "the converted model does not load in ONNX Runtime (CPU): InvalidGraph: "
+        "[ONNXRuntimeError] : 10 : INVALID_GRAPH : Load model failed: bad"
+    )
+    assert info.value.exit_code == 2
+    assert not out.exists()
+    assert _leftovers(tmp_path) == []
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -425,6 +455,25 @@ def test_train_reference_writes_model_and_sidecar(
         "audio_only",
     }
     assert {"n_train", "epochs", "corrupt_p", "seed", "seconds"} <= set(card["training"])
+
+
+@pytest.mark.parametrize(
+    ("code", "exit_code"), [(errno.ENOSPC, 1), (errno.EACCES, 2)], ids=["ENOSPC", "EACCES"]
+)
+def test_train_reference_out_that_cannot_be_made_is_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, exit_code: int
+) -> None:
+    from export.reference_model import train_reference
+
+    def refuse(self: Path, *_args: Any, **_kwargs: Any) -> None:
+        raise OSError(code, os.strerror(code), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    out = tmp_path / "ref"
+    with pytest.raises(ConfigError if exit_code == 2 else StorageError) as info:
+        train_reference(out, n_train=1, epochs=1, n_test=1)
+    assert str(info.value) == f"--out {str(out)!r}: {os.strerror(code)}"
+    assert info.value.exit_code == exit_code
 
 
 def test_featurize_and_256_model_shapes() -> None:

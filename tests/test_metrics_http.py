@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from worker.contract.errors import ConfigError
-from worker.ops.http import ProbeServer, loop_health
+from worker.ops.http import ProbeServer, beat_health, loop_health
 from worker.ops.metrics import WorkerMetrics
 
 # Metric family names as the text exposition's "# TYPE" lines spell them.
@@ -154,6 +154,15 @@ def test_beat_sets_gauge_and_remembers(metrics: WorkerMetrics) -> None:
     assert metrics.value("mmstream_loop_last_iteration_seconds") == 1234.5
 
 
+def test_beat_reports_to_on_beat() -> None:
+    seen: list[float] = []
+    m = WorkerMetrics(on_beat=seen.append)
+    m.beat(10.0)
+    m.beat(11.5)
+    assert seen == [10.0, 11.5]
+    assert m.last_beat == 11.5
+
+
 # -- loop_health --------------------------------------------------------------
 
 
@@ -181,6 +190,14 @@ def test_loop_health_follows_beats(metrics: WorkerMetrics) -> None:
     assert "stalled for 2.5s" in reason
     metrics.beat(clock.now)
     assert check() == (True, "ok")
+
+
+def test_beat_health_is_the_rule_of_loop_health() -> None:
+    assert beat_health(None, 100.0, 104.0, 4.0) == (True, "starting")
+    assert beat_health(None, 100.0, 104.5, 4.0)[0] is False
+    assert beat_health(103.0, 100.0, 107.0, 4.0) == (True, "ok")
+    ok, reason = beat_health(103.0, 100.0, 107.25, 4.0)
+    assert not ok and reason == "poll loop stalled for 4.2s (limit 4s)"
 
 
 def test_loop_health_rejects_bad_limit(metrics: WorkerMetrics) -> None:

@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 from kafka import KafkaAdminClient, KafkaProducer
 
+from worker.backfill.progress import Progress
 from worker.backfill.ranges import format_time, parse_offset_ranges, parse_time
-from worker.backfill.replay import BACKFILL_GROUP_PREFIX, Pacer, Progress, ReplayConfig, run_replay
+from worker.backfill.replay import BACKFILL_GROUP_PREFIX, ReplayConfig, run_replay
 from worker.contract.errors import ConfigError
 from worker.contract.manifest import load_manifest
 from worker.contract.reference_data import samples
@@ -91,18 +92,6 @@ def config(bootstrap: str, model: Path, source: str, out: str, **kw: Any) -> Rep
 
 
 # ------------------------------------------------------------------ pure parts
-
-
-def test_pacer_holds_the_rate_with_an_injected_clock() -> None:
-    now = [0]
-    pacer = Pacer(rate=100.0, burst=8, clock=lambda: now[0])
-    assert not pacer.ready(8) and pacer.wait_ms(8) == 80  # starts empty: 8 events = 80 ms
-    sent = 0
-    for now[0] in range(0, 10_001):  # 10 s in 1 ms steps
-        if pacer.ready(8):
-            pacer.take(8)
-            sent += 8
-    assert 990 <= sent <= 1000  # 100 events/s over 10 s, never above
 
 
 def test_replay_config_rejects_what_it_cannot_do() -> None:
@@ -304,38 +293,20 @@ def test_a_killed_replay_resumes_and_completes(
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_rate_holds_within_ten_percent(
+def test_a_paced_replay_predicts_every_event(
     kafka_bootstrap: str, topic_factory: Callable[..., str], tiny_model_dir: Path
 ) -> None:
+    """--rate reaches the loop's admission; the rate itself is asserted with an injected
+    clock (tests/test_loop.py), never with the wall clock."""
     src, out = topic_factory(2), topic_factory(2)
-    n, rate = 300, 80.0  # ~3.75 s
+    n, rate = 120, 400.0
     send_timed(kafka_bootstrap, src, events(tiny_model_dir, "r", n, HOUR_AGO, 10, seed=8))
-    stop = threading.Event()
     summary = run_replay(
-        config(kafka_bootstrap, tiny_model_dir, src, out, ranges="0:0-,1:0-", rate=rate), stop
+        config(kafka_bootstrap, tiny_model_dir, src, out, ranges="0:0-,1:0-", rate=rate),
+        threading.Event(),
     )
-    assert summary["events_predicted"] == n
-    from kafka import KafkaConsumer
-
-    consumer = KafkaConsumer(
-        out,
-        bootstrap_servers=kafka_bootstrap,
-        group_id=None,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=3000,
-    )
-    try:
-        timed = sorted((r.timestamp, json.loads(r.value)["timing"]["batch_size"]) for r in consumer)
-    finally:
-        consumer.close()
-    assert len(timed) == n
-    # Rate over the run, from the first prediction to the last (the first batch's
-    # events are counted at its start, not inside the span).
-    first_batch = timed[0][1]
-    span_s = (timed[-1][0] - timed[0][0]) / 1000.0
-    measured = (n - first_batch) / span_s
-    print(f"--rate {rate:g}: measured {measured:.1f} events/s over {span_s:.2f} s")
-    assert abs(measured - rate) <= 0.1 * rate, measured
+    assert summary["events_predicted"] == n and summary["dead_lettered"] == {}
+    print(f"--rate {rate:g}: {summary['events_per_s']} events/s over {summary['seconds']} s")
 
 
 @pytest.mark.integration
@@ -383,16 +354,31 @@ def test_an_archive_restored_by_replay_scores_like_the_original(
         admin.close()
 
 
-def test_progress_bar_and_log_lines() -> None:
+def test_progress_bar_and_log_lines(caplog: pytest.LogCaptureFixture) -> None:
     import io
 
     bar = io.StringIO()
     p = Progress(total_records=300, mode="bar", parts_per_event=3, stream=bar)
-    p.update(150, 50, final=True)
+    for i in range(150):
+        p.consumed("image")
+        if i % 3 == 0:
+            p.predicted(None)
+    p.update(final=True)
     text = bar.getvalue()
-    assert "50.0%" in text and "50/~100 events" in text and "ETA" in text and text.endswith("\n")
+    assert "50%" in text and "150/300" in text and "50/~100 events" in text, text
+    assert text.endswith("\n")
+    now = [0.0]
+    resumed = Progress(300, "log", 3, done_before=lambda: 240, clock=lambda: now[0])
+    resumed.consumed("text")
+    with caplog.at_level("INFO", logger="worker.backfill.progress"):
+        resumed.update()  # within 10 s of the start: quiet
+        now[0] = 11.0
+        resumed.update()
+    assert [r.getMessage() for r in caplog.records] == [
+        "replay: 80.3% of 300 records, 0 of ~100 events predicted, 0.0 events/s, ETA 3 s"
+    ]
     quiet = io.StringIO()
-    Progress(total_records=300, mode="none", stream=quiet).update(300, 100, final=True)
+    Progress(total_records=300, mode="none", stream=quiet).update(final=True)
     assert quiet.getvalue() == ""
 
 
@@ -444,31 +430,3 @@ def test_replay_and_archive_take_the_workers_kafka_security(tmp_path: Path) -> N
         helps = {a.dest: a.help or "" for a in sub._actions}
         assert "[env: MMSTREAM_SECURITY_PROTOCOL]" in helps["security_protocol"], command
         assert "sasl_password" not in helps, command  # the secret never is a flag
-
-
-@pytest.mark.integration
-def test_backpressure_never_resumes_a_partition_that_reached_its_end(
-    kafka_bootstrap: str, topic_factory: Callable[..., str], tiny_model_dir: Path
-) -> None:
-    from kafka import TopicPartition
-
-    from worker.backfill.ranges import PartitionRange
-    from worker.backfill.replay import ReplayWorker, _worker_config
-    from worker.inference.model import ModelRunner
-
-    src = topic_factory(2)
-    cfg = config(kafka_bootstrap, tiny_model_dir, src, f"{src}.out", ranges="0:0-,1:0-")
-    ranges = [PartitionRange(p, 0, 10, 0, 10) for p in (0, 1)]
-    worker = ReplayWorker(
-        _worker_config(cfg, "t"), ModelRunner.load(tiny_model_dir, "cpu"), ranges, (None, None)
-    )
-    try:
-        worker.consumer.assign([TopicPartition(src, 0), TopicPartition(src, 1)])
-        worker._reach((src, 0))  # partition 0 is done
-        worker.consumer.pause(TopicPartition(src, 1))  # backpressure paused partition 1
-        assert set(worker.consumer.paused()) == {TopicPartition(src, 0), TopicPartition(src, 1)}
-        assert worker._resumable() == {TopicPartition(src, 1)}
-    finally:
-        worker.stage.close()
-        worker.consumer.close()
-        worker.producer.close()

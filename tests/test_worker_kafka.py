@@ -409,7 +409,7 @@ def test_a_broken_model_stops_the_worker_instead_of_dead_lettering_everything(
     inference_queue: int,
 ) -> None:
     from worker.contract.errors import InferenceError
-    from worker.core.pipeline import MAX_POISON_STREAK
+    from worker.core.poison import MAX_POISON_STREAK
 
     topics = (topic_factory(1), topic_factory(1), topic_factory(1))
     manifest = load_manifest(tiny_model_dir)

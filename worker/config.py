@@ -56,6 +56,26 @@ def _positive(name: str, value: int, *, zero_ok: bool = False) -> None:
         raise ConfigError(f"--{name.replace('_', '-')} must be {'>= 0' if zero_ok else '> 0'}")
 
 
+#: ``--compression-type`` values: what mmstream's producers compress their batches with.
+#: Every codec decodes from the base install (kafka-python's lz4/snappy/zstd extras).
+COMPRESSION_TYPES = ("none", "gzip", "snappy", "lz4", "zstd")
+
+
+def check_compression(value: str) -> None:
+    """ConfigError unless ``value`` is one of :data:`COMPRESSION_TYPES`."""
+    _choice("compression_type", value, COMPRESSION_TYPES)
+
+
+def add_compression_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """``--compression-type`` (worker, produce, replay): how ``what`` is compressed."""
+    p.add_argument(
+        "--compression-type",
+        choices=COMPRESSION_TYPES,
+        default="none",
+        help=f"compression of {what} (batches of records; consumers decode any of these)",
+    )
+
+
 #: The one secret: read from the environment only, never from a flag, never logged.
 SASL_PASSWORD_ENV = "MMSTREAM_SASL_PASSWORD"
 
@@ -171,6 +191,8 @@ class WorkerConfig(KafkaSecurity, FrozenConfig):
     session_timeout_ms: int = 45_000
     http_port: int = 0
     http_host: str = "0.0.0.0"
+    stall_timeout_s: float = 60.0
+    compression_type: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("bootstrap_servers", "input_topic", "output_topic", "group_id"):
@@ -198,9 +220,12 @@ class WorkerConfig(KafkaSecurity, FrozenConfig):
             raise ConfigError("--auto-offset-reset must be earliest or latest")
         if self.shutdown_timeout_s <= 0:
             raise ConfigError("--shutdown-timeout-s must be > 0")
+        if not self.stall_timeout_s > 0:  # also refuses NaN
+            raise ConfigError("--stall-timeout-s must be > 0")
         _choice("log_format", self.log_format, ("text", "json"))
         _choice("guarantee", self.guarantee, ("at-least-once", "exactly-once"))
         _choice("on_incomplete", self.on_incomplete, ("dlq", "drop", "infer"))
+        check_compression(self.compression_type)
         for name in ("max_pending_events", "max_pending_bytes", "session_timeout_ms", "processes"):
             _positive(name, getattr(self, name))
         for name in ("assembly_timeout_ms", "http_port"):

@@ -94,7 +94,7 @@ from worker.backfill.ranges import (
     resolve_ranges,
 )
 from worker.config import SASL_PASSWORD_ENV, FrozenConfig, KafkaSecurity, add_security_args
-from worker.contract.errors import BrokerError, ConfigError
+from worker.contract.errors import BrokerError, ConfigError, os_error
 from worker.edge.kafka_io import make_producer
 
 log = logging.getLogger(__name__)
@@ -294,7 +294,9 @@ def iter_archive(path: Path) -> Generator[tuple[int, ArchivedRecord], None, None
 class _AtomicWriter:
     """Writes to a temporary file beside ``out``; :meth:`commit` renames it over ``out``.
 
-    File system errors (disk full, permissions) become :class:`ConfigError` naming ``out``.
+    File system errors name ``out``: a full disk, quota or I/O error is a
+    :class:`~worker.contract.errors.StorageError` (exit 1), anything else (permissions,
+    a vanished directory) a :class:`ConfigError` (exit 2); see ``os_error``.
     """
 
     def __init__(self, out: Path) -> None:
@@ -313,7 +315,7 @@ class _AtomicWriter:
         try:
             yield
         except OSError as exc:
-            raise ConfigError(f"--out {str(self.out)!r}: {exc.strerror or exc}") from exc
+            raise os_error(f"--out {str(self.out)!r}", exc) from exc
 
     def write(self, line: bytes) -> None:
         with self._errors():
@@ -396,6 +398,7 @@ def archive_range(
             directory does not exist.
         BrokerError: Kafka is unreachable, a range start was deleted meanwhile, or
             reading stalls.
+        StorageError: ``out`` cannot be written for a full disk, quota or I/O error.
     """
     out = Path(out)
     ordered = sorted(ranges, key=lambda r: r.partition)
@@ -556,13 +559,15 @@ def restore_file(
     client_id: str = "mmstream-restore",
     flush_timeout_s: float = 120.0,
     security: dict[str, Any] | None = None,
+    compression_type: str | None = None,
 ) -> dict[str, Any]:
     """Re-produce every record of the archive ``path`` to ``to_topic``.
 
     Each record keeps its partition number, key, value, headers (order and repeats)
     and timestamp; records go in file order (so per-partition order is kept).
     ``rate``: records/s, 0 = as fast as possible. The file is validated completely
-    before anything is sent.
+    before anything is sent. ``compression_type``: ``--compression-type`` of the
+    restored batches (None = none; the archive does not record the source's codec).
 
     Returns:
         ``{"file", "to_topic", "records", "partitions": [{"partition", "records"}, ...],
@@ -606,6 +611,7 @@ def restore_file(
     producer = make_producer(
         bootstrap_servers,
         client_id,
+        compression_type=compression_type,
         enable_idempotence=True,  # one batch in flight per partition: order survives retries
         key_serializer=_KeySerializer(),
         **(security or {}),

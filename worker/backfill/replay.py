@@ -44,23 +44,27 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import math
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-from kafka import KafkaConsumer, TopicPartition
-from kafka.structs import OffsetAndMetadata
+from kafka import KafkaConsumer
 
+from worker.backfill.progress import Progress
 from worker.backfill.ranges import PartitionRange, RangeSettings, format_time, resolve_ranges
-from worker.config import FrozenConfig, KafkaSecurity, WorkerConfig
+from worker.backfill.source import RangeSource
+from worker.config import FrozenConfig, KafkaSecurity, WorkerConfig, check_compression
 from worker.contract.errors import BrokerError, ConfigError
-from worker.contract.records import Event, RawRecord
-from worker.core.assemble import Incomplete
+from worker.contract.records import Event
+from worker.core.admission import Admission, Paced, StageRoom
+from worker.core.filters import TimeWindow
+from worker.core.pacing import Pacer
 from worker.core.pipeline import Clock, Worker, WorkerStats, wall_ms
+from worker.core.sensors import Sensor
+from worker.core.stage import BatchStage
+from worker.edge.client import Clients, Consumer
 from worker.edge.kafka_io import committed, count_records, delete_topics, ensure_topics
 from worker.inference.model import ModelRunner
 
@@ -93,10 +97,12 @@ class ReplayConfig(KafkaSecurity, RangeSettings, FrozenConfig):
     to_topic: str = ""
     log_level: str = "INFO"
     log_format: str = "text"
+    compression_type: str = "none"
 
     def __post_init__(self) -> None:
         self._check_security()
         self._check_range()
+        check_compression(self.compression_type)
         if self.source_file is not None:
             if self.source_topic:
                 raise ConfigError("give --source-topic or --source-file, not both")
@@ -153,252 +159,48 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class Pacer:
-    """Token bucket: on average ``rate`` events/s, bursts of up to ``burst`` events.
+def replay_worker(
+    config: WorkerConfig,
+    runner: ModelRunner,
+    ranges: list[PartitionRange],
+    window: tuple[int | None, int | None],
+    *,
+    restart: bool = False,
+    rate: float = 0.0,
+    progress: Progress | None = None,
+    clock: Clock = wall_ms,
+    clients: Clients | None = None,
+) -> tuple[Worker, RangeSource]:
+    """The worker with a replay's parts: the range source (checkpointed in the backfill's
+    group), the window rule, and (``rate`` > 0) admission paced at ``rate`` events/s in
+    bursts of one batch. Nothing of the loop is overridden."""
+    holder: list[RangeSource] = []
 
-    It starts empty, so from the first batch on the rate holds (a full bucket at
-    the start would let one extra burst through)."""
+    def source(consumer: Consumer) -> RangeSource:
+        holder.append(RangeSource(consumer, config.input_topic, ranges, restart=restart))
+        return holder[0]
 
-    def __init__(self, rate: float, burst: int, clock: Clock) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self.clock = clock
-        self._tokens = 0.0
-        self._at = clock()
+    def admission(stage: BatchStage[Event]) -> Admission:
+        room = StageRoom(stage)
+        if rate <= 0:
+            return room
+        return Paced(room, Pacer(rate, config.max_batch_size, lambda: clock() / 1000.0))
 
-    def _refill(self) -> None:
-        now = self.clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate / 1000.0)
-        self._at = now
-
-    def ready(self, n: int) -> bool:
-        self._refill()
-        return self._tokens + 1e-9 >= min(n, self.burst)  # 1e-9: float sums of rate/1000
-
-    def wait_ms(self, n: int) -> int:
-        """Milliseconds until ``n`` events may go (0 = now)."""
-        self._refill()
-        missing = min(n, self.burst) - self._tokens - 1e-9
-        return 0 if missing <= 0 else math.ceil(missing * 1000.0 / self.rate)
-
-    def take(self, n: int) -> None:
-        self._refill()
-        self._tokens -= n
-
-
-@dataclass
-class ReplayCounters:
-    """What the replay did besides predicting (the summary's extra lines)."""
-
-    outside_window: int = 0
-    incomplete_in_window: int = 0
-    resumed_from: dict[int, int] = field(default_factory=dict)
-
-
-class Progress:
-    """A bar on a terminal (``\\r``-updated, 2 per second), else a log line every 10 s."""
-
-    def __init__(
-        self,
-        total_records: int,
-        mode: str,
-        parts_per_event: int = 1,
-        stream: TextIO | None = None,
-    ) -> None:
-        self.stream = stream or sys.stderr
-        self.total_events = total_records // max(1, parts_per_event)
-        self.done_before = 0  # records before the checkpoint a resumed run starts from
-        if mode == "auto":
-            mode = "bar" if self.stream.isatty() else "log"
-        self.mode = mode
-        self.total = max(1, total_records)
-        self.start = time.monotonic()
-        self._last = 0.0
-
-    def update(self, records: int, predicted: int, final: bool = False) -> None:
-        if self.mode == "none":
-            return
-        now = time.monotonic()
-        every = 0.5 if self.mode == "bar" else 10.0
-        if not final and now - self._last < every:
-            return
-        self._last = now
-        elapsed = max(1e-3, now - self.start)
-        records += self.done_before
-        frac = min(1.0, records / self.total)
-        rate = predicted / elapsed
-        eta = (elapsed / frac - elapsed) if frac > 0 else float("nan")
-        if self.mode == "bar":
-            width = 30
-            bar = "=" * int(frac * width)
-            self.stream.write(
-                f"\r[{bar:<{width}}] {frac:6.1%}  {predicted}/~{self.total_events} events  "
-                f"{rate:7.1f} ev/s  ETA {eta:5.0f} s "
-            )
-            if final:
-                self.stream.write("\n")
-            self.stream.flush()
-        else:
-            log.info(
-                "replay: %.1f%% of %d records, %d of ~%d events predicted, %.1f events/s, "
-                "ETA %.0f s",
-                100 * frac,
-                self.total,
-                predicted,
-                self.total_events,
-                rate,
-                eta,
-            )
-
-
-class ReplayWorker(Worker):
-    """The worker over fixed per-partition offset ranges, checkpointed, optionally paced."""
-
-    def __init__(
-        self,
-        config: WorkerConfig,
-        runner: ModelRunner,
-        ranges: list[PartitionRange],
-        window: tuple[int | None, int | None],
-        *,
-        restart: bool = False,
-        rate: float = 0.0,
-        progress: Progress | None = None,
-        clock: Clock = wall_ms,
-    ) -> None:
-        super().__init__(config, runner, clock)
-        topic = config.input_topic
-        self.ranges = {(topic, r.partition): r for r in ranges}
-        self.window = window
-        self.restart = restart
-        self.pacer = Pacer(rate, config.max_batch_size, clock) if rate > 0 else None
-        self.progress = progress
-        self.counters = ReplayCounters()
-        self.reached: set[tuple[str, int]] = set()
-        self.flushed = False
-
-    # -- hooks of Worker
-
-    def _join(self) -> None:
-        tps = [TopicPartition(t, p) for t, p in sorted(self.ranges)]
-        self.consumer.assign(tps)
-        if self.restart:
-            # The checkpoint says "nothing done": resuming after this run, or rewinding
-            # after an aborted transaction, starts from the range, not from an old run.
-            self.consumer.commit(
-                offsets={
-                    TopicPartition(*k): OffsetAndMetadata(r.start, "", -1)
-                    for k, r in self.ranges.items()
-                }
-            )
-        for tp in tps:
-            pos = self._start_of((tp.topic, tp.partition))
-            r = self.ranges[(tp.topic, tp.partition)]
-            if pos > r.start:
-                self.counters.resumed_from[tp.partition] = pos
-        if self.counters.resumed_from:
-            log.info("replay: resuming from checkpoint %s", self.counters.resumed_from)
-            if self.progress is not None:
-                self.progress.done_before = sum(
-                    pos - self.ranges[(self.config.input_topic, p)].start
-                    for p, pos in self.counters.resumed_from.items()
-                )
-        self.ready.set()
-
-    def _start_of(self, key: tuple[str, int]) -> int:
-        """Seek a partition to its checkpoint (within the range); pause it if it is done."""
-        r = self.ranges[key]
-        checkpoint, _meta = committed(self.consumer, key)
-        pos = r.start if checkpoint is None else min(max(checkpoint, r.start), r.end)
-        tp = TopicPartition(*key)
-        self.consumer.seek(tp, pos)
-        if pos >= r.end:
-            self._reach(key)
-        return pos
-
-    def _rewind(self) -> None:
-        """After an aborted transaction: back to the checkpoint, and the ends not reached."""
-        self.reached.clear()
-        self.flushed = False
-        self.counters.outside_window = self.counters.incomplete_in_window = 0
-        self.consumer.resume(*self.consumer.paused())
-        for key in self.ranges:
-            self._start_of(key)
-
-    def _resumable(self) -> set[Any]:
-        return {tp for tp in self.consumer.paused() if (tp.topic, tp.partition) not in self.reached}
-
-    def _owned(self) -> set[tuple[str, int]]:
-        return set(self.ranges)
-
-    def _admit(self, raw: RawRecord) -> bool:
-        key = (raw.source.topic, raw.source.partition)
-        r = self.ranges.get(key)
-        if r is None or raw.source.offset >= r.end:
-            self._reach(key)
-            return False
-        return raw.source.offset >= r.start  # (a rewind to the log start reads before it)
-
-    def _accept(self, event: Event) -> bool:
-        if self._in_window(event.last_part_ms):
-            return True
-        self.counters.outside_window += 1
-        return False
-
-    def _incomplete(self, inc: Incomplete, now: int) -> None:
-        """Incomplete events of the window follow --on-incomplete; the others belong to a
-        neighbouring window and are only counted (one rule for mid-range and at the end)."""
-        newest = max(p.source.timestamp_ms for p in inc.parts.values())
-        if self._in_window(newest):
-            self.counters.incomplete_in_window += 1
-            super()._incomplete(inc, now)
-        else:
-            self.counters.outside_window += 1
-            self._mark_done(tuple(p.source for p in inc.all_parts))
-
-    def _can_submit(self, events: int) -> bool:
-        return self.stage.has_room() and (self.pacer is None or self.pacer.ready(events))
-
-    def _blocked_wait_ms(self) -> int:
-        if self.pacer is None:
-            return 2
-        n = min(len(self.batcher), self.batcher.max_size)
-        return max(2, min(100, self.pacer.wait_ms(n)))
-
-    def _submit(self, events: Any) -> None:
-        if self.pacer is not None:
-            self.pacer.take(len(events))
-        super()._submit(events)
-
-    def _after_poll(self) -> None:
-        for key, r in self.ranges.items():
-            if key not in self.reached and self.consumer.position(TopicPartition(*key)) >= r.end:
-                self._reach(key)
-        if len(self.reached) == len(self.ranges) and not self.flushed:
-            self._flush_edges()
-        if self.progress is not None:
-            self.progress.update(self.stats.consumed, self.stats.predicted)
-
-    def _done(self) -> bool:
-        return self.flushed and self._pending_events() == 0 and self.tracker.open_count() == 0
-
-    # -- range bookkeeping
-
-    def _reach(self, key: tuple[str, int]) -> None:
-        if key in self.ranges:
-            self.reached.add(key)
-            self.consumer.pause(TopicPartition(*key))
-
-    def _in_window(self, ts_ms: int) -> bool:
-        start, end = self.window
-        return (start is None or ts_ms >= start) and (end is None or ts_ms < end)
-
-    def _flush_edges(self) -> None:
-        """Every partition is at its end: no more parts will come for what is pending."""
-        now = self.clock()
-        for inc in self.assembler.expire(now, 0):
-            self._incomplete(inc, now)
-        self.flushed = True
+    sensors: list[Sensor] = []
+    if progress is not None:
+        progress.done_before = lambda: holder[0].records_before_checkpoint if holder else 0
+        sensors.append(progress)
+    worker = Worker(
+        config,
+        runner,
+        clock,
+        clients=clients,
+        source=source,
+        events=TimeWindow(*window),
+        admission=admission,
+        sensors=sensors,
+    )
+    return worker, holder[0]
 
 
 # ------------------------------------------------------------------ the command
@@ -426,6 +228,7 @@ def _worker_config(config: ReplayConfig, backfill_id: str) -> WorkerConfig:
         client_id="mmstream-replay",
         log_level=config.log_level,
         log_format=config.log_format,
+        compression_type=config.compression_type,
         **config.security_settings(),
     )
 
@@ -495,6 +298,7 @@ def run_replay(config: ReplayConfig, stop: threading.Event | None = None) -> dic
                 config.to_topic,
                 rate=config.rate,
                 security=config.kafka_security(),
+                compression_type=config.compression_type,
             )
             return restored
         return _score_archive(config, stop)
@@ -529,14 +333,15 @@ def run_replay(config: ReplayConfig, stop: threading.Event | None = None) -> dic
     )
     runner = ModelRunner.load(config.model, config.device, max_batch_size=config.max_batch_size)
     parts_per_event = max(1, len(manifest.inputs))
-    worker = ReplayWorker(
+    progress = Progress(plan["records"], config.progress, parts_per_event)
+    worker, source = replay_worker(
         _worker_config(config, backfill_id),
         runner,
         ranges,
         config.window(),
         restart=config.restart,
         rate=config.rate,
-        progress=Progress(plan["records"], config.progress, parts_per_event),
+        progress=progress,
     )
     log.info(
         "replay %s: %s -> %s, %d records in %d partitions (about %d events)%s",
@@ -551,21 +356,20 @@ def run_replay(config: ReplayConfig, stop: threading.Event | None = None) -> dic
     started = time.monotonic()
     stats = worker.run(stop or threading.Event())
     seconds = time.monotonic() - started
-    unsaved = {tp: pos for tp, (pos, _m) in worker.tracker.committable().items()}
+    unsaved = worker.checkpoint.unsaved()
     if unsaved:
         raise BrokerError(
             f"replay {backfill_id}: the last checkpoint {unsaved} was not committed; run the "
             "same command again to continue from the one before"
         )
-    if worker.progress is not None:
-        worker.progress.update(stats.consumed, stats.predicted, final=True)
-    return summarize(plan, stats, worker.counters, seconds, config)
+    progress.update(final=True)
+    return summarize(plan, stats, source.resumed_from, seconds, config)
 
 
 def summarize(
     plan: dict[str, Any],
     stats: WorkerStats,
-    counters: ReplayCounters,
+    resumed_from: dict[int, int],
     seconds: float,
     config: ReplayConfig,
 ) -> dict[str, Any]:
@@ -573,17 +377,16 @@ def summarize(
     return {
         **{k: plan[k] for k in ("backfill_id", "source_topic", "output_topic", "window")},
         "partitions": [
-            {**p, "resumed_from": counters.resumed_from.get(p["partition"])}
-            for p in plan["partitions"]
+            {**p, "resumed_from": resumed_from.get(p["partition"])} for p in plan["partitions"]
         ],
         "records_in_range": plan["records"],
         "records_read": stats.consumed,
         "events_predicted": stats.predicted,
-        "outside_window": counters.outside_window,
-        "incomplete_in_window": {incomplete_action: counters.incomplete_in_window},
+        "outside_window": stats.outside_window,
+        "incomplete_in_window": {incomplete_action: stats.incomplete},
         "dead_lettered": dict(stats.dead_lettered),
         "duplicate_parts": stats.duplicate_parts,
-        "resumed": bool(counters.resumed_from),
+        "resumed": bool(resumed_from),
         "skipped_finished_records": stats.skipped_finished,
         "guarantee": config.guarantee,
         "seconds": round(seconds, 3),

@@ -35,12 +35,19 @@ from worker.backfill.ranges import add_range_args, range_settings
 from worker.config import (
     SASL_PASSWORD_ENV,
     WorkerConfig,
+    add_compression_arg,
     add_security_args,
     bind_env,
     check_unknown_env,
     env_snapshot,
 )
-from worker.contract.errors import BrokerError, InferenceError, MMStreamError
+from worker.contract.errors import (
+    EXIT_INTERRUPTED,
+    STORAGE_ERRNOS,
+    MMStreamError,
+    one_line,
+    os_error,
+)
 from worker.ops.logs import configure_logging
 
 log = logging.getLogger(__name__)
@@ -186,7 +193,7 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="run this many worker processes in the group (each its own consumer; client, "
-        "instance and transactional ids get -<i>, the HTTP port +i)",
+        "instance and transactional ids get -<i>); the launcher serves --http-port for all",
     )
     p.add_argument(
         "--http-port",
@@ -195,6 +202,14 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
         help="serve /metrics, /healthz and /readyz on this port (0 = off)",
     )
     p.add_argument("--http-host", default="0.0.0.0", help="address the HTTP server binds")
+    p.add_argument(
+        "--stall-timeout-s",
+        type=float,
+        default=60.0,
+        help="/healthz fails once a poll loop has not turned for this long (with --processes, "
+        "any process's; also the grace for the first turn after start)",
+    )
+    add_compression_arg(p, "the predictions and dead letters written")
     add_security_args(p)
 
 
@@ -250,6 +265,7 @@ def _add_produce_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--key-prefix", default="", help="event id prefix (default ev-<seed>-)")
     p.add_argument("--client-id", default="mmstream-produce", help="Kafka client id")
+    add_compression_arg(p, "the parts written")
 
 
 def _add_demo_args(p: argparse.ArgumentParser) -> None:
@@ -458,6 +474,7 @@ def _add_replay_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines")
+    add_compression_arg(p, "what replay writes (predictions, dead letters, a restored archive)")
     add_security_args(p)
 
 
@@ -565,11 +582,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         del args.known_env
         handler: Handler = args.handler
         return handler(args)
-    except (BrokerError, InferenceError) as exc:
-        print(f"mmstream: error: {exc}", file=sys.stderr)
-        return 1
-    except MMStreamError as exc:
-        print(f"mmstream: error: {exc}", file=sys.stderr)
-        return 2
+    except MMStreamError as exc:  # the error says its exit code (worker.contract.errors)
+        print(f"mmstream: error: {one_line(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:  # a full disk wherever a command writes: one line, exit 1
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        err = os_error(repr(exc.filename) if exc.filename else "file system", exc)
+        print(f"mmstream: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED

@@ -11,10 +11,13 @@ from __future__ import annotations
 from typing import Protocol
 
 from worker.core.pacing import Pacer
-from worker.core.stage import BatchStage
 
 #: How long to poll while a ready batch may not go yet, when nothing says longer.
 BLOCKED_WAIT_MS = 2
+
+
+class _Stage(Protocol):
+    def has_room(self) -> bool: ...
 
 
 class Admission(Protocol):
@@ -28,7 +31,7 @@ class Admission(Protocol):
 class StageRoom:
     """Admit while the inference stage has room (``--inference-queue`` batches)."""
 
-    def __init__(self, stage: BatchStage[object]) -> None:
+    def __init__(self, stage: _Stage) -> None:
         self.stage = stage
 
     def admits(self, events: int) -> bool:

@@ -51,6 +51,18 @@ class Incomplete:
     def all_parts(self) -> tuple[Part, ...]:
         return (*self.parts.values(), *self.duplicates)
 
+    def as_event(self, now_ms: int) -> Event:
+        """The event as it stands, for ``--on-incomplete infer`` (``missing`` blanked)."""
+        return Event(
+            event_id=self.event_id,
+            partition=self.partition,
+            parts=self.parts,
+            first_seen_ms=self.first_seen_ms,
+            completed_ms=now_ms,
+            duplicates=tuple(p.source for p in self.duplicates),
+            missing=self.missing,
+        )
+
 
 class Assembler:
     """Collects parts by (partition, event id) until every required input is present."""

@@ -13,7 +13,10 @@ Fetching resumes once both are at or below :data:`RESUME_AT` of their bounds
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 #: Resume fetching once held events/bytes fall to this share of their bound.
 RESUME_AT = 0.8
@@ -46,6 +49,10 @@ class Backpressure:
             and events <= self.resume_at * self.max_events
             and nbytes <= self.resume_at * self.max_bytes
         )
+        if full and not self.paused:
+            log.info("pending bound reached (%d events, %d bytes): pausing", events, nbytes)
+        elif resume:
+            log.info("pending below the bound (%d events, %d bytes): resuming", events, nbytes)
         if full:
             self.paused = True
         elif resume:

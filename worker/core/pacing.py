@@ -48,8 +48,8 @@ class Pacer:
     def wait_s(self, n: float) -> float:
         """Seconds until ``n`` units may go (0 = now)."""
         self._refill()
-        missing = min(n, self.burst) - self._tokens - _EPS
-        return 0.0 if missing <= 0 else missing / self.rate
+        missing = min(n, self.burst) - self._tokens
+        return 0.0 if missing <= _EPS else missing / self.rate
 
     def wait_ms(self, n: float) -> int:
         """:meth:`wait_s` in whole milliseconds, rounded up."""

@@ -1,44 +1,39 @@
-"""The worker's pipeline, in one place:
+"""The worker's loop, composed of parts:
 
-    consume -> decode -> assemble -> batch -> infer -> publish -> commit
+    source -> decode -> assemble -> filter -> batch -> admit -> infer -> publish -> checkpoint
 
-* consume: ``KafkaConsumer.poll`` (auto-commit off, cooperative-sticky). Each
-  record is tracked as open in the :class:`~worker.core.offsets.OffsetTracker`;
-  records the last commit's metadata lists as already finished are skipped.
-  While the held events or bytes are at their bound, fetching is paused (the
-  loop keeps polling, so the consumer stays in its group).
-* decode: :func:`~worker.core.decode.decode_record` -> a part, or a dead-letter
-  record with a reason code.
-* assemble: :class:`~worker.core.assemble.Assembler` -> complete events. Events
-  still incomplete after ``assembly_timeout_ms`` are dead-lettered, dropped
-  (counted) or inferred with blank inputs, as ``on_incomplete`` says.
-* batch: :class:`~worker.core.batcher.Batcher` -> batches of up to ``max_batch_size``,
-  released when full or when the oldest event waited ``max_batch_delay_ms``.
-* infer: :class:`~worker.inference.model.ModelRunner` (ONNX Runtime), on the inference
-  thread (:class:`~worker.core.stage.BatchStage`, ``inference_queue`` batches deep),
-  so that inference and publishing overlap the next poll and decode. A batch
-  that makes ORT fail is split in halves until the poison event is isolated; it
-  goes to the dead-letter topic and the rest are predicted.
-* publish: one prediction per event (acks=all), sent from the inference thread;
-  delivery callbacks hand the acknowledgements back to the loop.
-* commit, at-least-once: a record's offset is done when every output depending
-  on it is acknowledged; every ``commit_interval_ms`` the safe positions (plus
-  the offsets finished beyond them, in the metadata) are committed.
-* commit, exactly-once: outputs and offsets go in one Kafka transaction per
-  commit interval (``send_offsets_to_transaction``). Any failure, or a
-  revocation, aborts it and rewinds every partition to its committed position,
-  so read_committed readers see each prediction once.
+Each concern is a part with a narrow interface and unit tests of its own; the
+loop (:meth:`Worker._step`) only wires them together and acts on their decisions:
 
-In at-least-once mode a delivery that the broker does not acknowledge stops
-the worker with :class:`BrokerError` before anything beyond it is committed.
+* source: :class:`~worker.core.sources.GroupSource` (live: the consumer group) or
+  :class:`~worker.backfill.source.RangeSource` (replay: fixed offset ranges);
+* event filter: :class:`~worker.core.filters.Everything` (live) or
+  :class:`~worker.core.filters.TimeWindow` (a replay's window rule);
+* admission: :class:`~worker.core.admission.StageRoom` (live) or
+  ``Paced(StageRoom, Pacer)`` (a replay's ``--rate``);
 
-Threads: the loop (``run``) owns the consumer, the assembler, the batcher and
-the offset tracker; nothing else touches them. The inference thread runs
-``_infer`` (ORT, ``producer.send``, which is thread-safe) and reports back only
-through queues: delivery acks and failures (from the producer's IO thread), and
-in exactly-once mode the sources of what it sent. The loop waits for the
-inference thread to go idle before it commits or aborts a transaction and
-before it exits, so no send can straddle a transaction boundary.
+and, the same for both: the Kafka clients (:class:`~worker.edge.client.Clients`,
+kafka-python by default), :class:`~worker.core.checkpoint.Checkpoint` (offsets,
+commit metadata, transactions, the abort generation),
+:class:`~worker.core.backpressure.Backpressure` (pause/resume at the bounds),
+:func:`~worker.core.deadletter.dead_letter` (the dead-letter record),
+:class:`~worker.core.poison.PoisonBudget` (a broken model stops the worker),
+and the :mod:`sensors <worker.core.sensors>` that observe it all (stats, metrics,
+progress).
+
+Threads: the loop (:meth:`Worker.run`) owns the consumer, the assembler, the
+batcher and the checkpoint; nothing else touches them. Inference and
+publishing run inline or on the inference thread (:class:`~worker.core.stage.BatchStage`,
+``--inference-queue``) and report back only through queues: delivery acks and
+failures (from the producer's thread), and exactly-once the sources of what was
+sent. The loop waits for the inference thread to go idle before it commits or
+aborts a transaction and before it exits, so no send straddles a transaction.
+
+Guarantees: at-least-once, a record's offset is done when every output that
+depends on it is acknowledged, and a delivery the broker refuses stops the
+worker (:class:`BrokerError`) before anything beyond it is committed.
+Exactly-once, outputs and offsets go in one transaction per commit interval;
+a failure or a revocation aborts it and rewinds the source to its checkpoints.
 """
 
 from __future__ import annotations
@@ -49,50 +44,49 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
-
-from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
+from dataclasses import dataclass
 
 from worker.config import WorkerConfig
 from worker.contract.errors import BrokerError, ConfigError, InferenceError, Reason, RecordError
 from worker.contract.records import (
     HEADER_CONTENT_TYPE,
-    HEADER_ERROR,
-    HEADER_ERROR_DETAIL,
     HEADER_MODALITY,
-    HEADER_SOURCE,
     Event,
-    Prediction,
+    OutRecord,
     RawRecord,
     SourceRef,
 )
+from worker.core.admission import Admission, StageRoom
 from worker.core.assemble import Assembler, Incomplete
+from worker.core.backpressure import Backpressure
 from worker.core.batcher import Batcher
+from worker.core.checkpoint import Checkpoint, Commit
+from worker.core.deadletter import dead_letter
 from worker.core.decode import Limits, decode_record
-from worker.core.offsets import OffsetTracker
-from worker.core.stage import BatchStage
-from worker.edge.kafka_io import (
-    QueueingListener,
-    committed,
-    make_consumer,
-    make_producer,
-    to_offsets,
-    to_raw,
+from worker.core.filters import EventFilter, Everything
+from worker.core.poison import PoisonBudget
+from worker.core.sensors import (
+    Gauges,
+    MetricsSensor,
+    Outcomes,
+    Sensor,
+    Sensors,
+    StatsSensor,
+    WorkerStats,
 )
+from worker.core.sources import GroupSource, Source
+from worker.core.stage import BatchStage
+from worker.edge.client import Clients, Consumer
 from worker.inference.model import ModelRunner
 from worker.ops.metrics import WorkerMetrics
+
+__all__ = ["Clock", "Worker", "WorkerStats", "inference_depth", "wall_ms"]
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], int]
-#: Resume fetching once held events/bytes fall below this share of their bound.
-RESUME_AT = 0.8
-#: Dead-letter values are cut to this size (Kafka's default message limit is ~1 MB).
-DLQ_MAX_VALUE_BYTES = 512 * 1024
-HEADER_VALUE_TRUNCATED = "mm-value-truncated"
-#: More single events than this failing in a row means a broken model or device.
-MAX_POISON_STREAK = 8
+SourceFactory = Callable[[Consumer], Source]
+AdmissionFactory = Callable[[BatchStage[Event]], Admission]
 
 
 def inference_depth(config: WorkerConfig, provider: str) -> int:
@@ -111,24 +105,6 @@ def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@dataclass
-class WorkerStats:
-    """Counters of one worker run (also logged at exit)."""
-
-    consumed: int = 0
-    predicted: int = 0
-    dead_lettered: dict[str, int] = field(default_factory=dict)
-    batches: int = 0
-    duplicate_parts: int = 0
-    skipped_finished: int = 0
-    incomplete: int = 0
-    commits: int = 0
-    aborts: int = 0
-    provider: str = ""
-    first_consumed_ms: int | None = None
-    last_acked_ms: int | None = None
-
-
 @dataclass(frozen=True)
 class _Ack:
     kind: str  # "prediction" or a dead-letter reason
@@ -138,7 +114,8 @@ class _Ack:
 
 
 class Worker:
-    """Runs the pipeline until ``stop`` is set or ``max_events`` predictions are acknowledged."""
+    """Runs the loop until ``stop`` is set, ``max_events`` predictions are acknowledged,
+    or a bounded source is exhausted and everything it gave is finished."""
 
     def __init__(
         self,
@@ -146,180 +123,126 @@ class Worker:
         runner: ModelRunner,
         clock: Clock = wall_ms,
         metrics: WorkerMetrics | None = None,
+        *,
+        clients: Clients | None = None,
+        source: SourceFactory | None = None,
+        events: EventFilter | None = None,
+        admission: AdmissionFactory | None = None,
+        sensors: Sequence[Sensor] = (),
     ) -> None:
         if config.on_incomplete == "infer" and not runner.manifest.accepts_missing:
             raise ConfigError(
                 "--on-incomplete infer: the model's manifest does not say it accepts missing "
                 "inputs (accepts_missing); use dlq or drop"
             )
-        self.config = config
-        self.runner = runner
-        self.clock = clock
-        self.metrics = metrics or WorkerMetrics()
-        self.metrics.set_provider(runner.info.provider)
-        self.eos = config.guarantee == "exactly-once"
-        self.limits = Limits(config.max_part_bytes, config.max_image_pixels)
-        self.assembler = Assembler(runner.required_inputs)
-        self.batcher = Batcher(config.max_batch_size, config.max_batch_delay_ms)
-        self.tracker = OffsetTracker()
-        self.stats = WorkerStats(provider=runner.info.provider)
-        self.listener = QueueingListener()
-        # Delivery results arrive on the producer's IO thread.
-        self._acks: queue.SimpleQueue[_Ack] = queue.SimpleQueue()
-        self._failures: queue.SimpleQueue[tuple[int, BaseException]] = queue.SimpleQueue()
-        # Sources whose work is done without an ack to wait for (exactly-once sends, the
-        # duplicates of a dead-lettered event), reported by the inference thread.
-        self._done_q: queue.SimpleQueue[tuple[int, tuple[SourceRef, ...]]] = queue.SimpleQueue()
-        self._generation = 0  # bumped by every abort: late callbacks of aborted sends are ignored
-        self._in_txn = False
-        self._paused = False
-        self._poison_streak = 0
-        self._last_commit_ms = 0
-        self.consumer = make_consumer(config)
-        extra: dict[str, Any] = dict(config.kafka_security())
-        if self.eos:
-            extra["transactional_id"] = config.transactional_id
-        self.producer = make_producer(config.bootstrap_servers, config.client_id, **extra)
-        self.ready = threading.Event()
         if config.assembly_timeout_ms == 0:
             log.warning(
                 "--assembly-timeout-ms 0: incomplete events are held forever; if they fill "
                 "--max-pending-events the worker pauses and cannot resume"
             )
-        self._input_names = frozenset(i.name for i in runner.manifest.inputs)
+        if clients is None:
+            from worker.edge.kafka_python import KafkaPythonClients
+
+            clients = KafkaPythonClients()
+        self.config = config
+        self.runner = runner
+        self.clock = clock
+        self.eos = config.guarantee == "exactly-once"
+        self.stats = WorkerStats(provider=runner.info.provider)
+        self.metrics = metrics or WorkerMetrics()
+        self.metrics.set_provider(runner.info.provider)
+        self.sensor = Sensors(
+            [StatsSensor(self.stats, clock), MetricsSensor(self.metrics), *sensors]
+        )
+        # Exactly-once, outcomes count once their transaction commits (dropped on abort).
+        self.outcomes = Outcomes(self.sensor, held=self.eos)
+        self.limits = Limits(config.max_part_bytes, config.max_image_pixels)
+        self.input_names = frozenset(i.name for i in runner.manifest.inputs)
+        self.assembler = Assembler(runner.required_inputs)
+        self.batcher = Batcher(config.max_batch_size, config.max_batch_delay_ms)
+        self.backpressure = Backpressure(config.max_pending_events, config.max_pending_bytes)
+        self.poison = PoisonBudget()
+        self.events = events or Everything()
+        self.consumer = clients.consumer(config)
+        self.producer = clients.producer(config)
+        self.source = (source or _group_source(config))(self.consumer)
+        self.checkpoint = Checkpoint(
+            self.consumer,
+            self.producer,
+            exactly_once=self.eos,
+            interval_ms=config.commit_interval_ms,
+            owned=self.source.owned,
+            seed=self.source.seed,
+        )
         self.stage: BatchStage[Event] = BatchStage(
             self._infer, inference_depth(config, runner.info.provider), name="mmstream-infer"
         )
+        self.admission = (admission or StageRoom)(self.stage)
+        self.ready = threading.Event()
+        # Delivery results arrive on the producer's thread; sources whose work is done
+        # without an ack to wait for (exactly-once sends, the duplicates of a dead-lettered
+        # event) from the inference thread.
+        self._acks: queue.SimpleQueue[_Ack] = queue.SimpleQueue()
+        self._failures: queue.SimpleQueue[tuple[int, BaseException]] = queue.SimpleQueue()
+        self._done_q: queue.SimpleQueue[tuple[int, tuple[SourceRef, ...]]] = queue.SimpleQueue()
+        self._flushed = False  # a bounded source's leftovers were expired at its end
 
-    # ------------------------------------------------------------------ loop
+    # ------------------------------------------------------------------ the loop
 
     def run(self, stop: threading.Event) -> WorkerStats:
-        c = self.config
         drained = False
         try:
             if self.eos:
                 self.producer.init_transactions()
-            self._join()
+            self.source.join()
+            c, m = self.config, self.runner.manifest
             log.info(
                 "worker: %s -> %s (dlq %s), group %s, %s, model %s %s on %s",
-                c.input_topic,
-                c.output_topic,
-                c.dlq_topic,
-                c.group_id,
-                c.guarantee,
-                self.runner.manifest.name,
-                self.runner.manifest.version,
-                self.stats.provider,
-            )
-            while not stop.is_set() and not self._done():
+                c.input_topic, c.output_topic, c.dlq_topic, c.group_id, c.guarantee,
+                m.name, m.version, self.stats.provider,
+            )  # fmt: skip
+            while not stop.is_set() and not self._finished():
                 self._step()
             self._drain()
             drained = True
-        except KafkaError as exc:
-            raise BrokerError(f"Kafka failed: {exc!r}") from exc
         finally:
             self.stage.close(timeout_s=self.config.shutdown_timeout_s, discard=not drained)
-            self.consumer.close(autocommit=False)
-            self.producer.close(timeout=5)
+            self.consumer.close()
+            self.producer.close(timeout_s=5)
         log.info("worker stopped: %s", self.stats)
         return self.stats
 
-    # ------------------------------------------------------------------ hooks
-    # The live worker's choices; mmstream replay (worker/backfill/replay.py) overrides them.
-
-    def _join(self) -> None:
-        """Start consuming: join the group on the input topic."""
-        self.consumer.subscribe([self.config.input_topic], listener=self.listener)
-        self._await_topic_metadata()
-
-    def _owned(self) -> set[tuple[str, int]]:
-        """Partitions whose offsets this worker may commit."""
-        return self.listener.assigned
-
-    def _admit(self, raw: RawRecord) -> bool:
-        """Whether a polled record is input at all (replay: inside its offset range)."""
-        return True
-
-    def _accept(self, event: Event) -> bool:
-        """Whether a complete event is predicted (replay: its time window); an event
-        not accepted is finished as it is, without output."""
-        return True
-
-    def _can_submit(self, events: int) -> bool:
-        """Whether a batch of ``events`` may go to inference now (replay: ``--rate``)."""
-        return self.stage.has_room()
-
-    def _after_poll(self) -> None:
-        """Called once per loop turn after the polled records are consumed."""
-
-    def _seed(self, tp: tuple[str, int]) -> tuple[int | None, str]:
-        """The committed position and metadata a partition's offset tracking starts from."""
-        return committed(self.consumer, tp)
-
-    def _rewind(self) -> None:
-        """After an abort: every partition back to its committed position."""
-        for tp in self.consumer.assignment():
-            pos, _meta = committed(self.consumer, (tp.topic, tp.partition))
-            if pos is None:
-                if self.config.auto_offset_reset == "earliest":
-                    self.consumer.seek_to_beginning(tp)
-                else:
-                    self.consumer.seek_to_end(tp)
-            else:
-                self.consumer.seek(tp, pos)
-
-    def _resumable(self) -> set[Any]:
-        """Paused partitions that backpressure may resume (replay keeps finished ones paused)."""
-        return set(self.consumer.paused())
-
-    def _blocked_wait_ms(self) -> int:
-        """How long to poll while a ready batch may not be submitted yet."""
-        return 2
-
-    # ------------------------------------------------------------------ loop turns
-
-    def _await_topic_metadata(self, timeout_s: float = 30.0) -> None:
-        """Know the input topic's partitions before joining: a group leader without them
-        assigns nothing and, in kafka-python, may not rejoin until the next metadata refresh."""
-        deadline = time.monotonic() + timeout_s
-        while not self.consumer.partitions_for_topic(self.config.input_topic):
-            if time.monotonic() > deadline:
-                log.warning("no metadata for %s after %.0f s", self.config.input_topic, timeout_s)
-                return
-            time.sleep(0.1)
-
     def _step(self) -> None:
-        self.metrics.beat(time.time())
+        self.sensor.beat(time.time())
         self.stage.check()
-        room = self._backpressure()
-        wait = self.batcher.wait_ms(self.clock())
-        timeout = 100 if wait is None else min(wait, 100)
-        if timeout == 0 and not self._can_submit(min(len(self.batcher), self.batcher.max_size)):
-            timeout = self._blocked_wait_ms()  # a batch waits (inference thread, --rate)
-        polled = self.consumer.poll(
-            timeout_ms=timeout, max_records=max(1, min(self.config.max_poll_records, room))
+        pressure = self.backpressure.decide(self._pending_events(), self.assembler.pending_bytes)
+        if pressure.pause:
+            self.consumer.pause(self.consumer.assignment())  # also newly assigned ones
+        elif pressure.resume:
+            self.consumer.resume(self.source.resumable())
+        records = self.consumer.poll(
+            timeout_ms=self._poll_timeout_ms(),
+            max_records=max(1, min(self.config.max_poll_records, pressure.room)),
         )
-        if self._handle_revocations():
-            polled = {}  # fetched before the rewind: they are read again from the commit
-        if self.listener.joined or self.consumer.assignment():
+        if self._apply_revocations():
+            records = []  # fetched before the rewind: read again from the checkpoint
+        if self.consumer.joined():
             self.ready.set()
-        for records in polled.values():
-            for rec in records:
-                raw = to_raw(rec)
-                if self._admit(raw):
-                    self._consume(raw)
-        self._after_poll()
+        for raw in records:
+            if self.source.admits(raw):
+                self._consume(raw)
+        self.source.after_poll()
         self._expire()
-        while self.batcher.ready(self.clock()) and self._can_submit(
-            min(len(self.batcher), self.batcher.max_size)
-        ):
+        while self.batcher.ready(self.clock()) and self.admission.admits(self._next_batch()):
             self._submit(self.batcher.take())
         self._settle()
         self._maybe_commit(force=False)
-        self._update_gauges()
+        self._observe_gauges()
 
-    def _done(self) -> bool:
-        return 0 < self.config.max_events <= self.stats.predicted
+    def _finished(self) -> bool:
+        if 0 < self.config.max_events <= self.stats.predicted:
+            return True
+        return self._flushed and self._pending_events() == 0 and self.checkpoint.open_records() == 0
 
     def _drain(self) -> None:
         """Finish what was assembled: run pending batches, wait for acks, commit."""
@@ -329,209 +252,173 @@ class Worker:
         self.stage.check()
         if not self.eos:
             try:
-                self.producer.flush(timeout=self.config.shutdown_timeout_s)
-            except KafkaError as exc:
+                self.producer.flush(timeout_s=self.config.shutdown_timeout_s)
+            except BrokerError as exc:
                 log.error("flush at shutdown failed: %s", exc)
         self._settle()
         self._maybe_commit(force=True)
         self._settle()
 
-    # ------------------------------------------------------------------ stages
+    # ------------------------------------------------------------------ turns' pieces
+
+    def _next_batch(self) -> int:
+        return min(len(self.batcher), self.batcher.max_size)
+
+    def _poll_timeout_ms(self) -> int:
+        """Never past the next batch deadline (at most 100 ms), so partial batches leave on
+        time; a ready batch that may not go yet waits as long as admission says."""
+        wait = self.batcher.wait_ms(self.clock())
+        timeout = 100 if wait is None else min(wait, 100)
+        if timeout == 0 and not self.admission.admits(self._next_batch()):
+            timeout = self.admission.wait_ms(self._next_batch())
+        return timeout
 
     def _consume(self, raw: RawRecord) -> None:
-        src = raw.source
-        tp = (src.topic, src.partition)
-        now = self.clock()
-        self.stats.consumed += 1
-        if self.stats.first_consumed_ms is None:
-            self.stats.first_consumed_ms = now
-        if not self.tracker.known(tp):
-            self.tracker.seed(tp, *self._seed(tp))
-        self.tracker.track(tp, src.offset)
         # Label only with the model's input names: header values are producer-controlled,
         # and a label per arbitrary value would grow the metric series without bound.
         modality = (raw.header(HEADER_MODALITY) or b"").decode("utf-8", "replace")
-        self.metrics.records_consumed.labels(
-            modality if modality in self._input_names else "unknown"
-        ).inc()
-        if self.tracker.finished_before(tp, src.offset):
-            # Its event was predicted before the last restart (commit metadata says so).
-            self.stats.skipped_finished += 1
-            self.tracker.done(tp, src.offset)
+        self.sensor.consumed(modality if modality in self.input_names else "unknown")
+        if self.checkpoint.track(raw.source):
+            self.sensor.skipped_finished()  # predicted before the last restart
             return
         try:
             part = decode_record(raw, self.runner.manifest, self.limits)
         except RecordError as err:
             self._dead_letter(raw, err.reason, str(err))
             return
-        event = self.assembler.add(part, now)
-        if self.assembler.duplicate_parts > self.stats.duplicate_parts:
-            self.metrics.duplicate_parts.inc(
-                self.assembler.duplicate_parts - self.stats.duplicate_parts
-            )
-            self.stats.duplicate_parts = self.assembler.duplicate_parts
+        duplicates = self.assembler.duplicate_parts
+        event = self.assembler.add(part, self.clock())
+        if self.assembler.duplicate_parts > duplicates:
+            self.sensor.duplicate_part()
         if event is not None:
-            self.metrics.events_completed.inc()
-            self._batch(event, now)
+            self.sensor.completed()
+            self._batch(event)
 
-    def _batch(self, event: Event, now: int) -> None:
-        """Queue an event for inference, or finish it without output if not accepted."""
-        if self._accept(event):
-            self.batcher.add(event, now)
+    def _batch(self, event: Event) -> None:
+        """Queue an event for inference, or finish it without output outside the filter."""
+        if self.events.accepts(event.last_part_ms):
+            self.batcher.add(event, self.clock())
         else:
-            self._mark_done(event.sources)
+            self.outcomes.outside_window()
+            self.checkpoint.done(event.sources)
 
     def _expire(self) -> None:
-        timeout = self.config.assembly_timeout_ms
-        if timeout <= 0:
-            return
         now = self.clock()
-        for inc in self.assembler.expire(now, timeout):
+        if not self._flushed and self.source.exhausted():
+            # A bounded source at its ends: no more parts will come for what is pending.
+            self._flushed = True
+            expired = self.assembler.expire(now, 0)
+        elif self.config.assembly_timeout_ms > 0:
+            expired = self.assembler.expire(now, self.config.assembly_timeout_ms)
+        else:
+            return
+        for inc in expired:
             self._incomplete(inc, now)
 
     def _incomplete(self, inc: Incomplete, now: int) -> None:
+        """The event filter decides whose it is; this run's follow ``--on-incomplete``."""
+        if not self.events.accepts(max(p.source.timestamp_ms for p in inc.parts.values())):
+            self.outcomes.outside_window()
+            self.checkpoint.done(p.source for p in inc.all_parts)
+            return
         action = self.config.on_incomplete
-        self.stats.incomplete += 1
-        self.metrics.events_incomplete.labels(action).inc()
-        detail = (
-            f"event {inc.event_id!r} still lacks {list(inc.missing)} "
-            f"{self.config.assembly_timeout_ms} ms after its first part"
-        )
+        self.outcomes.incomplete(action)
         if action == "infer":
-            event = Event(
-                event_id=inc.event_id,
-                partition=inc.partition,
-                parts=inc.parts,
-                first_seen_ms=inc.first_seen_ms,
-                completed_ms=now,
-                duplicates=tuple(p.source for p in inc.duplicates),
-                missing=inc.missing,
-            )
-            self._batch(event, now)
+            self._batch(inc.as_event(now))
         elif action == "dlq":
+            detail = (
+                f"event {inc.event_id!r} still lacks {list(inc.missing)} "
+                f"{self.config.assembly_timeout_ms} ms after its first part"
+            )
             for part in inc.all_parts:
                 raw = part.raw or RawRecord(part.source, inc.event_id.encode(), b"", ())
                 self._dead_letter(raw, Reason.INCOMPLETE_EVENT, detail)
         else:  # drop: the operator's explicit choice; counted and logged
-            log.info("dropping incomplete %s", detail)
-            self._mark_done(tuple(p.source for p in inc.all_parts))
+            log.info("dropping incomplete event %r (lacks %s)", inc.event_id, list(inc.missing))
+            self.checkpoint.done(p.source for p in inc.all_parts)
 
     def _submit(self, events: Sequence[Event]) -> None:
-        """Hand a batch to the inference thread (exactly-once: inside a transaction)."""
-        if self.eos and not self._in_txn:
-            self.producer.begin_transaction()
-            self._in_txn = True
+        """Hand a batch to inference (exactly-once: inside the transaction)."""
+        self.checkpoint.sending()
+        self.admission.submitted(len(events))
         self.stage.submit(events)
 
+    # ------------------------------------------------------------------ inference thread
+
     def _infer(self, events: Sequence[Event]) -> None:
-        """Inference thread: run ORT on a batch and publish (or dead-letter) each event."""
+        """Run ORT on a batch and publish each event; split a failing batch to isolate
+        the poison event, which is dead-lettered."""
         started = time.perf_counter()
         try:
             preds = self.runner.predict(events, self.clock)
         except InferenceError as err:
-            if len(events) == 1:
-                self._poison_streak += 1
-                if self._poison_streak > MAX_POISON_STREAK:
-                    # Every event fails alone: the model or the device is broken, not the
-                    # input. Stop before dead-lettering the whole stream; nothing past the
-                    # last commit is lost (a restart re-reads it).
-                    raise InferenceError(
-                        f"ONNX Runtime failed on {self._poison_streak} events in a row, each "
-                        f"alone: stopping (last error: {err})"
-                    ) from err
-                self._dead_letter_event(events[0], str(err))
-            else:  # split to isolate the poison event
+            if len(events) > 1:
                 mid = len(events) // 2
                 self._infer(events[:mid])
                 self._infer(events[mid:])
+            elif self.poison.failed_alone():
+                # Every event fails alone: the model or the device is broken, not the
+                # input. Stop before dead-lettering the whole stream; nothing past the
+                # last commit is lost (a restart re-reads it).
+                raise InferenceError(
+                    f"ONNX Runtime failed on {self.poison.streak} events in a row, each "
+                    f"alone: stopping (last error: {err})"
+                ) from err
+            else:
+                self._dead_letter_event(events[0], str(err))
             return
-        self._poison_streak = 0
-        self.metrics.inference_seconds.observe(time.perf_counter() - started)
-        self.metrics.batch_size.observe(len(events))
-        self.stats.batches += 1
+        self.poison.succeeded()
+        self.sensor.batch(len(events), time.perf_counter() - started)
+        model = self.runner.model_ref
+        headers = ((HEADER_CONTENT_TYPE, b"application/json"),)
         for event, pred in zip(events, preds, strict=True):
-            self._publish(event, pred)
-
-    def _publish(self, event: Event, pred: Prediction) -> None:
-        value = json.dumps(pred.to_json_dict(self.runner.model_ref), separators=(",", ":")).encode()
-        headers = [(HEADER_CONTENT_TYPE, b"application/json")]
-        self._send(
-            self.config.output_topic,
-            event.event_id.encode(),
-            value,
-            headers,
-            "prediction",
-            event.sources,
-            event.last_part_ms,
-        )
+            value = json.dumps(pred.to_json_dict(model), separators=(",", ":")).encode()
+            record = OutRecord(self.config.output_topic, event.event_id.encode(), value, headers)
+            self._send(record, "prediction", event.sources, event.last_part_ms)
 
     def _dead_letter(self, raw: RawRecord, reason: Reason, detail: str) -> None:
         log.warning("dead-letter %s: %s: %s", raw.source, reason.value, detail)
-        drop = (HEADER_ERROR, HEADER_ERROR_DETAIL, HEADER_SOURCE)
-        headers = [(k, v) for k, v in raw.headers if k.lower() not in drop]
-        headers += [
-            (HEADER_ERROR, reason.value.encode()),
-            (HEADER_ERROR_DETAIL, detail.encode("utf-8", "replace")[:4000]),
-            (HEADER_SOURCE, str(raw.source).encode()),
-        ]
-        value = raw.value
-        if value is not None and len(value) > DLQ_MAX_VALUE_BYTES:
-            # Keep the dead-letter record under the broker's message size; the original
-            # stays on the input topic at mm-source until retention.
-            headers.append((HEADER_VALUE_TRUNCATED, str(len(value)).encode()))
-            value = value[:DLQ_MAX_VALUE_BYTES]
-        self._send(
-            self.config.dlq_topic, raw.key, value, headers, reason.value, (raw.source,), None
-        )
+        record = dead_letter(self.config.dlq_topic, raw, reason, detail)
+        self._send(record, reason.value, (raw.source,), None)
 
     def _dead_letter_event(self, event: Event, detail: str) -> None:
         for part in event.parts.values():
             raw = part.raw or RawRecord(part.source, event.event_id.encode(), b"", ())
             self._dead_letter(raw, Reason.INFERENCE_ERROR, detail)
-        self._done_q.put((self._generation, event.duplicates))
+        self._done_q.put((self.checkpoint.generation, event.duplicates))
 
     def _send(
         self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        headers: list[tuple[str, bytes]],
+        record: OutRecord,
         kind: str,
         sources: tuple[SourceRef, ...],
         last_part_ms: int | None,
     ) -> None:
-        # Exactly-once: the loop began the transaction before handing out work (_submit,
-        # _dead_letter from the loop), and commits it only once the inference thread is idle.
-        if self.eos and not self._in_txn:
-            self.producer.begin_transaction()
-            self._in_txn = True
-        try:
-            future = self.producer.send(topic, key=key, value=value, headers=headers)
-        except KafkaError as exc:
-            raise BrokerError(f"cannot send to {topic}: {exc}") from exc
-        if self.eos:
-            # Committed atomically with the offsets, or aborted with them.
-            self._done_q.put((self._generation, sources))
-        ack = _Ack(kind, sources, last_part_ms, self._generation)
-        future.add_callback(lambda _md: self._acks.put(ack))
-        gen = self._generation
-        future.add_errback(lambda exc: self._failures.put((gen, exc)))
+        # Exactly-once: the loop opened the transaction before handing out work, and
+        # commits it only once the inference thread is idle.
+        self.checkpoint.sending()
+        gen = self.checkpoint.generation
+        ack = _Ack(kind, sources, last_part_ms, gen)
+        self.producer.send(
+            record,
+            on_ack=lambda: self._acks.put(ack),
+            on_error=lambda exc: self._failures.put((gen, exc)),
+        )
+        if self.eos:  # committed atomically with the offsets, or aborted with them
+            self._done_q.put((gen, sources))
 
-    # ------------------------------------------------------------------ commit
-
-    def _mark_done(self, sources: tuple[SourceRef, ...]) -> None:
-        for s in sources:
-            self.tracker.done((s.topic, s.partition), s.offset)
+    # ------------------------------------------------------------------ settle, commit
 
     def _settle(self) -> None:
         """Apply results from the producer's and the inference thread (loop thread only)."""
+        gen = self.checkpoint.generation
         while not self._done_q.empty():
-            gen, sources = self._done_q.get()
-            if gen == self._generation:
-                self._mark_done(sources)
+            g, sources = self._done_q.get()
+            if g == gen:
+                self.checkpoint.done(sources)
         while not self._failures.empty():
-            gen, exc = self._failures.get()
-            if gen != self._generation:
+            g, exc = self._failures.get()
+            if g != gen:
                 continue  # a send of an aborted transaction
             if self.eos:
                 log.warning("send failed inside a transaction (%s): aborting", exc)
@@ -541,151 +428,97 @@ class Worker:
         now = self.clock()
         while not self._acks.empty():
             ack = self._acks.get()
-            if ack.generation != self._generation:
+            if ack.generation != gen:
                 continue
             if not self.eos:
-                self._mark_done(ack.sources)
-            self.stats.last_acked_ms = now
+                self.checkpoint.done(ack.sources)
             if ack.kind == "prediction":
-                self.stats.predicted += 1
-                self.metrics.predictions.inc()
+                latency = None
                 if ack.last_part_ms is not None:
-                    self.metrics.end_to_end_seconds.observe(
-                        max(0.0, (now - ack.last_part_ms) / 1000.0)
-                    )
+                    latency = max(0.0, (now - ack.last_part_ms) / 1000.0)
+                self.outcomes.predicted(latency)
             else:
-                self.stats.dead_lettered[ack.kind] = self.stats.dead_lettered.get(ack.kind, 0) + 1
-                self.metrics.dead_letters.labels(ack.kind).inc()
+                self.outcomes.dead_lettered(ack.kind)
 
     def _maybe_commit(self, force: bool) -> None:
         now = self.clock()
-        if not force and now - self._last_commit_ms < self.config.commit_interval_ms:
+        if not force and not self.checkpoint.due(now):
             return
-        self._last_commit_ms = now
         if self.eos:
             # Everything sent in this transaction must be known before its offsets are.
             self.stage.wait_idle()
             self.stage.check()
             self._settle()
-        positions = {tp: pm for tp, pm in self.tracker.committable().items() if tp in self._owned()}
-        if self.eos:
-            self._commit_transaction(positions)
-            return
-        if not positions:
-            return
-        try:
-            self.consumer.commit(offsets=to_offsets(positions))
-        except (CommitFailedError, KafkaError) as exc:
-            self.metrics.commits.labels("failed").inc()
-            # Expected while a rebalance is in progress; anything else is worth a warning.
-            level = logging.DEBUG if isinstance(exc, RebalanceInProgressError) else logging.WARNING
-            log.log(level, "commit of %s failed (will retry): %r", positions, exc)
-            return
-        self.tracker.mark_committed(positions)
-        self.stats.commits += 1
-        self.metrics.commits.labels("ok").inc()
-
-    def _commit_transaction(self, positions: dict[tuple[str, int], tuple[int, str]]) -> None:
-        if not positions and not self._in_txn:
-            return
-        if not self.listener.events.empty():
-            # A revocation landed since the poll (the listener runs on kafka-python's IO
-            # thread): this transaction may hold outputs of a partition we no longer own.
-            self._handle_revocations()
-            return
-        try:
-            if not self._in_txn:
-                self.producer.begin_transaction()
-                self._in_txn = True
-            if positions:
-                self.producer.send_offsets_to_transaction(
-                    to_offsets(positions), self.consumer.group_metadata()
-                )
-            self.producer.commit_transaction()
-        except KafkaError as exc:
-            log.warning("transaction commit failed (%r): aborting and rewinding", exc)
+            if self.consumer.revocation_pending():
+                # A revocation landed since the poll (callbacks run on the client's
+                # thread): this transaction may hold outputs of a partition we lost.
+                self._apply_revocations()
+                return
+        result = self.checkpoint.commit(now)
+        if result is Commit.MUST_ABORT:
             self._abort_and_rewind()
-            return
-        self._in_txn = False
-        self.tracker.mark_committed(positions)
-        self.stats.commits += 1
-        self.metrics.transactions.labels("committed").inc()
-        self.metrics.commits.labels("ok").inc()
-        self._settle()
+        elif result is not Commit.IDLE:
+            self.sensor.commit(result is Commit.COMMITTED)
+            if result is Commit.COMMITTED and self.eos:
+                # Committing flushed the transaction's last sends: take their acks first,
+                # so that every outcome of this transaction counts with it.
+                self._settle()
+                self.sensor.transaction("committed")
+                self.outcomes.commit()
 
     def _abort_and_rewind(self) -> None:
-        """Exactly-once: abort the open transaction and re-read from the committed positions."""
+        """Exactly-once: abort the open transaction and re-read from the checkpoints."""
         self.stage.wait_idle()  # its sends belong to the transaction being aborted
-        self._generation += 1
-        if self._in_txn:
-            try:
-                self.producer.abort_transaction()
-            except KafkaError as exc:
-                raise BrokerError(
-                    f"cannot abort the transaction ({exc!r}): the producer is unusable"
-                ) from exc
-            self._in_txn = False
-        self.stats.aborts += 1
-        self.metrics.transactions.labels("aborted").inc()
+        self.checkpoint.abort()
+        self.outcomes.discard()
+        self.sensor.transaction("aborted")
         self.assembler.clear()
         self.batcher.clear()
-        self.tracker.clear()
-        self._rewind()
+        self._flushed = False
+        self.source.rewind()
         log.info("transaction aborted; rewound %d partitions", len(self.consumer.assignment()))
 
-    def _handle_revocations(self) -> bool:
+    def _apply_revocations(self) -> bool:
         """Apply revocations; True if the partitions were rewound (exactly-once)."""
         rewound = False
-        while not self.listener.events.empty():
-            rev = self.listener.events.get()
-            self.metrics.rebalances.inc()
+        for revoked in self.consumer.revocations():
+            self.sensor.rebalance()
             if self.eos:
                 # Outputs in the open transaction may belong to revoked partitions: abort it
                 # and rewind the partitions we keep. Nothing of it becomes visible.
                 self._abort_and_rewind()
                 rewound = True
                 continue
-            parts = {p for _, p in rev.partitions}
+            parts = {p for _, p in revoked}
             dropped = self.assembler.drop_partitions(parts) + self.batcher.drop_partitions(parts)
-            self.tracker.forget(set(rev.partitions))
+            self.checkpoint.forget(set(revoked))
             if dropped:
                 log.info(
                     "revoked %s: dropped %d pending events (the new owner re-reads them)",
-                    sorted(rev.partitions),
+                    sorted(revoked),
                     dropped,
                 )
         return rewound
 
-    # ------------------------------------------------------------------ bounds, gauges
+    # ------------------------------------------------------------------ gauges
 
     def _pending_events(self) -> int:
         return len(self.assembler) + len(self.batcher) + self.stage.pending_items
 
-    def _backpressure(self) -> int:
-        """Pause fetching at the bounds, resume below them; return how many records may come."""
-        c = self.config
-        events = self._pending_events()
-        nbytes = self.assembler.pending_bytes
-        full = events >= c.max_pending_events or nbytes >= c.max_pending_bytes
-        if full:
-            assigned = self.consumer.assignment()
-            if assigned:
-                self.consumer.pause(*assigned)  # also covers newly assigned partitions
-            if not self._paused:
-                log.info("pending bound reached (%d events, %d bytes): pausing", events, nbytes)
-            self._paused = True
-        elif self._paused and (
-            events <= RESUME_AT * c.max_pending_events and nbytes <= RESUME_AT * c.max_pending_bytes
-        ):
-            self.consumer.resume(*self._resumable())
-            self._paused = False
-            log.info("pending below the bound (%d events, %d bytes): resuming", events, nbytes)
-        return max(0, c.max_pending_events - events)
+    def _observe_gauges(self) -> None:
+        self.sensor.gauges(
+            Gauges(
+                pending_events=self._pending_events(),
+                pending_bytes=self.assembler.pending_bytes,
+                paused_partitions=len(self.consumer.paused()),
+                assigned_partitions=len(self.source.owned()),
+                uncommitted_records=self.checkpoint.uncommitted(),
+            )
+        )
 
-    def _update_gauges(self) -> None:
-        m = self.metrics
-        m.pending_events.set(self._pending_events())
-        m.pending_bytes.set(self.assembler.pending_bytes)
-        m.paused_partitions.set(len(self.consumer.paused()))
-        m.assigned_partitions.set(len(self._owned()))
-        m.uncommitted_records.set(self.tracker.uncommitted())
+
+def _group_source(config: WorkerConfig) -> SourceFactory:
+    def make(consumer: Consumer) -> Source:
+        return GroupSource(consumer, config.input_topic, config.auto_offset_reset)
+
+    return make

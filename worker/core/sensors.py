@@ -71,6 +71,52 @@ class Sensor(Protocol):
     def gauges(self, g: Gauges) -> None: ...
 
 
+class NullSensor:
+    """Observes nothing: a base for sensors that care about a few of the calls."""
+
+    def beat(self, now_s: float) -> None:
+        pass
+
+    def consumed(self, modality: str) -> None:
+        pass
+
+    def skipped_finished(self) -> None:
+        pass
+
+    def duplicate_part(self) -> None:
+        pass
+
+    def completed(self) -> None:
+        pass
+
+    def batch(self, size: int, seconds: float) -> None:
+        pass
+
+    def predicted(self, latency_s: float | None) -> None:
+        pass
+
+    def dead_lettered(self, reason: str) -> None:
+        pass
+
+    def incomplete(self, action: str) -> None:
+        pass
+
+    def outside_window(self) -> None:
+        pass
+
+    def commit(self, ok: bool) -> None:
+        pass
+
+    def transaction(self, result: str) -> None:
+        pass
+
+    def rebalance(self) -> None:
+        pass
+
+    def gauges(self, g: Gauges) -> None:
+        pass
+
+
 @dataclass
 class WorkerStats:
     """Counters of one worker run (also logged at exit)."""
@@ -265,22 +311,31 @@ class Sensors:
             s.gauges(g)
 
 
-Observation = Callable[[Sensor], None]
-
-
 class Outcomes:
-    """Outcomes for a sensor: at once, or (``held``) kept until :meth:`commit`."""
+    """The outcomes of work, for a sensor: at once, or (``held``) kept until :meth:`commit`."""
 
     def __init__(self, sensor: Sensor, *, held: bool) -> None:
         self.sensor = sensor
         self.held = held
-        self._pending: list[Observation] = []
+        self._pending: list[Callable[[Sensor], None]] = []
 
-    def __call__(self, observation: Observation) -> None:
+    def _report(self, observation: Callable[[Sensor], None]) -> None:
         if self.held:
             self._pending.append(observation)
         else:
             observation(self.sensor)
+
+    def predicted(self, latency_s: float | None) -> None:
+        self._report(lambda s: s.predicted(latency_s))
+
+    def dead_lettered(self, reason: str) -> None:
+        self._report(lambda s: s.dead_lettered(reason))
+
+    def incomplete(self, action: str) -> None:
+        self._report(lambda s: s.incomplete(action))
+
+    def outside_window(self) -> None:
+        self._report(lambda s: s.outside_window())
 
     def commit(self) -> None:
         """Their transaction committed: the held outcomes happened."""

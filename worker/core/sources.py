@@ -64,15 +64,16 @@ class GroupSource:
         self.metadata_timeout_s = metadata_timeout_s
 
     def join(self) -> None:
-        # Know the topic's partitions before joining: a group leader without them assigns
-        # nothing and, in kafka-python, may not rejoin until the next metadata refresh.
+        self.consumer.subscribe(self.topic)
+        # Know the topic's partitions before the first poll joins the group: a member whose
+        # subscription has no metadata yet joins with nothing and must rejoin at once (with
+        # kafka-python, a second rebalance during which every commit is refused).
         deadline = time.monotonic() + self.metadata_timeout_s
         while not self.consumer.partitions_for(self.topic):
             if time.monotonic() > deadline:
                 log.warning("no metadata for %s after %.0f s", self.topic, self.metadata_timeout_s)
                 break
             time.sleep(0.1)
-        self.consumer.subscribe(self.topic)
 
     def admits(self, raw: RawRecord) -> bool:
         return True

@@ -10,18 +10,18 @@ import contextlib
 import logging
 import queue
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, codec
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from worker.config import WorkerConfig
-from worker.contract.errors import BrokerError
+from worker.config import WorkerConfig, check_compression
+from worker.contract.errors import BrokerError, ConfigError
 from worker.contract.records import RawRecord, SourceRef
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,46 @@ def make_consumer(config: WorkerConfig) -> KafkaConsumer:
         raise BrokerError(f"cannot connect consumer to {config.bootstrap_servers}: {exc}") from exc
 
 
-def make_producer(bootstrap_servers: str, client_id: str, **extra: Any) -> KafkaProducer:
-    """An idempotent producer with acks=all (``extra``: transactional_id, security, ...)."""
+#: ``--compression-type`` -> the kafka.codec check that its library is importable.
+_CODEC_CHECKS: dict[str, Callable[[], bool]] = {
+    "gzip": codec.has_gzip,
+    "snappy": codec.has_snappy,
+    "lz4": codec.has_lz4,
+    "zstd": codec.has_zstd,
+}
+
+
+def kafka_compression(compression_type: str | None) -> str | None:
+    """``--compression-type`` -> kafka-python's ``compression_type`` ("none" -> None).
+
+    Raises:
+        ConfigError: an unknown codec, or one whose library is not installed.
+    """
+    if compression_type is None or compression_type == "none":
+        return None
+    check_compression(compression_type)
+    if not _CODEC_CHECKS[compression_type]():
+        raise ConfigError(
+            f"--compression-type {compression_type}: its library is not installed "
+            f"(pip install 'kafka-python[{compression_type}]')"
+        )
+    return compression_type
+
+
+def make_producer(
+    bootstrap_servers: str,
+    client_id: str,
+    *,
+    compression_type: str | None = None,
+    **extra: Any,
+) -> KafkaProducer:
+    """An idempotent producer with acks=all (``extra``: transactional_id, security, ...).
+
+    ``compression_type``: a ``--compression-type`` value (none, gzip, snappy, lz4, zstd;
+    None = none). kafka-python compresses per batch; ``max_request_size`` is checked
+    against the uncompressed size, so compression never makes a record too large here.
+    """
+    compression = kafka_compression(compression_type)
     try:
         return KafkaProducer(
             bootstrap_servers=bootstrap_servers.split(","),
@@ -98,6 +136,7 @@ def make_producer(bootstrap_servers: str, client_id: str, **extra: Any) -> Kafka
             acks="all",
             linger_ms=5,
             max_request_size=32 * 1024 * 1024,
+            compression_type=compression,
             **extra,
         )
     except KafkaError as exc:

@@ -262,4 +262,11 @@ class KafkaPythonClients:
         extra: dict[str, Any] = dict(config.kafka_security())
         if config.guarantee == "exactly-once":
             extra["transactional_id"] = config.transactional_id
-        return KafkaPythonProducer(make_producer(config.bootstrap_servers, config.client_id, **extra))
+        return KafkaPythonProducer(
+            make_producer(
+                config.bootstrap_servers,
+                config.client_id,
+                compression_type=config.compression_type,
+                **extra,
+            )
+        )

@@ -4,8 +4,12 @@ Routes (GET and HEAD)::
 
     /metrics   200, Prometheus text exposition of the worker's registry
     /healthz   200 "ok" while the worker is alive (its poll loop keeps turning), else 503
-    /readyz    200 "ok" once the worker can do work (model loaded, partitions assigned), else 503
+    /readyz    200 "ok" once the worker can do work (model loaded, group joined), else 503
     other      404
+
+One server per pod: a single worker process serves its own (worker/ops/serve.py); with
+``--processes N`` the launcher serves the same routes for all N processes and the
+children serve none (worker/ops/processes.py).
 
 A 503's body is the reason, one line. A probe callback that raises gives 503 with the
 exception's text; the server keeps running. The server runs on a daemon thread
@@ -20,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -32,7 +36,18 @@ logger = logging.getLogger(__name__)
 Probe = Callable[[], tuple[bool, str]]
 """A probe callback: ``(ok, reason)``; ``reason`` is the 503 body when not ok."""
 
+
+class MetricsSource(Protocol):
+    """What ``/metrics`` serves: :class:`~worker.ops.metrics.WorkerMetrics` (one process)
+    or :class:`~worker.ops.metrics.PoolMetrics` (the ``--processes`` launcher)."""
+
+    def render(self) -> bytes: ...
+
+
 _TEXT = "text/plain; charset=utf-8"
+#: ``/readyz`` reasons before a worker is ready (one process's and the launcher's).
+LOADING = "loading the model"
+JOINING = "joining the consumer group"
 
 
 class _Server(ThreadingHTTPServer):
@@ -103,7 +118,7 @@ class ProbeServer:
         self,
         host: str,
         port: int,
-        metrics: WorkerMetrics,
+        metrics: MetricsSource,
         healthy: Probe,
         ready: Probe,
     ) -> None:
@@ -179,15 +194,22 @@ def loop_health(
     started = clock()
 
     def check() -> tuple[bool, str]:
-        now = clock()
-        last = metrics.last_beat
-        if last is None:
-            if now - started <= max_stall_s:
-                return True, "starting"
-            return False, f"poll loop has not run in the {max_stall_s:g}s since start"
-        stall = now - last
-        if stall > max_stall_s:
-            return False, f"poll loop stalled for {stall:.1f}s (limit {max_stall_s:g}s)"
-        return True, "ok"
+        return beat_health(metrics.last_beat, started, clock(), max_stall_s)
 
     return check
+
+
+def beat_health(
+    last_beat: float | None, started: float, now: float, max_stall_s: float
+) -> tuple[bool, str]:
+    """The liveness rule of one poll loop: healthy ("starting") for ``max_stall_s`` after
+    ``started`` until the first beat, then while the last beat is at most ``max_stall_s``
+    old. All times in seconds on one clock."""
+    if last_beat is None:
+        if now - started <= max_stall_s:
+            return True, "starting"
+        return False, f"poll loop has not run in the {max_stall_s:g}s since start"
+    stall = now - last_beat
+    if stall > max_stall_s:
+        return False, f"poll loop stalled for {stall:.1f}s (limit {max_stall_s:g}s)"
+    return True, "ok"

@@ -3,6 +3,17 @@
 Each :class:`WorkerMetrics` owns its own ``CollectorRegistry`` (never the process-global
 one), so several workers in one process -- tests, mostly -- do not clash.
 
+With ``--processes N`` the metrics of all N worker processes are served on one port by
+the launcher, in prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``,
+set by :mod:`worker.ops.processes` for its children): each child writes its values to
+per-process files there, and :class:`PoolMetrics` in the launcher merges them with the
+library's ``MultiProcessCollector``. Counters and histograms add up over the processes;
+each gauge says how in its ``multiprocess_mode``: the pending, partition and commit-lag
+gauges are summed over the live processes (``livesum``), the loop's last iteration is
+one series per live process (``liveall``: a ``pid`` label), the provider gauge is the
+maximum (``max``: 1 for every provider some process uses). Multiprocess mode exports no
+``*_created`` series.
+
 Consume::
 
     mmstream_records_consumed_total{modality}     counter
@@ -74,9 +85,17 @@ Label values from a fixed set (action, reason, result) start at 0 so that ``rate
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+from collections.abc import Callable
+from pathlib import Path
 
-from worker.contract.errors import Reason
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+from worker.contract.errors import ConfigError, Reason
+
+#: The variable that puts prometheus_client in multiprocess mode (read when it is imported).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 BATCH_SIZE_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
 INFERENCE_BUCKETS = (
@@ -120,7 +139,14 @@ UNKNOWN_MODALITY = "unknown"
 class WorkerMetrics:
     """All metrics of one worker, registered on ``registry`` (a new one by default)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        on_beat: Callable[[float], None] | None = None,
+    ) -> None:
+        """``on_beat``: called with each :meth:`beat`'s time too (a ``--processes`` child
+        reports its loop to the launcher through it)."""
         self.registry = registry if registry is not None else CollectorRegistry()
         reg = self.registry
         self.records_consumed = Counter(
@@ -170,22 +196,36 @@ class WorkerMetrics:
             buckets=END_TO_END_BUCKETS,
             registry=reg,
         )
+        # --processes N: these add up over the live processes (a pod's total).
         self.pending_events = Gauge(
-            "mmstream_pending_events", "Events waiting for parts or a batch", registry=reg
+            "mmstream_pending_events",
+            "Events waiting for parts or a batch",
+            registry=reg,
+            multiprocess_mode="livesum",
         )
         self.pending_bytes = Gauge(
-            "mmstream_pending_bytes", "Payload bytes held by pending events", registry=reg
+            "mmstream_pending_bytes",
+            "Payload bytes held by pending events",
+            registry=reg,
+            multiprocess_mode="livesum",
         )
         self.paused_partitions = Gauge(
-            "mmstream_paused_partitions", "Partitions paused for back-pressure", registry=reg
+            "mmstream_paused_partitions",
+            "Partitions paused for back-pressure",
+            registry=reg,
+            multiprocess_mode="livesum",
         )
         self.assigned_partitions = Gauge(
-            "mmstream_assigned_partitions", "Input partitions assigned", registry=reg
+            "mmstream_assigned_partitions",
+            "Input partitions assigned",
+            registry=reg,
+            multiprocess_mode="livesum",
         )
         self.uncommitted_records = Gauge(
             "mmstream_uncommitted_records",
             "Records consumed past the committed position",
             registry=reg,
+            multiprocess_mode="livesum",
         )
         self.commits = Counter(
             "mmstream_commits", "Offset commits, by result", ["result"], registry=reg
@@ -196,18 +236,25 @@ class WorkerMetrics:
         self.rebalances = Counter(
             "mmstream_partitions_revoked", "Rebalances that revoked partitions", registry=reg
         )
+        # --processes N: 1 for each provider some process uses.
         self.provider = Gauge(
             "mmstream_execution_provider",
             "1 for the ONNX Runtime execution provider in use",
             ["provider"],
             registry=reg,
+            multiprocess_mode="max",
         )
+        # --processes N: one series per live process (label pid), so that a stalled
+        # process shows (a max would hide it behind the others).
         self.loop_last_iteration = Gauge(
             "mmstream_loop_last_iteration_seconds",
             "Unix time of the poll loop's last iteration",
             registry=reg,
+            multiprocess_mode="liveall",
         )
+        self._on_beat = on_beat
         self._last_beat: float | None = None
+        self._provider_name: str | None = None
         for action in INCOMPLETE_ACTIONS:
             self.events_incomplete.labels(action=action)
         for reason in Reason:
@@ -218,14 +265,24 @@ class WorkerMetrics:
             self.transactions.labels(result=result)
 
     def set_provider(self, name: str) -> None:
-        """Mark ``name`` as the execution provider in use (the only series, value 1)."""
-        self.provider.clear()
+        """Mark ``name`` as the execution provider in use (the only series, value 1).
+
+        In multiprocess mode series cannot be removed (the library does not implement
+        it): a previous provider is set to 0 instead."""
+        previous, self._provider_name = self._provider_name, name
+        if multiprocess_mode():
+            if previous is not None and previous != name:
+                self.provider.labels(provider=previous).set(0)
+        else:
+            self.provider.clear()
         self.provider.labels(provider=name).set(1)
 
     def beat(self, now_s: float) -> None:
         """The poll loop ran an iteration at unix time ``now_s``."""
         self._last_beat = now_s
         self.loop_last_iteration.set(now_s)
+        if self._on_beat is not None:
+            self._on_beat(now_s)
 
     @property
     def last_beat(self) -> float | None:
@@ -238,4 +295,38 @@ class WorkerMetrics:
 
     def value(self, name: str, **labels: str) -> float | None:
         """One sample's value (full sample name, e.g. ``mmstream_predictions_total``), or None."""
+        return self.registry.get_sample_value(name, labels)
+
+
+def multiprocess_mode() -> bool:
+    """Whether this process's metrics are multiprocess values (as prometheus_client decides:
+    the variable is set; its lower-case spelling is the library's deprecated alias)."""
+    return MULTIPROC_ENV in os.environ or MULTIPROC_ENV.lower() in os.environ
+
+
+class PoolMetrics:
+    """The launcher's ``/metrics``: every worker process's values, merged from ``path``.
+
+    ``path`` is the ``PROMETHEUS_MULTIPROC_DIR`` of the children; the launcher itself
+    registers no metric of its own (its registry holds only the MultiProcessCollector, as
+    the library prescribes)."""
+
+    def __init__(self, path: Path) -> None:
+        if not Path(path).is_dir():
+            raise ConfigError(f"metrics directory {path} does not exist")
+        self.path = Path(path)
+        self.registry = CollectorRegistry()
+        # The library's multiprocess module has no type hints.
+        MultiProcessCollector(self.registry, path=str(self.path))  # type: ignore[no-untyped-call]
+
+    def process_dead(self, pid: int) -> None:
+        """Forget the ``live*`` gauges of process ``pid`` (it exited); its counters stay."""
+        mark_process_dead(pid, str(self.path))  # type: ignore[no-untyped-call]
+
+    def render(self) -> bytes:
+        """All processes' metrics in the Prometheus text exposition format."""
+        return generate_latest(self.registry)
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """One merged sample's value (full sample name), or None."""
         return self.registry.get_sample_value(name, labels)

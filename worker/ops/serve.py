@@ -1,9 +1,11 @@
 """Serving one worker process: load the model, serve probes and metrics, run the loop.
 
-``run_worker`` is what ``mmstream worker`` (and each ``--processes`` child) runs:
-it starts the probe server (``--http-port``: ``/metrics``, ``/healthz``,
-``/readyz``) before the model loads, so a pod is live while it loads and ready
-only once its consumer joined the group.
+``run_worker`` is what ``mmstream worker`` (and each ``--processes`` child) runs.
+A single worker starts its probe server (``--http-port``: ``/metrics``, ``/healthz``,
+``/readyz``) before the model loads, so a pod is live while it loads and ready only
+once its consumer joined the group. A ``--processes`` child serves no port
+(``http_port`` 0): it reports each loop turn and its readiness to the launcher through
+``report``, and the launcher serves the pod's one port (worker/ops/processes.py).
 """
 
 from __future__ import annotations
@@ -17,24 +19,37 @@ from worker.core.pipeline import Worker, WorkerStats
 from worker.inference.model import ModelRunner
 from worker.ops.metrics import WorkerMetrics
 
+Report = Callable[[float, bool], None]
+"""``report(beat_unix_s, ready)``: called on every turn of the poll loop."""
+
 
 def run_worker(
     config: WorkerConfig,
     stop: threading.Event | None = None,
     on_ready: Callable[[Worker], Any] | None = None,
+    *,
+    report: Report | None = None,
 ) -> WorkerStats:
     """Load the model, connect, serve probes (``--http-port``), and run until stopped."""
     from worker.ops.http import ProbeServer, loop_health
 
-    metrics = WorkerMetrics()
-    server: ProbeServer | None = None
     holder: dict[str, Worker] = {}
+    on_beat: Callable[[float], None] | None = None
+    if report is not None:
+        sink = report
+
+        def on_beat(now_s: float) -> None:
+            worker = holder.get("worker")
+            sink(now_s, worker is not None and worker.ready.is_set())
+
+    metrics = WorkerMetrics(on_beat=on_beat)
+    server: ProbeServer | None = None
     if config.http_port:
         server = ProbeServer(
             config.http_host,
             config.http_port,
             metrics,
-            healthy=loop_health(metrics, max_stall_s=60.0),
+            healthy=loop_health(metrics, max_stall_s=config.stall_timeout_s),
             ready=lambda: _readiness(holder.get("worker")),
         )
         server.start()
@@ -55,8 +70,10 @@ def run_worker(
 
 
 def _readiness(worker: Worker | None) -> tuple[bool, str]:
+    from worker.ops.http import JOINING, LOADING
+
     if worker is None:
-        return False, "loading the model"
+        return False, LOADING
     if not worker.ready.is_set():
-        return False, "joining the consumer group"
+        return False, JOINING
     return True, f"ready on {worker.stats.provider}"

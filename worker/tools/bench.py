@@ -419,7 +419,7 @@ class _WorkerProcesses:
 
     def __init__(self, config: BenchConfig, run: str, topic_in: str, topic_out: str) -> None:
         self.config = config
-        self.port = _free_port_block(config.processes)
+        self.port = _free_port_block(1)  # one port per pod, whatever --processes
         self.argv = [
             sys.executable, "-m", "worker.cli", "worker",
             "--bootstrap-servers", config.bootstrap_servers,
@@ -449,9 +449,10 @@ class _WorkerProcesses:
         return self
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Every process answers ``/readyz`` 200 (model loaded, in the group)."""
+        """``/readyz`` answers 200: every process loaded the model and joined the group
+        (with --processes N the launcher answers for all of them on the one port)."""
         deadline = time.monotonic() + timeout_s
-        pending = {self.port + i for i in range(self.config.processes)}
+        pending = {self.port}
         while pending:
             if self.proc is not None and self.proc.poll() is not None:
                 raise BrokerError(f"the worker exited with {self.proc.returncode}: {self.tail()}")

@@ -34,7 +34,7 @@ import numpy as np
 from kafka.errors import KafkaError
 from PIL import Image
 
-from worker.config import FrozenConfig
+from worker.config import FrozenConfig, check_compression
 from worker.contract.errors import BrokerError, ConfigError, Reason
 from worker.contract.manifest import InputInfo, Manifest, load_manifest
 from worker.contract.records import (
@@ -91,8 +91,10 @@ class ProduceConfig(FrozenConfig):
     labels_out: Path | None = None
     key_prefix: str = ""
     client_id: str = "mmstream-produce"
+    compression_type: str = "none"
 
     def __post_init__(self) -> None:
+        check_compression(self.compression_type)
         if self.count <= 0:
             raise ConfigError("--count must be > 0")
         if self.rate < 0:
@@ -373,7 +375,9 @@ def produce(config: ProduceConfig) -> dict[str, Any]:
     summary = plan.counts()
     if config.labels_out:
         write_labels(config.labels_out, plan.events)
-    producer = make_producer(config.bootstrap_servers, config.client_id)
+    producer = make_producer(
+        config.bootstrap_servers, config.client_id, compression_type=config.compression_type
+    )
     log.info(
         "producing %d events (%d parts each; %d missing a part, %d poisoned) to %s at %s",
         config.count,

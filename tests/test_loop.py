@@ -1,0 +1,460 @@
+"""The loop and its parts without a broker: a fake Kafka (tests/fake_kafka.py), a fake
+ONNX session, an injected clock. The real-broker tests are tests/test_worker_kafka.py,
+tests/test_resilience.py and tests/test_replay.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fake_kafka import FakeBroker, FakeClients, FakeSession, npy_part
+
+from worker.backfill.ranges import PartitionRange
+from worker.backfill.replay import replay_worker
+from worker.backfill.source import RangeSource
+from worker.config import WorkerConfig
+from worker.contract.errors import BrokerError, InferenceError, Reason
+from worker.contract.records import RawRecord, SourceRef
+from worker.core.admission import Paced, StageRoom
+from worker.core.backpressure import Backpressure
+from worker.core.checkpoint import Checkpoint, Commit
+from worker.core.deadletter import HEADER_VALUE_TRUNCATED, MAX_VALUE_BYTES, dead_letter
+from worker.core.filters import Everything, TimeWindow
+from worker.core.pacing import Pacer
+from worker.core.pipeline import Worker
+from worker.core.poison import PoisonBudget
+from worker.core.sensors import NullSensor, Outcomes, StatsSensor, WorkerStats
+from worker.edge.client import CommitFailed
+from worker.inference.model import ModelRunner, SessionInfo
+
+from factories import small_manifest
+
+IN, OUT, DLQ = "in", "out", "in.dlq"
+
+
+def config(**overrides: Any) -> WorkerConfig:
+    values: dict[str, Any] = {
+        "bootstrap_servers": "fake:9092",
+        "input_topic": IN,
+        "output_topic": OUT,
+        "dlq_topic": DLQ,
+        "group_id": "g",
+        "model": Path("unused"),
+        "max_batch_size": 4,
+        "max_batch_delay_ms": 5,
+        "commit_interval_ms": 50,
+        "inference_queue": 0,
+    }
+    values.update(overrides)
+    return WorkerConfig.from_mapping(values)
+
+
+def runner(session: FakeSession | None = None) -> ModelRunner:
+    return ModelRunner(
+        small_manifest(), session or FakeSession(), SessionInfo("CPUExecutionProvider", ())
+    )
+
+
+def put_event(
+    broker: FakeBroker,
+    event_id: str,
+    *,
+    partition: int = 0,
+    skip: tuple[str, ...] = (),
+    fill: float = 0.0,
+    ts: int | None = None,
+) -> None:
+    for info in small_manifest().inputs:
+        if info.name not in skip:
+            npy_part(
+                broker, IN, event_id, info.name, info.shape, info.dtype,
+                partition=partition, fill=fill, ts=ts,
+            )  # fmt: skip
+
+
+def new_broker(partitions: int = 2) -> FakeBroker:
+    broker = FakeBroker()
+    broker.create(IN, partitions)
+    broker.create(OUT, 1)
+    broker.create(DLQ, 1)
+    return broker
+
+
+def run(worker: Worker, turns: int = 2000) -> None:
+    """Run the loop until it finishes by itself (max_events, a bounded source) or for
+    ``turns`` turns, then drain and close it as ``run`` does."""
+    stop = threading.Event()
+    count = [0]
+    real_step = worker._step
+
+    def step() -> None:
+        count[0] += 1
+        if count[0] >= turns:
+            stop.set()
+        real_step()
+
+    worker._step = step  # type: ignore[method-assign]
+    worker.run(stop)
+
+
+def predicted_ids(broker: FakeBroker) -> list[str]:
+    return [json.loads(r.value or b"{}")["event_id"] for r in broker.records(OUT)]
+
+
+# ------------------------------------------------------------------ the loop
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+def test_loop_predicts_every_event_and_commits_to_the_end(guarantee: str) -> None:
+    broker = new_broker()
+    for i in range(10):
+        put_event(broker, f"ev-{i}", partition=i % 2)
+    worker = Worker(
+        config(guarantee=guarantee, max_events=10), runner(), broker.clock,
+        clients=FakeClients(broker),
+    )  # fmt: skip
+    run(worker)
+    assert sorted(predicted_ids(broker)) == sorted(f"ev-{i}" for i in range(10))
+    assert broker.committed["g"] == {(IN, 0): (15, ""), (IN, 1): (15, "")}
+    assert worker.stats.predicted == 10 and worker.stats.consumed == 30
+    if guarantee == "exactly-once":
+        assert "committed" in broker.transactions and "aborted" not in broker.transactions
+
+
+def test_poison_records_are_dead_lettered_with_their_reason_and_settle() -> None:
+    broker = new_broker(1)
+    put_event(broker, "good")
+    broker.append(IN, 0, None, b"x", (("mm-modality", b"text"),))  # no key
+    broker.append(IN, 0, b"k", b"x", (("mm-modality", b"smell"),))
+    put_event(broker, "last")
+    worker = Worker(config(max_events=2), runner(), broker.clock, clients=FakeClients(broker))
+    run(worker)
+    reasons = [dict(r.headers)["mm-error"].decode() for r in broker.records(DLQ)]
+    assert reasons == [Reason.MISSING_KEY.value, Reason.UNKNOWN_MODALITY.value]
+    assert worker.stats.dead_lettered == {"missing_key": 1, "unknown_modality": 1}
+    assert broker.committed["g"][(IN, 0)] == (8, "")
+
+
+def test_incomplete_event_expires_after_the_timeout_and_is_dead_lettered() -> None:
+    broker = new_broker(1)
+    put_event(broker, "half", skip=("audio",))
+    put_event(broker, "whole")
+    broker.clock.tick = 1  # time passes on every read of the clock
+    worker = Worker(
+        config(assembly_timeout_ms=200), runner(), broker.clock, clients=FakeClients(broker)
+    )
+    run(worker, turns=400)
+    assert predicted_ids(broker) == ["whole"]
+    dlq = broker.records(DLQ)
+    assert [dict(r.headers)["mm-error"] for r in dlq] == [b"incomplete_event"] * 2
+    assert worker.stats.incomplete == 1
+    assert broker.committed["g"][(IN, 0)] == (5, "")
+
+
+def test_a_poison_event_is_isolated_and_a_broken_model_stops_the_worker() -> None:
+    broker = new_broker(1)
+    for i in range(4):
+        put_event(broker, f"ev-{i}", fill=7.0 if i == 2 else 0.0)
+    poison = FakeSession(fail_when=lambda feed: bool((feed["audio"] == 7.0).any()))
+    worker = Worker(config(max_events=3), runner(poison), broker.clock, clients=FakeClients(broker))
+    run(worker)
+    assert sorted(predicted_ids(broker)) == ["ev-0", "ev-1", "ev-3"]
+    assert {dict(r.headers)["mm-error"] for r in broker.records(DLQ)} == {b"inference_error"}
+    assert len(broker.records(DLQ)) == 3  # the poison event's three parts
+
+    broken = new_broker(1)
+    for i in range(12):
+        put_event(broken, f"ev-{i}")
+    always = FakeSession(fail_when=lambda feed: True)
+    worker = Worker(config(), runner(always), broken.clock, clients=FakeClients(broken))
+    with pytest.raises(InferenceError, match="9 events in a row"):
+        run(worker)
+    assert "g" not in broken.committed or broken.committed["g"][(IN, 0)][0] < 36
+
+
+def test_an_unacknowledged_delivery_stops_the_worker_before_it_is_committed() -> None:
+    broker = new_broker(1)
+    put_event(broker, "a")
+    broker.fail_next_send = OSError("broker gone")
+    worker = Worker(config(), runner(), broker.clock, clients=FakeClients(broker))
+    with pytest.raises(BrokerError, match="not acknowledged"):
+        run(worker)
+    # Nothing beyond the lost delivery was committed: a restart re-reads the event.
+    assert broker.committed.get("g", {}).get((IN, 0), (0, ""))[0] == 0
+
+
+def test_exactly_once_abort_rewinds_and_the_counts_stay_those_of_committed_work() -> None:
+    broker = new_broker(1)
+    for i in range(4):
+        put_event(broker, f"ev-{i}")
+    broker.fail_next_commit = BrokerError("coordinator moved")
+    worker = Worker(
+        config(guarantee="exactly-once", max_events=4), runner(), broker.clock,
+        clients=FakeClients(broker),
+    )  # fmt: skip
+    run(worker)
+    assert broker.transactions[0] == "aborted" and "committed" in broker.transactions
+    assert sorted(predicted_ids(broker)) == [f"ev-{i}" for i in range(4)]  # each once
+    assert worker.stats.predicted == 4 and worker.stats.aborts == 1
+    assert worker.stats.consumed == 24  # read twice: before and after the rewind
+
+
+def test_revoked_partitions_drop_their_pending_work_at_least_once() -> None:
+    broker = new_broker(2)
+    put_event(broker, "p0", partition=0, skip=("audio",))
+    put_event(broker, "p1", partition=1)
+    clients = FakeClients(broker)
+    worker = Worker(config(max_events=1), runner(), broker.clock, clients=clients)
+    worker.source.join()
+    worker._step()
+    assert len(worker.assembler) == 1  # p0 waits for its audio
+    clients.consumers[0].revoke({(IN, 0)})
+    worker._step()
+    assert len(worker.assembler) == 0
+    run(worker)
+    assert predicted_ids(broker) == ["p1"]
+    assert broker.committed["g"][(IN, 0)] == (0, "")  # the new owner re-reads p0
+
+
+def test_backpressure_pauses_at_the_bound_and_resumes_below_it() -> None:
+    broker = new_broker(1)
+    for i in range(30):
+        put_event(broker, f"half-{i}", skip=("audio",))
+    broker.clock.tick = 1
+    worker = Worker(
+        config(max_pending_events=10, assembly_timeout_ms=100, max_poll_records=4),
+        runner(), broker.clock, clients=FakeClients(broker),
+    )  # fmt: skip
+    seen = []
+    worker.source.join()
+    for _ in range(600):
+        worker._step()
+        seen.append((worker._pending_events(), bool(worker.consumer.paused())))
+    assert max(p for p, _ in seen) <= 10
+    assert any(paused for _, paused in seen) and not seen[-1][1]
+    # Every record dead-lettered once; an event whose parts a pause split (wall-clock
+    # expiry) counts as two incomplete events.
+    assert worker.stats.dead_lettered == {"incomplete_event": 60}
+    assert worker.stats.incomplete >= 30
+
+
+# ------------------------------------------------------------------ replay, composed
+
+
+def test_replay_is_the_worker_with_a_range_a_window_and_a_pacer() -> None:
+    broker = new_broker(1)
+    start = broker.clock.now_ms
+    for i in range(40):
+        put_event(broker, f"ev-{i:02d}", ts=start + 10 * i)
+    window = (start + 100, start + 300)  # events 10..29
+    worker, source = replay_worker(
+        config(group_id="mmstream-backfill-t", max_batch_size=4), runner(),
+        [PartitionRange(0, 0, 120, 0, 120)], window, rate=100.0,
+        clock=broker.clock, clients=FakeClients(broker),
+    )  # fmt: skip
+    assert isinstance(worker.admission, Paced) and isinstance(worker.events, TimeWindow)
+    began = broker.clock.now_ms
+    worker.run(threading.Event())  # ends by itself: the range is exhausted
+    assert predicted_ids(broker) == [f"ev-{i:02d}" for i in range(10, 30)]
+    assert worker.stats.outside_window == 20
+    assert source.exhausted()
+    assert broker.committed["mmstream-backfill-t"][(IN, 0)] == (120, "")
+    # Paced: 20 events at 100 events/s in bursts of one batch take >= 160 ms of clock.
+    assert broker.clock.now_ms - began >= 160
+
+
+def test_range_source_never_resumes_a_partition_that_reached_its_end() -> None:
+    broker = new_broker(2)
+    for i in range(3):
+        put_event(broker, f"ev-{i}", partition=0)
+    clients = FakeClients(broker)
+    consumer = clients.consumer(config())
+    ranges = [PartitionRange(p, 0, 9, 0, 9) for p in (0, 1)]
+    source = RangeSource(consumer, IN, ranges)
+    source.join()
+    consumer.seek((IN, 0), 9)
+    source.after_poll()  # partition 0 reached its end: paused for good
+    consumer.pause([(IN, 1)])  # backpressure paused partition 1
+    assert consumer.paused() == {(IN, 0), (IN, 1)}
+    assert source.resumable() == {(IN, 1)}
+    assert not source.exhausted()
+
+
+def test_range_source_resumes_from_its_checkpoint_and_restart_starts_over() -> None:
+    broker = new_broker(1)
+    broker.committed["b"] = {(IN, 0): (5, "")}
+    consumer = FakeClients(broker).consumer(config(group_id="b"))
+    source = RangeSource(consumer, IN, [PartitionRange(0, 2, 9, 2, 9)])
+    source.join()
+    assert consumer.position((IN, 0)) == 5 and source.resumed_from == {0: 5}
+    assert source.records_before_checkpoint == 3
+    again = RangeSource(consumer, IN, [PartitionRange(0, 2, 9, 2, 9)], restart=True)
+    again.join()
+    assert consumer.position((IN, 0)) == 2 and again.resumed_from == {}
+    assert broker.committed["b"][(IN, 0)] == (2, "")
+
+
+# ------------------------------------------------------------------ the parts
+
+
+def test_pacer_holds_the_rate_with_an_injected_clock() -> None:
+    now = [0.0]
+    pacer = Pacer(rate=100.0, burst=8, clock=lambda: now[0])
+    assert not pacer.ready(8) and pacer.wait_ms(8) == 80  # starts empty: 8 events = 80 ms
+    sent = 0
+    for ms in range(10_001):  # 10 s in 1 ms steps
+        now[0] = ms / 1000.0
+        if pacer.ready(8):
+            pacer.take(8)
+            sent += 8
+    assert 990 <= sent <= 1000  # 100 events/s over 10 s, never above
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    blocking = Pacer(rate=50.0, clock=lambda: now[0])
+    for _ in range(10):
+        blocking.pace(1, sleep=sleep)
+    assert sum(slept) == pytest.approx(10 / 50.0)
+    with pytest.raises(ValueError):
+        Pacer(rate=0)
+
+
+def test_paced_admission_needs_room_and_tokens() -> None:
+    now = [0.0]
+
+    class Room:
+        room = True
+
+        def has_room(self) -> bool:
+            return self.room
+
+    room = Room()
+    paced = Paced(StageRoom(room), Pacer(10.0, burst=2, clock=lambda: now[0]))
+    assert not paced.admits(2) and 0 < paced.wait_ms(2) <= 100
+    now[0] = 0.2
+    assert paced.admits(2)
+    room.room = False
+    assert not paced.admits(2)
+    room.room = True
+    paced.submitted(2)
+    assert not paced.admits(1)
+
+
+def test_backpressure_decides_with_hysteresis() -> None:
+    bp = Backpressure(max_events=10, max_bytes=1000)
+    assert bp.decide(5, 0) == bp.decide(5, 0)  # below: nothing to do
+    full = bp.decide(10, 0)
+    assert full.pause and not full.resume and full.room == 0
+    assert not bp.decide(9, 0).resume  # 9 > 80% of 10: still paused
+    resumed = bp.decide(8, 0)
+    assert resumed.resume and not resumed.pause and resumed.room == 2
+    assert bp.decide(0, 1000).pause  # bytes count too
+
+
+def test_dead_letter_keeps_the_record_replaces_old_error_headers_and_truncates() -> None:
+    src = SourceRef("in", 3, 42, 0)
+    raw = RawRecord(src, b"k", b"v" * (MAX_VALUE_BYTES + 10), (("a", b"1"), ("mm-error", b"x")))
+    out = dead_letter("dlq", raw, Reason.DECODE_ERROR, "bad " * 2000)
+    headers = dict(out.headers)
+    assert out.topic == "dlq" and out.key == b"k" and len(out.value or b"") == MAX_VALUE_BYTES
+    assert headers["a"] == b"1" and headers["mm-error"] == b"decode_error"
+    assert [k for k, _ in out.headers].count("mm-error") == 1
+    assert headers["mm-source"] == b"in/3/42" and len(headers["mm-error-detail"]) == 4000
+    assert headers[HEADER_VALUE_TRUNCATED] == str(MAX_VALUE_BYTES + 10).encode()
+    small = dead_letter("dlq", RawRecord(src, None, None, ()), Reason.MISSING_KEY, "no key")
+    assert small.value is None and HEADER_VALUE_TRUNCATED not in dict(small.headers)
+
+
+def test_poison_budget_is_spent_by_a_streak_only() -> None:
+    budget = PoisonBudget(max_streak=2)
+    assert not budget.failed_alone() and not budget.failed_alone()
+    budget.succeeded()
+    assert not budget.failed_alone() and not budget.failed_alone()
+    assert budget.failed_alone()
+
+
+def test_checkpoint_commits_only_owned_finished_work_and_reports_refusals() -> None:
+    broker = new_broker(2)
+    clients = FakeClients(broker)
+    consumer, producer = clients.consumer(config()), clients.producer(config())
+    cp = Checkpoint(
+        consumer, producer, exactly_once=False, interval_ms=100,
+        owned=lambda: {(IN, 0)}, seed=consumer.committed,
+    )  # fmt: skip
+    srcs = [SourceRef(IN, p, o, 0) for p in (0, 1) for o in range(3)]
+    for s in srcs:
+        assert not cp.track(s)
+    cp.done(s for s in srcs if s.offset != 1)
+    assert cp.commit(0) is Commit.COMMITTED
+    assert broker.committed["g"] == {(IN, 0): (1, "mm1:1")}  # partition 1 is not owned
+    assert not cp.due(50) and cp.due(100)
+    broker.fail_next_commit = CommitFailed("rebalancing", rebalancing=True)
+    cp.done([srcs[1]])
+    assert cp.commit(100) is Commit.FAILED
+    assert cp.commit(200) is Commit.COMMITTED and broker.committed["g"][(IN, 0)] == (3, "")
+    assert cp.commit(300) is Commit.IDLE
+
+
+def test_checkpoint_abort_bumps_the_generation_and_forgets_offsets() -> None:
+    broker = new_broker(1)
+    clients = FakeClients(broker)
+    eos = config(guarantee="exactly-once")
+    consumer, producer = clients.consumer(eos), clients.producer(eos)
+    cp = Checkpoint(
+        consumer, producer, exactly_once=True, interval_ms=0,
+        owned=lambda: {(IN, 0)}, seed=consumer.committed,
+    )  # fmt: skip
+    cp.track(SourceRef(IN, 0, 0, 0))
+    cp.sending()
+    assert cp.in_transaction
+    cp.abort()
+    assert cp.generation == 1 and not cp.in_transaction and cp.open_records() == 0
+    assert broker.transactions == ["aborted"]
+    broker.committed["g"] = {(IN, 0): (0, "mm1:1-2")}
+    fresh = Checkpoint(
+        consumer, producer, exactly_once=True, interval_ms=0,
+        owned=lambda: {(IN, 0)}, seed=consumer.committed,
+    )  # fmt: skip
+    assert not fresh.track(SourceRef(IN, 0, 0, 0))
+    assert fresh.track(SourceRef(IN, 0, 1, 0))  # finished before the restart: skipped
+
+
+def test_outcomes_held_until_commit_and_dropped_on_abort() -> None:
+    stats = WorkerStats()
+    held = Outcomes(StatsSensor(stats, lambda: 0), held=True)
+    held.predicted(0.1)
+    held.dead_lettered("decode_error")
+    held.outside_window()
+    assert stats.predicted == 0
+    held.commit()
+    assert (stats.predicted, stats.dead_lettered, stats.outside_window) == (
+        1,
+        {"decode_error": 1},
+        1,
+    )
+    held.incomplete("dlq")
+    held.discard()
+    held.commit()
+    assert stats.incomplete == 0
+    direct = Outcomes(NullSensor(), held=False)
+    direct.predicted(None)  # reaches the sensor at once (nothing held)
+    assert direct._pending == []
+
+
+def test_event_filters() -> None:
+    assert Everything().accepts(0)
+    w = TimeWindow(100, 200)
+    assert [w.accepts(t) for t in (99, 100, 199, 200)] == [False, True, True, False]
+    assert TimeWindow(None, None).accepts(-(10**9))
+
+
+def test_fake_session_output_is_what_the_runner_labels() -> None:
+    r = runner()
+    assert r.manifest.labels[int(np.argmax(FakeSession().run(None, {"x": [0]})[0][0]))] == "3"
