@@ -26,8 +26,9 @@ from worker.backfill.archive import (
     restore_file,
 )
 from worker.backfill.ranges import PartitionRange, format_time, resolve_ranges
-from worker.config import bind_env
+from worker.config import KafkaSecurity, bind_env
 from worker.contract.errors import BrokerError, ConfigError
+from worker.edge.kafka_python import KafkaPythonClients
 
 from kafka_broker import end_offsets
 
@@ -161,13 +162,7 @@ def test_round_trip_keeps_keys_values_headers_timestamps_and_order(
     want = expected(records, 3)
     assert consume_all(kafka_bootstrap, source, 3) == want  # the fixture itself is right
 
-    consumer = KafkaConsumer(
-        bootstrap_servers=kafka_bootstrap, group_id=None, enable_auto_commit=False
-    )
-    try:
-        ranges = resolve_ranges(consumer, source)
-    finally:
-        consumer.close()
+    ranges = _resolve(kafka_bootstrap, source)
     out = tmp_path / "parts.jsonl.gz"
     summary = archive_range(kafka_bootstrap, source, ranges, out)
     assert summary["records"] == 300 and summary["bytes"] == out.stat().st_size
@@ -326,11 +321,11 @@ def test_a_failed_archive_leaves_no_file(
 
 
 def _resolve(bootstrap: str, topic: str) -> list[Any]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    inspector = KafkaPythonClients().inspector(bootstrap, KafkaSecurity())
     try:
-        return resolve_ranges(consumer, topic)
+        return resolve_ranges(inspector, topic)
     finally:
-        consumer.close()
+        inspector.close()
 
 
 # ------------------------------------------------------------------ no broker needed

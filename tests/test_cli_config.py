@@ -146,12 +146,33 @@ def test_main_maps_error_kinds_to_exit_codes(monkeypatch: pytest.MonkeyPatch) ->
 def test_worker_cli_does_not_import_tensorflow() -> None:
     code = (
         "import sys; from worker.cli.main import build_parser; build_parser({}); "
+        "print('onnxruntime' in sys.modules); "
         "import worker.core.pipeline, worker.tools.demo; print('tensorflow' in sys.modules)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
     ).stdout
-    assert out.strip() == "False"
+    assert out.split() == ["False", "False"]  # parsing loads neither ONNX Runtime nor TF
+
+
+@pytest.mark.parametrize(
+    ("command", "module"),
+    [
+        ("worker", "worker.cli.worker"),
+        ("produce", "worker.cli.produce"),
+        ("archive", "worker.cli.archive"),
+        ("replay", "worker.cli.replay"),
+        ("demo", "worker.cli.demo"),
+        ("bench", "worker.cli.bench"),
+        ("train-reference", "export.commands"),
+        ("export", "export.commands"),
+    ],
+)
+def test_each_command_is_handled_by_its_own_module(command: str, module: str) -> None:
+    import argparse
+
+    sub = next(a for a in build_parser({})._actions if isinstance(a, argparse._SubParsersAction))
+    assert sub.choices[command].get_default("handler").__module__ == module
 
 
 def test_errors_share_one_root_with_retriable_flag() -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 import time
 import tomllib
 import uuid
@@ -40,12 +39,11 @@ from worker.config import COMPRESSION_TYPES, WorkerConfig
 from worker.contract.errors import ConfigError
 from worker.contract.manifest import load_manifest
 from worker.contract.reference_data import samples
-from worker.core.pipeline import Worker, WorkerStats
 from worker.edge.kafka_io import kafka_compression
-from worker.inference.model import ModelRunner
 from worker.tools.produce import ProduceConfig, encode_sample, produce
 
 from kafka_broker import committed_offsets, end_offsets, read_topic
+from test_worker_kafka import RunningWorker, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CODECS = ("gzip", "snappy", "lz4", "zstd")
@@ -210,56 +208,10 @@ def npy_events(model: Path, prefix: str, n: int, seed: int) -> list[Rec]:
     return out
 
 
-class RunningWorker:
-    """A Worker on a thread; stopped (drained) on exit. ``error``: what ended it early."""
-
-    def __init__(self, config: WorkerConfig) -> None:
-        self.worker = Worker(config, ModelRunner.load(config.model, "cpu"))
-        self.stop = threading.Event()
-        self.stats: WorkerStats | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        try:
-            self.stats = self.worker.run(self.stop)
-        except BaseException as exc:  # surfaced by the test
-            self.error = exc
-
-    def alive(self) -> bool:
-        """Still running: it did not exit or crash (the bug: UnsupportedCodecError in poll)."""
-        return self.thread.is_alive() and self.error is None
-
-    def __enter__(self) -> RunningWorker:
-        self.thread.start()
-        if not self.worker.ready.wait(30):
-            raise TimeoutError(f"worker did not get its partitions (error: {self.error!r})")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(60)
-        if self.error is not None:
-            raise self.error
-
-
 def worker_config(
     bootstrap: str, topics: tuple[str, str, str], model: Path, **kw: Any
 ) -> WorkerConfig:
-    t_in, t_out, t_dlq = topics
-    return WorkerConfig(
-        bootstrap_servers=bootstrap,
-        input_topic=t_in,
-        output_topic=t_out,
-        dlq_topic=t_dlq,
-        group_id=f"g-{t_in}",
-        model=model,
-        device="cpu",
-        max_batch_size=8,
-        max_batch_delay_ms=20,
-        commit_interval_ms=100,
-        **kw,
-    )
+    return make_config(bootstrap, topics, model, **kw)
 
 
 def wait_committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, Any]:

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fake_kafka import FakeBroker, FakeClients, FakeSession, npy_part
 
 from worker.backfill.ranges import PartitionRange
 from worker.backfill.replay import replay_worker
@@ -32,6 +31,7 @@ from worker.edge.client import CommitFailed
 from worker.inference.model import ModelRunner, SessionInfo
 
 from factories import small_manifest
+from fake_kafka import FakeBroker, FakeClients, FakeSession, npy_part
 
 IN, OUT, DLQ = "in", "out", "in.dlq"
 

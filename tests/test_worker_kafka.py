@@ -27,6 +27,7 @@ from worker.contract.errors import Reason
 from worker.contract.manifest import MODEL_FILE, load_manifest
 from worker.contract.reference_data import samples
 from worker.core.pipeline import Worker, WorkerStats
+from worker.edge.kafka_python import KafkaPythonClients
 from worker.inference.model import ModelRunner
 from worker.tools.produce import encode_sample
 
@@ -67,10 +68,12 @@ def send_all(bootstrap: str, topic: str, records: list[Rec]) -> list[tuple[int, 
 
 
 class RunningWorker:
-    """A Worker on a thread, stopped (drained) on exit."""
+    """A Worker on a thread, stopped (drained) on exit; ``error``: what ended it early."""
 
     def __init__(self, config: WorkerConfig) -> None:
-        self.worker = Worker(config, ModelRunner.load(config.model, "cpu"))
+        self.worker = Worker(
+            config, ModelRunner.load(config.model, "cpu"), clients=KafkaPythonClients()
+        )
         self.stop = threading.Event()
         self.stats: WorkerStats | None = None
         self.error: BaseException | None = None
@@ -82,10 +85,14 @@ class RunningWorker:
         except BaseException as exc:  # surfaced by the test
             self.error = exc
 
+    def alive(self) -> bool:
+        """Still running: it did not exit or crash."""
+        return self.thread.is_alive() and self.error is None
+
     def __enter__(self) -> RunningWorker:
         self.thread.start()
         if not self.worker.ready.wait(30):
-            raise TimeoutError("worker did not get its partitions")
+            raise TimeoutError(f"worker did not get its partitions (error: {self.error!r})")
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -88,12 +88,17 @@ from kafka.serializer import Serializer
 from worker.backfill.ranges import (
     PartitionRange,
     RangeSettings,
-    add_range_args,
     format_time,
-    range_settings,
     resolve_ranges,
 )
-from worker.config import SASL_PASSWORD_ENV, FrozenConfig, KafkaSecurity, add_security_args
+from worker.config import (
+    FrozenConfig,
+    KafkaSecurity,
+    add_config_args,
+    config_from_args,
+    setting,
+    setting_from,
+)
 from worker.contract.errors import BrokerError, ConfigError, os_error
 from worker.edge.kafka_io import make_producer
 
@@ -696,14 +701,37 @@ class ArchiveConfig(KafkaSecurity, RangeSettings, FrozenConfig):
     to its current end.
     """
 
-    bootstrap_servers: str
-    source_topic: str
-    out: Path | None = None
-    dry_run: bool = False
-    client_id: str = "mmstream-archive"
-    timeout_s: float = 30.0
+    bootstrap_servers: str = setting(help="Kafka bootstrap servers")
+    source_topic: str = setting(help="topic to archive")
+    from_time: str = setting_from(
+        RangeSettings,
+        "from_time",
+        help="ISO-8601 start (inclusive), e.g. 2026-11-29T10:00:00Z (no zone = UTC): per "
+        "partition, the first offset whose timestamp is at or after it; none of "
+        "--from/--to/--range: every partition, whole log",
+    )
+    to_time: str = setting_from(
+        RangeSettings,
+        "to_time",
+        help="ISO-8601 end (exclusive; default: the current end of each partition)",
+    )
+    out: Path | None = setting(
+        None,
+        help="archive file, JSON Lines (gzip if it ends with .gz); written atomically, "
+        "an existing file is replaced",
+    )
+    dry_run: bool = setting(
+        False,
+        help="print each partition's offset range and record count (end - start: fewer on "
+        "compacted or transactional topics) as one JSON line; read no records, write nothing",
+    )
+    client_id: str = setting("mmstream-archive", help="Kafka client id")
+    timeout_s: float = setting(
+        30.0, help="give up when a partition makes no progress for this long"
+    )
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # every setting's choices
         for name in ("bootstrap_servers", "source_topic"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} is required")
@@ -727,66 +755,34 @@ class ArchiveConfig(KafkaSecurity, RangeSettings, FrozenConfig):
 
 
 def add_archive_args(p: argparse.ArgumentParser) -> None:
-    """The flags of ``mmstream archive``."""
-    p.add_argument("--bootstrap-servers", required=True, help="Kafka bootstrap servers")
-    p.add_argument("--source-topic", required=True, help="topic to archive")
-    add_range_args(
-        p,
-        "ISO-8601 start (inclusive), e.g. 2026-11-29T10:00:00Z (no zone = UTC): per "
-        "partition, the first offset whose timestamp is at or after it; none of "
-        "--from/--to/--range: every partition, whole log",
-        "ISO-8601 end (exclusive; default: the current end of each partition)",
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="archive file, JSON Lines (gzip if it ends with .gz); written atomically, "
-        "an existing file is replaced",
-    )
-    p.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print each partition's offset range and record count (end - start: fewer on "
-        "compacted or transactional topics) as one JSON line; read no records, write nothing",
-    )
-    p.add_argument("--client-id", default="mmstream-archive", help="Kafka client id")
-    p.add_argument(
-        "--timeout-s",
-        type=float,
-        default=30.0,
-        help="give up when a partition makes no progress for this long",
-    )
-    add_security_args(p)
+    """The flags of ``mmstream archive``: those of :class:`ArchiveConfig`."""
+    add_config_args(p, ArchiveConfig)
 
 
 #: Namespace entries that are not settings (set by the CLI's parser).
-_NOT_SETTINGS = frozenset({"command", "handler", "known_env"})
 
 
 def archive_config(args: argparse.Namespace) -> ArchiveConfig:
     """Parsed ``mmstream archive`` flags -> :class:`ArchiveConfig` (unknown keys refused)."""
-    settings = range_settings({k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS})
-    settings.setdefault("sasl_password", os.environ.get(SASL_PASSWORD_ENV, ""))
-    return ArchiveConfig.from_mapping(settings)
+    return config_from_args(ArchiveConfig, args)
 
 
 def run_archive(config: ArchiveConfig) -> dict[str, Any]:
     """Resolve the ranges of ``config`` and archive them (or, with ``dry_run``, report them)."""
-    consumer = plain_consumer(config.bootstrap_servers, config.client_id, **config.kafka_security())
+    from worker.edge.kafka_python import KafkaPythonClients
+
+    inspector = KafkaPythonClients().inspector(config.bootstrap_servers, config)
     from_ms, to_ms = config.window()
     try:
         resolved = resolve_ranges(
-            consumer,
+            inspector,
             config.source_topic,
             from_ms=from_ms,
             to_ms=to_ms,
             offsets=config.offsets(),
         )
-    except KafkaError as exc:
-        raise BrokerError(f"cannot resolve offsets of {config.source_topic!r}: {exc}") from exc
     finally:
-        consumer.close()
+        inspector.close()
     if config.dry_run:
         parts = [
             {

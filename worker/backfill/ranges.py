@@ -15,16 +15,15 @@ the window is the caller's rule (replay: the event's newest part must fall in
 
 from __future__ import annotations
 
-import argparse
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import ClassVar
 
-from kafka import TopicPartition
-
+from worker.config import setting
 from worker.contract.errors import ConfigError
+from worker.edge.client import Inspector
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _RANGE = re.compile(r"^(\d+):(\d*)-(\d*)$")
@@ -92,7 +91,7 @@ def parse_offset_ranges(specs: Sequence[str]) -> dict[int, tuple[int | None, int
 
 
 def resolve_ranges(
-    consumer: Any,
+    inspector: Inspector,
     topic: str,
     *,
     from_ms: int | None = None,
@@ -100,8 +99,7 @@ def resolve_ranges(
     offsets: dict[int, tuple[int | None, int | None]] | None = None,
     margin_ms: int = 0,
 ) -> list[PartitionRange]:
-    """Per partition of ``topic``, the offsets to read (``consumer``: a kafka-python
-    ``KafkaConsumer``; nothing is assigned or moved).
+    """Per partition of ``topic``, the offsets to read (nothing is assigned or moved).
 
     With ``offsets``, only the partitions named there; otherwise every partition
     over ``[from_ms - margin_ms, to_ms + margin_ms)``, open ends meaning the log's
@@ -111,46 +109,40 @@ def resolve_ranges(
         raise ConfigError("give --from/--to or --range, not both")
     if from_ms is not None and to_ms is not None and to_ms <= from_ms:
         raise ConfigError("--to must be after --from")
-    found = consumer.partitions_for_topic(topic)
-    if not found:
+    parts = inspector.partitions(topic)
+    if not parts:
         raise ConfigError(f"topic {topic!r} does not exist or has no partitions")
-    parts = sorted(found)
     if offsets is not None:
         unknown = sorted(set(offsets) - set(parts))
         if unknown:
             raise ConfigError(f"topic {topic!r} has no partition {unknown} (it has {parts})")
         parts = sorted(offsets)
-    tps = [TopicPartition(topic, p) for p in parts]
-    first = consumer.beginning_offsets(tps)
-    nxt = consumer.end_offsets(tps)
+    bounds = inspector.offset_bounds(topic, parts)
+    first = {p: lo for p, (lo, _hi) in bounds.items()}
+    nxt = {p: hi for p, (_lo, hi) in bounds.items()}
 
-    def at_time(ms: int | None, default: dict[Any, int]) -> dict[int, int]:
+    def at_time(ms: int | None, default: dict[int, int]) -> dict[int, int]:
         if ms is None:
-            return {tp.partition: default[tp] for tp in tps}
-        found_at = consumer.offsets_for_times({tp: max(0, ms) for tp in tps})
-        return {
-            tp.partition: (found_at[tp].offset if found_at.get(tp) is not None else nxt[tp])
-            for tp in tps
-        }
+            return dict(default)
+        found = inspector.offsets_for_time(topic, parts, ms)
+        out: dict[int, int] = {}
+        for p in parts:
+            off = found.get(p)
+            out[p] = nxt[p] if off is None else off
+        return out
 
     if offsets is not None:
-        starts = {
-            p: (s if s is not None else first[TopicPartition(topic, p)])
-            for p, (s, _) in offsets.items()
-        }
-        ends = {
-            p: (e if e is not None else nxt[TopicPartition(topic, p)])
-            for p, (_, e) in offsets.items()
-        }
+        starts = {p: (s if s is not None else first[p]) for p, (s, _) in offsets.items()}
+        ends = {p: (e if e is not None else nxt[p]) for p, (_, e) in offsets.items()}
     else:
         starts = at_time(None if from_ms is None else from_ms - margin_ms, first)
         ends = at_time(None if to_ms is None else to_ms + margin_ms, nxt)
     out = []
-    for tp in tps:
-        lo, hi = first[tp], nxt[tp]
-        start = min(max(starts[tp.partition], lo), hi)
-        end = min(max(ends[tp.partition], start), hi)
-        out.append(PartitionRange(tp.partition, start, end, lo, hi))
+    for p in parts:
+        lo, hi = first[p], nxt[p]
+        start = min(max(starts[p], lo), hi)
+        end = min(max(ends[p], start), hi)
+        out.append(PartitionRange(p, start, end, lo, hi))
     return out
 
 
@@ -162,9 +154,23 @@ class RangeSettings:
     """``--from`` / ``--to`` / ``--range`` of the commands that read a range (replay,
     archive). ``ranges`` may be given as one comma-separated string too."""
 
-    from_time: str = ""
-    to_time: str = ""
-    ranges: tuple[str, ...] = ()
+    #: ``--help`` groups these flags under this title.
+    SETTINGS_TITLE: ClassVar[str] = "range (a time window, or explicit offsets)"
+
+    from_time: str = setting(
+        "", flag="from", metavar="TIME", help="start of the window, ISO-8601 (no zone = UTC)"
+    )
+    to_time: str = setting(
+        "", flag="to", metavar="TIME", help="end of the window, ISO-8601, exclusive"
+    )
+    ranges: tuple[str, ...] = setting(
+        (),
+        flag="range",
+        metavar="PARTITION:START-END",
+        help="explicit offsets instead of times, END exclusive, either side may be empty "
+        "(0:100-200, 1:-50, 2:7-); repeatable or comma-separated, only the partitions "
+        "named; not with --from/--to",
+    )
 
     def _check_range(self) -> None:
         given = [self.ranges] if isinstance(self.ranges, str) else list(self.ranges or ())
@@ -189,47 +195,3 @@ class RangeSettings:
     def offsets(self) -> dict[int, tuple[int | None, int | None]] | None:
         """The ``--range`` offsets by partition, None where none were given."""
         return parse_offset_ranges(self.ranges) if self.ranges else None
-
-
-class RangeListAction(argparse.Action):
-    """``action="append"`` that also copes with a string default from ``MMSTREAM_RANGE``
-    (comma-separated): a ``--range`` flag replaces the variable's list (the flag wins)."""
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: str | Sequence[Any] | None,
-        option_string: str | None = None,
-    ) -> None:
-        items = getattr(namespace, self.dest, None)
-        merged = list(items) if isinstance(items, list) else []
-        merged.append(values)
-        setattr(namespace, self.dest, merged)
-
-
-def add_range_args(p: argparse.ArgumentParser, from_help: str, to_help: str) -> None:
-    """``--from``, ``--to`` and ``--range`` (dests ``from``, ``to``, ``range``: see
-    :func:`range_settings`)."""
-    p.add_argument("--from", dest="from", default="", metavar="TIME", help=from_help)
-    p.add_argument("--to", dest="to", default="", metavar="TIME", help=to_help)
-    p.add_argument(
-        "--range",
-        dest="range",
-        action=RangeListAction,
-        default=None,
-        metavar="PARTITION:START-END",
-        help="explicit offsets instead of times, END exclusive, either side may be empty "
-        "(0:100-200, 1:-50, 2:7-); repeatable or comma-separated, only the partitions "
-        "named; not with --from/--to",
-    )
-
-
-def range_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Parsed flags -> config keys: ``from``/``to``/``range`` become the
-    :class:`RangeSettings` fields (``from`` is a Python keyword)."""
-    out = dict(settings)
-    out["from_time"] = out.pop("from", "") or ""
-    out["to_time"] = out.pop("to", "") or ""
-    out["ranges"] = out.pop("range", None) or ()
-    return out

@@ -50,12 +50,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer
-
 from worker.backfill.progress import Progress
 from worker.backfill.ranges import PartitionRange, RangeSettings, format_time, resolve_ranges
 from worker.backfill.source import RangeSource
-from worker.config import FrozenConfig, KafkaSecurity, WorkerConfig, check_compression
+from worker.config import (
+    FrozenConfig,
+    KafkaSecurity,
+    WorkerConfig,
+    compression_setting,
+    setting,
+    setting_from,
+)
 from worker.contract.errors import BrokerError, ConfigError
 from worker.contract.records import Event
 from worker.core.admission import Admission, Paced, StageRoom
@@ -64,8 +69,8 @@ from worker.core.pacing import Pacer
 from worker.core.pipeline import Clock, Worker, WorkerStats, wall_ms
 from worker.core.sensors import Sensor
 from worker.core.stage import BatchStage
-from worker.edge.client import Clients, Consumer
-from worker.edge.kafka_io import committed, count_records, delete_topics, ensure_topics
+from worker.edge.client import Clients, Consumer, Inspector
+from worker.edge.kafka_io import count_records, delete_topics, ensure_topics
 from worker.inference.model import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -77,32 +82,71 @@ BACKFILL_GROUP_PREFIX = "mmstream-backfill-"
 class ReplayConfig(KafkaSecurity, RangeSettings, FrozenConfig):
     """Settings of ``mmstream replay``; see ``mmstream replay --help``."""
 
-    bootstrap_servers: str
-    source_topic: str = ""
-    model: Path | None = None
-    output_topic: str = ""
-    dlq_topic: str = ""
-    backfill_id: str = ""
-    restart: bool = False
-    rate: float = 0.0
-    edge_margin_ms: int = 60_000
-    on_incomplete: str = "dlq"
-    guarantee: str = "at-least-once"
-    max_batch_size: int = 32
-    max_batch_delay_ms: int = 10
-    device: str = "auto"
-    dry_run: bool = False
-    progress: str = "auto"
-    source_file: Path | None = None
-    to_topic: str = ""
-    log_level: str = "INFO"
-    log_format: str = "text"
-    compression_type: str = "none"
+    bootstrap_servers: str = setting(help="Kafka bootstrap servers")
+    source_topic: str = setting("", help="topic of the parts to re-score")
+    model: Path | None = setting(None, help="model directory to score with")
+    from_time: str = setting_from(
+        RangeSettings,
+        "from_time",
+        help="start of the window, ISO-8601 (e.g. 2026-11-28T00:00:00Z; no zone = UTC); "
+        "events whose newest part is at or after it",
+    )
+    to_time: str = setting_from(
+        RangeSettings, "to_time", help="end of the window, ISO-8601, exclusive"
+    )
+    output_topic: str = setting("", help="where predictions go (default: <source>.backfill)")
+    dlq_topic: str = setting("", help="dead letters (default: <output-topic>.dlq)")
+    backfill_id: str = setting(
+        "",
+        help="checkpoint name (group mmstream-backfill-<id>); default: derived from the "
+        "source, range, output and model, so re-running the same command resumes",
+    )
+    restart: bool = setting(False, help="ignore the checkpoint and start over")
+    rate: float = setting(0.0, help="at most this many events/s (0 = no limit)")
+    edge_margin_ms: int = setting(
+        60_000,
+        help="read this much beyond both window edges, so events straddling an edge are whole",
+    )
+    on_incomplete: str = setting_from(
+        WorkerConfig,
+        "on_incomplete",
+        help="events of the window still missing parts at the range's end",
+    )
+    guarantee: str = setting_from(
+        WorkerConfig,
+        "guarantee",
+        help="exactly-once: outputs and checkpoints in transactions (no repeats after a crash)",
+    )
+    max_batch_size: int = setting_from(WorkerConfig, "max_batch_size")
+    max_batch_delay_ms: int = setting_from(
+        WorkerConfig, "max_batch_delay_ms", help="partial batch delay"
+    )
+    device: str = setting_from(WorkerConfig, "device", help="ONNX Runtime device")
+    dry_run: bool = setting(
+        False,
+        help="print the ranges (per partition: offsets, records, checkpoint); change nothing",
+    )
+    progress: str = setting(
+        "auto",
+        choices=("auto", "bar", "log", "none"),
+        help="a progress bar on a terminal, else a log line every 10 s",
+    )
+    source_file: Path | None = setting(
+        None,
+        help="an archive (mmstream archive, JSON Lines): restored to --to-topic, or, with "
+        "--model and --output-topic, scored whole (through a staging topic)",
+    )
+    to_topic: str = setting("", help="with --source-file: restore the archive to this topic")
+    log_level: str = setting_from(WorkerConfig, "log_level")
+    log_format: str = setting_from(WorkerConfig, "log_format", help="log lines")
+    compression_type: str = compression_setting(
+        "what replay writes (predictions, dead letters, a restored archive)"
+    )
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # every setting's choices
         self._check_security()
         self._check_range()
-        check_compression(self.compression_type)
         if self.source_file is not None:
             if self.source_topic:
                 raise ConfigError("give --source-topic or --source-file, not both")
@@ -136,8 +180,6 @@ class ReplayConfig(KafkaSecurity, RangeSettings, FrozenConfig):
             raise ConfigError("--output-topic and --dlq-topic must differ from --source-topic")
         if self.rate < 0 or self.edge_margin_ms < 0:
             raise ConfigError("--rate and --edge-margin-ms must be >= 0")
-        if self.progress not in ("auto", "bar", "log", "none"):
-            raise ConfigError("--progress must be auto, bar, log or none")
 
     def default_backfill_id(self, model_sha256: str) -> str:
         """Same command (topic or file contents, range, output, model) -> same id -> resumes."""
@@ -168,8 +210,8 @@ def replay_worker(
     restart: bool = False,
     rate: float = 0.0,
     progress: Progress | None = None,
+    clients: Clients,
     clock: Clock = wall_ms,
-    clients: Clients | None = None,
 ) -> tuple[Worker, RangeSource]:
     """The worker with a replay's parts: the range source (checkpointed in the backfill's
     group), the window rule, and (``rate`` > 0) admission paced at ``rate`` events/s in
@@ -233,10 +275,10 @@ def _worker_config(config: ReplayConfig, backfill_id: str) -> WorkerConfig:
     )
 
 
-def resolve(config: ReplayConfig, consumer: KafkaConsumer) -> list[PartitionRange]:
+def resolve(config: ReplayConfig, inspector: Inspector) -> list[PartitionRange]:
     start, end = config.window()
     return resolve_ranges(
-        consumer,
+        inspector,
         config.source_topic,
         from_ms=start,
         to_ms=end,
@@ -245,22 +287,15 @@ def resolve(config: ReplayConfig, consumer: KafkaConsumer) -> list[PartitionRang
     )
 
 
-def _plan(config: ReplayConfig, backfill_id: str, ranges: list[PartitionRange]) -> dict[str, Any]:
+def _plan(
+    config: ReplayConfig,
+    backfill_id: str,
+    ranges: list[PartitionRange],
+    inspector: Inspector,
+) -> dict[str, Any]:
     start, end = config.window()
     group = BACKFILL_GROUP_PREFIX + backfill_id
-    checkpoint = KafkaConsumer(
-        bootstrap_servers=config.bootstrap_servers.split(","),
-        group_id=group,
-        enable_auto_commit=False,
-        **config.kafka_security(),
-    )
-    try:  # reads the checkpoint; joins nothing, commits nothing
-        saved = {
-            r.partition: committed(checkpoint, (config.source_topic, r.partition))[0]
-            for r in ranges
-        }
-    finally:
-        checkpoint.close(autocommit=False)
+    saved = inspector.committed(group, config.source_topic, [r.partition for r in ranges])
     return {
         "backfill_id": backfill_id,
         "group": group,
@@ -286,8 +321,18 @@ def _plan(config: ReplayConfig, backfill_id: str, ranges: list[PartitionRange]) 
     }
 
 
-def run_replay(config: ReplayConfig, stop: threading.Event | None = None) -> dict[str, Any]:
-    """Resolve the range, then predict it (or, with ``dry_run``, only say what it would read)."""
+def run_replay(
+    config: ReplayConfig,
+    stop: threading.Event | None = None,
+    clients: Clients | None = None,
+) -> dict[str, Any]:
+    """Resolve the range, then predict it (or, with ``dry_run``, only say what it would read).
+
+    ``clients``: the Kafka client factory (kafka-python by default)."""
+    if clients is None:
+        from worker.edge.kafka_python import KafkaPythonClients
+
+        clients = KafkaPythonClients()
     if config.source_file is not None:
         from worker.backfill.archive import restore_file
 
@@ -301,28 +346,23 @@ def run_replay(config: ReplayConfig, stop: threading.Event | None = None) -> dic
                 compression_type=config.compression_type,
             )
             return restored
-        return _score_archive(config, stop)
+        return _score_archive(config, stop, clients)
     if config.model is None:
         raise ConfigError("--model is required")
     from worker.contract.manifest import load_manifest
 
     manifest = load_manifest(config.model, verify=False)
     backfill_id = config.backfill_id or config.default_backfill_id(manifest.sha256)
-    consumer = KafkaConsumer(
-        bootstrap_servers=config.bootstrap_servers.split(","),
-        group_id=None,
-        # Exactly-once reads stop at the last stable offset: resolve the ends the same way.
-        isolation_level=(
-            "read_committed" if config.guarantee == "exactly-once" else "read_uncommitted"
-        ),
-        **config.kafka_security(),
+    # Exactly-once reads stop at the last stable offset: resolve the ends the same way.
+    inspector = clients.inspector(
+        config.bootstrap_servers, config, read_committed=config.guarantee == "exactly-once"
     )
     try:
-        ranges = resolve(config, consumer)
-        plan = _plan(config, backfill_id, ranges)
-        partitions = len(consumer.partitions_for_topic(config.source_topic) or ())
+        ranges = resolve(config, inspector)
+        plan = _plan(config, backfill_id, ranges, inspector)
+        partitions = len(inspector.partitions(config.source_topic))
     finally:
-        consumer.close()
+        inspector.close()
     if config.dry_run:
         plan["dry_run"] = True
         return plan
@@ -342,6 +382,7 @@ def run_replay(config: ReplayConfig, stop: threading.Event | None = None) -> dic
         restart=config.restart,
         rate=config.rate,
         progress=progress,
+        clients=clients,
     )
     log.info(
         "replay %s: %s -> %s, %d records in %d partitions (about %d events)%s",
@@ -395,7 +436,9 @@ def summarize(
     }
 
 
-def _score_archive(config: ReplayConfig, stop: threading.Event | None) -> dict[str, Any]:
+def _score_archive(
+    config: ReplayConfig, stop: threading.Event | None, clients: Clients
+) -> dict[str, Any]:
     """An archive, scored: restored once to a staging topic, replayed whole, cleaned up."""
     from worker.backfill.archive import iter_archive, restore_file
     from worker.contract.manifest import load_manifest
@@ -451,6 +494,7 @@ def _score_archive(config: ReplayConfig, stop: threading.Event | None) -> dict[s
             sasl_password_file=None,
         ),
         stop,
+        clients,
     )
     if stop is None or not stop.is_set():
         delete_topics(config.bootstrap_servers, [staging], security)

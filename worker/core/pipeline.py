@@ -124,7 +124,7 @@ class Worker:
         clock: Clock = wall_ms,
         metrics: WorkerMetrics | None = None,
         *,
-        clients: Clients | None = None,
+        clients: Clients,
         source: SourceFactory | None = None,
         events: EventFilter | None = None,
         admission: AdmissionFactory | None = None,
@@ -140,10 +140,6 @@ class Worker:
                 "--assembly-timeout-ms 0: incomplete events are held forever; if they fill "
                 "--max-pending-events the worker pauses and cannot resume"
             )
-        if clients is None:
-            from worker.edge.kafka_python import KafkaPythonClients
-
-            clients = KafkaPythonClients()
         self.config = config
         self.runner = runner
         self.clock = clock

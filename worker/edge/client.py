@@ -30,7 +30,7 @@ from worker.contract.errors import BrokerError
 from worker.contract.records import OutRecord, RawRecord
 
 if TYPE_CHECKING:
-    from worker.config import WorkerConfig
+    from worker.config import KafkaSecurity, WorkerConfig
 
 TP = tuple[str, int]
 Positions = Mapping[TP, tuple[int, str]]
@@ -121,10 +121,37 @@ class Producer(Protocol):
     def close(self, timeout_s: float) -> None: ...
 
 
+class Inspector(Protocol):
+    """Reads a topic's shape and a group's checkpoint without joining or moving anything
+    (a replay's and an archive's planning)."""
+
+    def partitions(self, topic: str) -> list[int]:
+        """The topic's partitions, sorted (empty if it does not exist)."""
+
+    def offset_bounds(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[int, int]]:
+        """Per partition: (first offset in the log, next offset to be written)."""
+
+    def offsets_for_time(
+        self, topic: str, partitions: Iterable[int], ms: int
+    ) -> dict[int, int | None]:
+        """Per partition: the first offset stamped at or after ``ms`` (None: none yet)."""
+
+    def committed(self, group: str, topic: str, partitions: Iterable[int]) -> dict[int, int | None]:
+        """The group's committed positions (None where it has none)."""
+
+    def close(self) -> None: ...
+
+
 class Clients(Protocol):
-    """The factory the worker is given: its consumer and its producer."""
+    """The factory the worker is given: its consumer and its producer (and, for the
+    planning of bounded runs, an inspector)."""
 
     def consumer(self, config: WorkerConfig) -> Consumer: ...
 
     def producer(self, config: WorkerConfig) -> Producer:
         """Transactional (``config.transactional_id``) when the guarantee is exactly-once."""
+
+    def inspector(
+        self, bootstrap_servers: str, security: KafkaSecurity, *, read_committed: bool = False
+    ) -> Inspector:
+        """``read_committed``: a partition's end is its last stable offset."""

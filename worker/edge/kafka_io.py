@@ -1,62 +1,28 @@
-"""Kafka at the edges: building clients and converting their records.
+"""kafka-python helpers of the edge: building the clients, topic administration, and
+reading a topic back (tools and tests).
 
-Everything that touches kafka-python lives here and in :mod:`worker.core.pipeline`;
-the stages in between are pure.
+The worker's loop reaches Kafka only through :mod:`worker.edge.client` (implemented in
+:mod:`worker.edge.kafka_python`, which builds its clients here).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, codec
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.structs import TopicPartition
 
 from worker.config import WorkerConfig, check_compression
 from worker.contract.errors import BrokerError, ConfigError
-from worker.contract.records import RawRecord, SourceRef
+from worker.contract.records import RawRecord
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Revocation:
-    """Partitions taken away from this consumer (revoked or lost)."""
-
-    partitions: frozenset[tuple[str, int]]
-
-
-class QueueingListener(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Forwards revocations to the poll loop (callbacks run on kafka-python's IO thread)."""
-
-    def __init__(self) -> None:
-        self.events: queue.SimpleQueue[Revocation] = queue.SimpleQueue()
-        self.assigned: set[tuple[str, int]] = set()
-        self.joined = False  # set at the first assignment, even an empty one
-
-    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        tps = frozenset((tp.topic, tp.partition) for tp in revoked)
-        if tps:
-            log.info("partitions revoked: %s", sorted(tps))
-            self.events.put(Revocation(tps))
-        self.assigned -= tps
-
-    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        tps = {(tp.topic, tp.partition) for tp in assigned}
-        log.info("partitions assigned: %s", sorted(tps))
-        self.assigned |= tps
-        self.joined = True
-
-    def on_partitions_lost(self, lost: Iterable[TopicPartition]) -> None:
-        self.on_partitions_revoked(lost)
 
 
 def make_consumer(config: WorkerConfig) -> KafkaConsumer:
@@ -141,34 +107,6 @@ def make_producer(
         )
     except KafkaError as exc:
         raise BrokerError(f"cannot connect producer to {bootstrap_servers}: {exc}") from exc
-
-
-def to_raw(record: Any) -> RawRecord:
-    """A kafka-python ``ConsumerRecord`` -> :class:`RawRecord`."""
-    return RawRecord(
-        source=SourceRef(record.topic, record.partition, record.offset, record.timestamp),
-        key=record.key,
-        value=record.value,
-        headers=tuple((k, v if v is not None else b"") for k, v in (record.headers or ())),
-    )
-
-
-def to_offsets(
-    positions: dict[tuple[str, int], tuple[int, str]],
-) -> dict[TopicPartition, OffsetAndMetadata]:
-    """(topic, partition) -> (next offset, metadata) as kafka-python wants them."""
-    return {
-        TopicPartition(topic, part): OffsetAndMetadata(pos, meta, -1)
-        for (topic, part), (pos, meta) in positions.items()
-    }
-
-
-def committed(consumer: KafkaConsumer, tp: tuple[str, int]) -> tuple[int | None, str]:
-    """The group's committed position and metadata of one partition."""
-    found = consumer.committed(TopicPartition(*tp), metadata=True)
-    if found is None:
-        return None, ""
-    return found.offset, found.metadata or ""
 
 
 def ensure_topics(
@@ -278,3 +216,40 @@ def delete_topics(
         log.warning("could not delete the topics %s: %r", topics, exc)
     finally:
         admin.close()
+
+
+def read_records(
+    bootstrap_servers: str,
+    topic: str,
+    until: Callable[[list[RawRecord]], bool],
+    timeout_s: float,
+    security: dict[str, Any] | None = None,
+    read_committed: bool = False,
+) -> list[RawRecord]:
+    """Read ``topic`` from the beginning (no group) until ``until(records)`` holds or
+    ``timeout_s`` passes; returns what was read."""
+    from worker.edge.kafka_python import to_raw
+
+    try:
+        consumer = KafkaConsumer(
+            topic,
+            bootstrap_servers=bootstrap_servers.split(","),
+            group_id=None,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            isolation_level="read_committed" if read_committed else "read_uncommitted",
+            **(security or {}),
+        )
+    except KafkaError as exc:
+        raise BrokerError.wrap(f"cannot read {topic}", exc) from exc
+    out: list[RawRecord] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not until(out) and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                out.extend(to_raw(r) for r in records)
+    except KafkaError as exc:
+        raise BrokerError.wrap(f"cannot read {topic}", exc) from exc
+    finally:
+        consumer.close()
+    return out

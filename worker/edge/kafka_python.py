@@ -24,7 +24,7 @@ from worker.edge.client import TP, CommitFailed, Positions
 from worker.edge.kafka_io import make_consumer, make_producer
 
 if TYPE_CHECKING:
-    from worker.config import WorkerConfig
+    from worker.config import KafkaSecurity, WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def broker_error(what: str, exc: KafkaError) -> BrokerError:
         return CommitFailed(
             f"{what}: {exc!r}", rebalancing=isinstance(exc, RebalanceInProgressError)
         )
-    return BrokerError(f"{what}: {exc!r}", retriable=bool(getattr(exc, "retriable", True)))
+    return BrokerError.wrap(what, exc)
 
 
 def _wrapped(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
@@ -252,11 +252,66 @@ class KafkaPythonProducer:
             log.warning("closing the producer failed: %r", exc)
 
 
+class KafkaPythonInspector:
+    """:class:`~worker.edge.client.Inspector` over group-less ``KafkaConsumer``s."""
+
+    def __init__(
+        self, bootstrap_servers: str, security: KafkaSecurity, read_committed: bool
+    ) -> None:
+        self._kwargs: dict[str, Any] = {
+            "bootstrap_servers": bootstrap_servers.split(","),
+            **security.kafka_security(),
+        }
+        try:
+            self._c = KafkaConsumer(
+                group_id=None,
+                isolation_level="read_committed" if read_committed else "read_uncommitted",
+                **self._kwargs,
+            )
+        except KafkaError as exc:
+            raise broker_error(f"cannot connect to {bootstrap_servers}", exc) from exc
+
+    @_wrapped("cannot read topic metadata")
+    def partitions(self, topic: str) -> list[int]:
+        return sorted(self._c.partitions_for_topic(topic) or ())
+
+    @_wrapped("cannot read offsets")
+    def offset_bounds(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[int, int]]:
+        tps = [TopicPartition(topic, p) for p in partitions]
+        first, nxt = self._c.beginning_offsets(tps), self._c.end_offsets(tps)
+        return {tp.partition: (first[tp], nxt[tp]) for tp in tps}
+
+    @_wrapped("cannot look up offsets by time")
+    def offsets_for_time(
+        self, topic: str, partitions: Iterable[int], ms: int
+    ) -> dict[int, int | None]:
+        tps = [TopicPartition(topic, p) for p in partitions]
+        found = self._c.offsets_for_times({tp: max(0, ms) for tp in tps})
+        return {tp.partition: (None if found.get(tp) is None else found[tp].offset) for tp in tps}
+
+    @_wrapped("cannot read the group's checkpoint")
+    def committed(self, group: str, topic: str, partitions: Iterable[int]) -> dict[int, int | None]:
+        reader = KafkaConsumer(group_id=group, enable_auto_commit=False, **self._kwargs)
+        try:  # reads the checkpoint; joins nothing, commits nothing
+            found = {p: reader.committed(TopicPartition(topic, p)) for p in partitions}
+        finally:
+            reader.close(autocommit=False)
+        return found
+
+    def close(self) -> None:
+        self._c.close()
+
+
 class KafkaPythonClients:
     """The default :class:`~worker.edge.client.Clients`: kafka-python."""
 
     def consumer(self, config: WorkerConfig) -> KafkaPythonConsumer:
         return KafkaPythonConsumer(make_consumer(config))
+
+    def inspector(
+        self, bootstrap_servers: str, security: KafkaSecurity, *, read_committed: bool = False
+    ) -> KafkaPythonInspector:
+        return KafkaPythonInspector(bootstrap_servers, security, read_committed)
 
     def producer(self, config: WorkerConfig) -> KafkaPythonProducer:
         extra: dict[str, Any] = dict(config.kafka_security())

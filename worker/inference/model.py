@@ -36,6 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from numpy.typing import NDArray
 
+from worker.config import DEVICES
 from worker.contract.errors import ConfigError, InferenceError, ModelError
 from worker.contract.manifest import MODEL_FILE, Manifest, load_manifest
 from worker.contract.preprocess import blank_input
@@ -43,7 +44,6 @@ from worker.contract.records import Event, Prediction, as_f32_list
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu", "cuda")
 #: cuDNN convolution algorithm search of the CUDA provider (ORT's own default is EXHAUSTIVE).
 CONV_ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 #: Batch buckets of the IO-binding path when none are given: powers of two up to 1024.

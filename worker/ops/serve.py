@@ -16,6 +16,7 @@ from typing import Any
 
 from worker.config import WorkerConfig
 from worker.core.pipeline import Worker, WorkerStats
+from worker.edge.kafka_python import KafkaPythonClients
 from worker.inference.model import ModelRunner
 from worker.ops.metrics import WorkerMetrics
 
@@ -60,7 +61,9 @@ def run_worker(
             config.intra_op_threads,
             max_batch_size=config.max_batch_size,
         )
-        worker = holder["worker"] = Worker(config, runner, metrics=metrics)
+        worker = holder["worker"] = Worker(
+            config, runner, metrics=metrics, clients=KafkaPythonClients()
+        )
         if on_ready is not None:
             on_ready(worker)
         return worker.run(stop or threading.Event())

@@ -54,10 +54,11 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from numpy.typing import NDArray
 
-from worker.config import FrozenConfig, WorkerConfig
+from worker.config import CONTENTS, FrozenConfig, WorkerConfig, setting, setting_from
 from worker.contract.errors import BrokerError, ConfigError, MMStreamError
 from worker.core.pipeline import Worker, WorkerStats
 from worker.edge.kafka_io import count_records, delete_topics, ensure_topics
+from worker.edge.kafka_python import KafkaPythonClients
 from worker.inference.model import ModelRunner
 from worker.inference.rawort import bench_ort
 from worker.tools.demo import read_predictions
@@ -72,26 +73,47 @@ LOG_APPEND_TIME = {"message.timestamp.type": "LogAppendTime"}
 class BenchConfig(FrozenConfig):
     """Settings of ``mmstream bench``; see ``mmstream bench --help``."""
 
-    bootstrap_servers: str
-    model: Path
-    out: Path = Path(".cache/bench")
-    events: int = 3000
-    batch_sizes: str = "1,8,32,128"
-    content: str = "npy"
-    device: str = "auto"
-    partitions: int = 3
-    open_loop_fraction: float = 0.5
-    seconds_per_ort_point: float = 2.0
-    max_batch_size: int = 32
-    max_batch_delay_ms: int = 10
-    inference_queue: int = -1
-    processes: int = 1
-    seed: int = 11
-    timeout_s: float = 600.0
-    profile: bool = False
-    keep_topics: bool = False
+    bootstrap_servers: str = setting(help="Kafka bootstrap servers")
+    model: Path = setting(help="model directory")
+    out: Path = setting(Path(".cache/bench"), help="writes bench.{json,md,png} here")
+    events: int = setting(3000, help="events per worker run")
+    batch_sizes: str = setting(
+        "1,8,32,128",
+        help="raw-ORT batch sizes, comma-separated (--max-batch-size is always added)",
+    )
+    content: str = setting("npy", choices=CONTENTS, help="part encoding")
+    device: str = setting_from(WorkerConfig, "device", help="ORT device")
+    partitions: int = setting(3, help="partitions of the bench topics")
+    open_loop_fraction: float = setting(
+        0.5, help="open-loop rate as a share of the measured end-to-end events/s"
+    )
+    seconds_per_ort_point: float = setting(2.0, help="time spent per raw-ORT batch size")
+    max_batch_size: int = setting_from(
+        WorkerConfig, "max_batch_size", help="the worker's max batch size"
+    )
+    max_batch_delay_ms: int = setting_from(
+        WorkerConfig, "max_batch_delay_ms", help="the worker's max batch delay"
+    )
+    inference_queue: int = setting_from(
+        WorkerConfig,
+        "inference_queue",
+        help="the worker's --inference-queue (-1 = auto, 0 = infer on the poll thread)",
+    )
+    processes: int = setting_from(
+        WorkerConfig,
+        "processes",
+        help="worker processes in the end-to-end and open-loop runs (mmstream worker "
+        "--processes N; at most --partitions)",
+    )
+    seed: int = setting(11, help="random seed of the produced events")
+    timeout_s: float = setting(600.0, help="give up a run after this long")
+    profile: bool = setting(
+        False, help="also run the pre-produced run under cProfile (writes profile.txt)"
+    )
+    keep_topics: bool = setting(False, help="keep the bench topics (default: deleted)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # every setting's choices
         object.__setattr__(self, "model", Path(self.model))
         object.__setattr__(self, "out", Path(self.out))
         if self.events <= 0 or self.partitions <= 0 or self.max_batch_size <= 0:
@@ -102,10 +124,6 @@ class BenchConfig(FrozenConfig):
             raise ConfigError("--inference-queue must be -1 (auto) or >= 0")
         if self.max_batch_delay_ms < 0:
             raise ConfigError("--max-batch-delay-ms must be >= 0")
-        if self.content not in ("npy", "raw"):
-            raise ConfigError(f"--content must be npy or raw, not {self.content!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"--device must be auto, cpu or cuda, not {self.device!r}")
         if not 0.0 < self.open_loop_fraction <= 1.0:
             raise ConfigError("--open-loop-fraction must be within (0, 1]")
         if self.seconds_per_ort_point <= 0 or self.timeout_s <= 0:
@@ -570,7 +588,11 @@ def profile_end_to_end(
     config: BenchConfig, runner: ModelRunner, topic_in: str, topic_out: str, top: int = 25
 ) -> str:
     """The pre-produced run again under cProfile (the worker thread only); pstats text."""
-    worker = Worker(_worker_config(config, "prof", topic_in, topic_out, config.events), runner)
+    worker = Worker(
+        _worker_config(config, "prof", topic_in, topic_out, config.events),
+        runner,
+        clients=KafkaPythonClients(),
+    )
     prof = cProfile.Profile()
     wt = _WorkerThread(worker, prof)
     wt.start()

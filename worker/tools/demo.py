@@ -15,19 +15,19 @@ import logging
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kafka import KafkaConsumer
 
-from worker.config import FrozenConfig, WorkerConfig
+from worker.config import CONTENTS, FrozenConfig, WorkerConfig, setting, setting_from
 from worker.contract.errors import BrokerError, ConfigError, MMStreamError
+from worker.contract.records import RawRecord
 from worker.core.pipeline import Worker, WorkerStats
-from worker.edge.kafka_io import ensure_topics
+from worker.edge.kafka_io import ensure_topics, read_records
+from worker.edge.kafka_python import KafkaPythonClients
 from worker.inference.model import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -37,17 +37,18 @@ log = logging.getLogger(__name__)
 class DemoConfig(FrozenConfig):
     """Settings of ``mmstream demo``; see ``mmstream demo --help``."""
 
-    bootstrap_servers: str
-    model: Path
-    count: int = 400
-    rate: float = 300.0
-    content: str = "raw"
-    partitions: int = 3
-    seed: int = 7
-    device: str = "auto"
-    timeout_s: float = 120.0
+    bootstrap_servers: str = setting("127.0.0.1:9092", help="Kafka bootstrap servers")
+    model: Path = setting(Path(".cache/reference-onnx"), help="model directory")
+    count: int = setting(400, help="events to produce")
+    rate: float = setting(300.0, help="events/s produced (0 = burst)")
+    content: str = setting("raw", choices=CONTENTS, help="part encoding")
+    partitions: int = setting(3, help="partitions of the demo topics")
+    seed: int = setting(7, help="random seed")
+    device: str = setting_from(WorkerConfig, "device", help="ORT device")
+    timeout_s: float = setting(120.0, help="give up after this long")
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # every setting's choices
         if self.count <= 0 or self.partitions <= 0 or self.timeout_s <= 0:
             raise ConfigError("--count, --partitions and --timeout-s must be > 0")
 
@@ -57,25 +58,17 @@ def read_predictions(
 ) -> list[tuple[dict[str, Any], int]]:
     """Read predictions (value, record timestamp) from ``topic`` until ``expected``
     distinct events have one (duplicates, which at-least-once allows, are returned too)."""
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap_servers.split(","),
-        group_id=None,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
     out: list[tuple[dict[str, Any], int]] = []
     seen: set[str] = set()
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(seen) < expected and time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=500).values():
-                for r in records:
-                    value = json.loads(r.value)
-                    seen.add(value["event_id"])
-                    out.append((value, r.timestamp))
-    finally:
-        consumer.close()
+
+    def enough(records: list[RawRecord]) -> bool:
+        for r in records[len(out) :]:
+            value = json.loads(r.value or b"{}")
+            seen.add(value["event_id"])
+            out.append((value, r.source.timestamp_ms))
+        return len(seen) >= expected
+
+    read_records(bootstrap_servers, topic, enough, timeout_s)
     return out
 
 
@@ -119,7 +112,9 @@ def run_demo(config: DemoConfig, workdir: Path) -> dict[str, Any]:
         device=config.device,
         max_events=config.count,
     )
-    worker = Worker(wcfg, ModelRunner.load(config.model, config.device))
+    worker = Worker(
+        wcfg, ModelRunner.load(config.model, config.device), clients=KafkaPythonClients()
+    )
     stop = threading.Event()
     result: dict[str, Any] = {}
 

@@ -34,7 +34,7 @@ import numpy as np
 from kafka.errors import KafkaError
 from PIL import Image
 
-from worker.config import FrozenConfig, check_compression
+from worker.config import CONTENTS, FrozenConfig, compression_setting, setting
 from worker.contract.errors import BrokerError, ConfigError, Reason
 from worker.contract.manifest import InputInfo, Manifest, load_manifest
 from worker.contract.records import (
@@ -77,32 +77,50 @@ _FAULT_STREAM = 0xFA17
 class ProduceConfig(FrozenConfig):
     """Settings of ``mmstream produce``; see ``mmstream produce --help``."""
 
-    bootstrap_servers: str
-    topic: str
-    count: int = 300
-    rate: float = 0.0
-    content: str = "raw"
-    model: Path | None = None
-    seed: int = 0
-    corrupt_p: float = 0.0
-    missing_fraction: float = 0.0
-    poison_fraction: float = 0.0
-    shuffle_window: int = 16
-    labels_out: Path | None = None
-    key_prefix: str = ""
-    client_id: str = "mmstream-produce"
-    compression_type: str = "none"
+    bootstrap_servers: str = setting(help="Kafka bootstrap servers")
+    topic: str = setting(help="input topic to write parts to")
+    count: int = setting(300, help="events to produce")
+    rate: float = setting(0.0, help="events/s (0 = as fast as possible)")
+    content: str = setting(
+        "raw", choices=CONTENTS, help="raw media (PNG, text, WAV) or the model's tensors as .npy"
+    )
+    model: Path | None = setting(None, help="model directory (needed for npy)")
+    seed: int = setting(0, help="random seed (same seed, same events)")
+    corrupt_p: float = setting(
+        0.0, help="probability that each modality of an event is replaced by noise"
+    )
+    missing_fraction: float = setting(
+        0.0,
+        help="share of events (0..1) that never send one of their parts; the events and the "
+        "part are chosen by --seed (the worker sees them incomplete)",
+    )
+    poison_fraction: float = setting(
+        0.0,
+        help="share of events (0..1; not the missing ones: the two fractions add up to <= 1) "
+        "that send one bad record in place of a good part, cycling over: no key "
+        "(missing_key), unknown mm-modality (unknown_modality), unsupported content-type "
+        "(unsupported_content_type), undecodable bytes (decode_error), wrong npy shape "
+        "(shape_mismatch); the bad record is dead-lettered with that reason and the event "
+        "also ends incomplete",
+    )
+    shuffle_window: int = setting(16, help="parts are shuffled within windows of this many events")
+    labels_out: Path | None = setting(
+        None,
+        help="write one JSON line per event here: event_id, label, and what was done to it "
+        '("missing": PART or "poison": REASON, "poison_part": PART)',
+    )
+    key_prefix: str = setting("", help="event id prefix (default ev-<seed>-)")
+    client_id: str = setting("mmstream-produce", help="Kafka client id")
+    compression_type: str = compression_setting("the parts written")
 
     def __post_init__(self) -> None:
-        check_compression(self.compression_type)
+        super().__post_init__()  # every setting's choices
         if self.count <= 0:
             raise ConfigError("--count must be > 0")
         if self.rate < 0:
             raise ConfigError("--rate must be >= 0 (0 = as fast as possible)")
         if self.seed < 0:
             raise ConfigError("--seed must be >= 0")
-        if self.content not in ("raw", "npy"):
-            raise ConfigError("--content must be raw or npy")
         if self.content == "npy" and self.model is None:
             raise ConfigError("--content npy needs --model (the tensors follow its manifest)")
         for name in ("corrupt_p", "missing_fraction", "poison_fraction"):
