@@ -286,3 +286,19 @@ def npy_part(
     value = npy_bytes(np.full(shape, fill, dtype=dtype))
     headers = (("mm-modality", name.encode()), ("content-type", b"application/x-npy"))
     return broker.append(topic, partition, event_id.encode(), value, headers, ts)
+
+
+def spy_on_pacing(monkeypatch: Any) -> list[float]:
+    """Record the rate of every :meth:`Pacer.pace` call (the pacing still happens), so a
+    test checks that a command paces at its rate without timing it."""
+    from worker.core.pacing import Pacer
+
+    rates: list[float] = []
+    real = Pacer.pace
+
+    def pace(self: Pacer, n: float = 1.0, sleep: Any = None) -> None:
+        rates.append(self.rate)
+        real(self, n) if sleep is None else real(self, n, sleep)
+
+    monkeypatch.setattr(Pacer, "pace", pace)
+    return rates

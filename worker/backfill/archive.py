@@ -100,6 +100,7 @@ from worker.config import (
     setting_from,
 )
 from worker.contract.errors import BrokerError, ConfigError, os_error
+from worker.core.pacing import Pacer
 from worker.edge.kafka_io import make_producer
 
 log = logging.getLogger(__name__)
@@ -621,7 +622,8 @@ def restore_file(
         key_serializer=_KeySerializer(),
         **(security or {}),
     )
-    interval = 1.0 / rate if rate > 0 else 0.0
+    # Bursts of up to 100 ms of records only to catch up after a slow send.
+    pacer = Pacer(rate, burst=max(1.0, rate / 10)) if rate > 0 else None
     started = time.monotonic()
     sent = sent_bytes = null_headers = 0
     try:
@@ -629,10 +631,8 @@ def restore_file(
             for lineno, record in lines:
                 if acks.failed:
                     break  # stop at the first failure: later records would land out of order
-                if interval:
-                    delay = started + sent * interval - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
+                if pacer is not None:
+                    pacer.pace()
                 headers = []
                 for name, value in record.headers:
                     if value is None:

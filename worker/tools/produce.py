@@ -44,6 +44,7 @@ from worker.contract.records import (
     HEADER_MODALITY,
 )
 from worker.contract.reference_data import SAMPLE_RATE, Sample, sample_tensors, samples
+from worker.core.pacing import Pacer
 from worker.edge.kafka_io import make_producer
 
 log = logging.getLogger(__name__)
@@ -405,17 +406,16 @@ def produce(config: ProduceConfig) -> dict[str, Any]:
         config.topic,
         f"{config.rate:g} events/s" if config.rate > 0 else "full speed",
     )
-    # Paced in events/s: records go out evenly at rate x (records per event on average).
-    interval = config.count / (config.rate * len(plan.records)) if config.rate > 0 else 0.0
+    per_s = config.rate * len(plan.records) / config.count if config.rate > 0 else 0.0
+    # Bursts of up to 100 ms of records only to catch up after a slow send.
+    pacer = Pacer(per_s, burst=max(1.0, per_s / 10)) if per_s > 0 else None
     start = time.monotonic()
     sent = 0
     futures = []
     try:
         for rec in plan.records:
-            if interval:
-                delay = start + sent * interval - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
+            if pacer is not None:
+                pacer.pace()
             headers = [
                 *rec.headers(),
                 (HEADER_EVENT_TIME, str(time.time_ns() // 1_000_000).encode()),
