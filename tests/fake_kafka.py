@@ -45,6 +45,18 @@ class FakeBroker:
     fail_next_send: BaseException | None = None
     fail_next_commit: BrokerError | None = None
     transactions: list[str] = field(default_factory=list)  # "committed" / "aborted"
+    #: True: deliveries wait in ``held`` until :meth:`release` (a frozen output broker)
+    hold_acks: bool = False
+    held: list[tuple[OutRecord, Callable[[], None]]] = field(default_factory=list)
+
+    def release(self) -> None:
+        """The broker thaws: write and acknowledge what it held, hold nothing more."""
+        self.hold_acks = False
+        held, self.held = self.held, []
+        for record, on_ack in held:
+            self.create(record.topic, 1)
+            self.append(record.topic, 0, record.key, record.value, record.headers)
+            on_ack()
 
     def create(self, topic: str, partitions: int) -> None:
         self.logs.setdefault(topic, [[] for _ in range(partitions)])
@@ -196,6 +208,9 @@ class FakeProducer:
             if self._txn is None:
                 raise BrokerError("send outside a transaction")
             self._txn.append((record, on_ack))
+            return
+        if self.broker.hold_acks:
+            self.broker.held.append((record, on_ack))
             return
         self._write(record)
         on_ack()

@@ -242,6 +242,35 @@ def test_backpressure_pauses_at_the_bound_and_resumes_below_it() -> None:
     assert worker.stats.incomplete >= 30
 
 
+def test_unacknowledged_outputs_count_in_the_bounds_and_hold_fetching_and_inference() -> None:
+    broker = new_broker(1)
+    for i in range(30):
+        put_event(broker, f"ev-{i:02d}")
+    broker.hold_acks = True  # the output broker freezes
+    worker = Worker(
+        config(max_pending_events=8, max_events=30), runner(), broker.clock,
+        clients=FakeClients(broker),
+    )  # fmt: skip
+    worker.source.join()
+    for _ in range(300):
+        worker._step()
+    # At the bound: up to 8 outputs in flight (the next batch of up to 4 would pass it),
+    # fetching paused, no more batches inferred, and nothing of it committed.
+    assert 8 - 4 < worker.in_flight.records <= 8 and worker.in_flight.nbytes > 0
+    assert worker.consumer.paused() == {(IN, 0)}
+    assert worker.stats.consumed < 90 and broker.records(OUT) == []
+    assert broker.committed.get("g", {}).get((IN, 0), (0, ""))[0] == 0
+    broker.release()  # it thaws: everything flows again, nothing lost
+    for _ in range(2000):
+        worker._step()
+        if worker.stats.predicted >= 30:
+            break
+    worker._drain()
+    assert sorted(predicted_ids(broker)) == [f"ev-{i:02d}" for i in range(30)]
+    assert worker.in_flight.records == 0 and worker.in_flight.nbytes == 0
+    assert broker.committed["g"][(IN, 0)] == (90, "")
+
+
 # ------------------------------------------------------------------ replay, composed
 
 
@@ -400,6 +429,12 @@ def test_checkpoint_commits_only_owned_finished_work_and_reports_refusals() -> N
     assert cp.commit(100) is Commit.FAILED
     assert cp.commit(200) is Commit.COMMITTED and broker.committed["g"][(IN, 0)] == (3, "")
     assert cp.commit(300) is Commit.IDLE
+    # A broker outage is ridden through too: the commit fails, the next one goes.
+    cp.track(SourceRef(IN, 0, 3, 0))
+    cp.done([SourceRef(IN, 0, 3, 0)])
+    broker.fail_next_commit = BrokerError("commit failed: KafkaConnectionError: ECONNREFUSED")
+    assert cp.commit(400) is Commit.FAILED and broker.committed["g"][(IN, 0)] == (3, "")
+    assert cp.commit(500) is Commit.COMMITTED and broker.committed["g"][(IN, 0)] == (4, "")
 
 
 def test_checkpoint_abort_bumps_the_generation_and_forgets_offsets() -> None:

@@ -108,9 +108,11 @@ class Checkpoint:
             return Commit.IDLE
         try:
             self.consumer.commit(positions)
-        except CommitFailed as exc:
-            # Expected while a rebalance is in progress; anything else is worth a warning.
-            level = logging.DEBUG if exc.rebalancing else logging.WARNING
+        except BrokerError as exc:
+            # Refused during a rebalance (expected), or the broker is away (an outage the
+            # worker rides through): the next interval commits again. Nothing is lost.
+            rebalancing = isinstance(exc, CommitFailed) and exc.rebalancing
+            level = logging.DEBUG if rebalancing else logging.WARNING
             log.log(level, "commit of %s failed (will retry): %s", positions, exc)
             return Commit.FAILED
         self.tracker.mark_committed(positions)

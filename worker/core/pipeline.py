@@ -64,6 +64,7 @@ from worker.core.checkpoint import Checkpoint, Commit
 from worker.core.deadletter import dead_letter
 from worker.core.decode import Limits, decode_record
 from worker.core.filters import EventFilter, Everything
+from worker.core.inflight import InFlight
 from worker.core.poison import PoisonBudget
 from worker.core.sensors import (
     Gauges,
@@ -157,6 +158,7 @@ class Worker:
         self.assembler = Assembler(runner.required_inputs)
         self.batcher = Batcher(config.max_batch_size, config.max_batch_delay_ms)
         self.backpressure = Backpressure(config.max_pending_events, config.max_pending_bytes)
+        self.in_flight = InFlight()  # outputs sent, not yet acknowledged: held too
         self.poison = PoisonBudget()
         self.events = events or Everything()
         self.consumer = clients.consumer(config)
@@ -211,7 +213,10 @@ class Worker:
     def _step(self) -> None:
         self.sensor.beat(time.time())
         self.stage.check()
-        pressure = self.backpressure.decide(self._pending_events(), self.assembler.pending_bytes)
+        pressure = self.backpressure.decide(
+            self._pending_events() + self.in_flight.records,
+            self.assembler.pending_bytes + self.in_flight.nbytes,
+        )
         if pressure.pause:
             self.consumer.pause(self.consumer.assignment())  # also newly assigned ones
         elif pressure.resume:
@@ -229,7 +234,7 @@ class Worker:
                 self._consume(raw)
         self.source.after_poll()
         self._expire()
-        while self.batcher.ready(self.clock()) and self.admission.admits(self._next_batch()):
+        while self.batcher.ready(self.clock()) and self._may_submit(self._next_batch()):
             self._submit(self.batcher.take())
         self._settle()
         self._maybe_commit(force=False)
@@ -260,12 +265,21 @@ class Worker:
     def _next_batch(self) -> int:
         return min(len(self.batcher), self.batcher.max_size)
 
+    def _may_submit(self, events: int) -> bool:
+        """Admission says yes, and the outputs in flight leave room for this batch's (a
+        batch still goes when nothing is in flight, so a bound below a batch cannot stall)."""
+        c, held = self.config, self.in_flight
+        full = held.records > 0 and (
+            held.records + events > c.max_pending_events or held.nbytes >= c.max_pending_bytes
+        )
+        return not full and self.admission.admits(events)
+
     def _poll_timeout_ms(self) -> int:
         """Never past the next batch deadline (at most 100 ms), so partial batches leave on
         time; a ready batch that may not go yet waits as long as admission says."""
         wait = self.batcher.wait_ms(self.clock())
         timeout = 100 if wait is None else min(wait, 100)
-        if timeout == 0 and not self.admission.admits(self._next_batch()):
+        if timeout == 0 and not self._may_submit(self._next_batch()):
             timeout = self.admission.wait_ms(self._next_batch())
         return timeout
 
@@ -395,11 +409,23 @@ class Worker:
         self.checkpoint.sending()
         gen = self.checkpoint.generation
         ack = _Ack(kind, sources, last_part_ms, gen)
-        self.producer.send(
-            record,
-            on_ack=lambda: self._acks.put(ack),
-            on_error=lambda exc: self._failures.put((gen, exc)),
-        )
+        nbytes = record.nbytes
+        held = self.in_flight
+
+        def acked() -> None:
+            held.settled(gen, nbytes)
+            self._acks.put(ack)
+
+        def failed(exc: BaseException) -> None:
+            held.settled(gen, nbytes)
+            self._failures.put((gen, exc))
+
+        held.sent(gen, nbytes)
+        try:
+            self.producer.send(record, on_ack=acked, on_error=failed)
+        except BaseException:
+            held.settled(gen, nbytes)
+            raise
         if self.eos:  # committed atomically with the offsets, or aborted with them
             self._done_q.put((gen, sources))
 
@@ -466,6 +492,7 @@ class Worker:
         """Exactly-once: abort the open transaction and re-read from the checkpoints."""
         self.stage.wait_idle()  # its sends belong to the transaction being aborted
         self.checkpoint.abort()
+        self.in_flight.reset(self.checkpoint.generation)
         self.outcomes.discard()
         self.sensor.transaction("aborted")
         self.assembler.clear()
@@ -499,6 +526,7 @@ class Worker:
     # ------------------------------------------------------------------ gauges
 
     def _pending_events(self) -> int:
+        """Events held: waiting for parts, a batch or inference."""
         return len(self.assembler) + len(self.batcher) + self.stage.pending_items
 
     def _observe_gauges(self) -> None:
@@ -506,6 +534,8 @@ class Worker:
             Gauges(
                 pending_events=self._pending_events(),
                 pending_bytes=self.assembler.pending_bytes,
+                unacked_outputs=self.in_flight.records,
+                unacked_output_bytes=self.in_flight.nbytes,
                 paused_partitions=len(self.consumer.paused()),
                 assigned_partitions=len(self.source.owned()),
                 uncommitted_records=self.checkpoint.uncommitted(),

@@ -28,6 +28,8 @@ class Gauges:
 
     pending_events: int
     pending_bytes: int
+    unacked_outputs: int
+    unacked_output_bytes: int
     paused_partitions: int
     assigned_partitions: int
     uncommitted_records: int
@@ -243,6 +245,8 @@ class MetricsSensor:
     def gauges(self, g: Gauges) -> None:
         self.m.pending_events.set(g.pending_events)
         self.m.pending_bytes.set(g.pending_bytes)
+        self.m.unacked_outputs.set(g.unacked_outputs)
+        self.m.unacked_output_bytes.set(g.unacked_output_bytes)
         self.m.paused_partitions.set(g.paused_partitions)
         self.m.assigned_partitions.set(g.assigned_partitions)
         self.m.uncommitted_records.set(g.uncommitted_records)

@@ -37,9 +37,14 @@ Assemble::
         Parts that arrived again for an input the event already had (the later
         one replaces the earlier; both offsets settle with the event).
     mmstream_pending_events                       gauge
-        Events held in memory: waiting for parts or for a batch.
+        Events held in memory: waiting for parts, a batch or inference.
     mmstream_pending_bytes                        gauge
         Payload bytes held by those pending events.
+    mmstream_unacked_outputs                      gauge
+        Predictions and dead letters sent and not yet acknowledged by the broker
+        (counted with the pending events against --max-pending-events).
+    mmstream_unacked_output_bytes                 gauge
+        Their bytes: key, value, headers (counted against --max-pending-bytes).
 
 Infer::
 
@@ -206,6 +211,18 @@ class WorkerMetrics:
         self.pending_bytes = Gauge(
             "mmstream_pending_bytes",
             "Payload bytes held by pending events",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.unacked_outputs = Gauge(
+            "mmstream_unacked_outputs",
+            "Predictions and dead letters sent, not yet acknowledged by the broker",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.unacked_output_bytes = Gauge(
+            "mmstream_unacked_output_bytes",
+            "Bytes of the outputs sent, not yet acknowledged",
             registry=reg,
             multiprocess_mode="livesum",
         )
