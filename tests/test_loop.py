@@ -415,7 +415,7 @@ def test_checkpoint_commits_only_owned_finished_work_and_reports_refusals() -> N
     consumer, producer = clients.consumer(config()), clients.producer(config())
     cp = Checkpoint(
         consumer, producer, exactly_once=False, interval_ms=100,
-        owned=lambda: {(IN, 0)}, seed=consumer.committed,
+        owned=lambda: {(IN, 0)},
     )  # fmt: skip
     srcs = [SourceRef(IN, p, o, 0) for p in (0, 1) for o in range(3)]
     for s in srcs:
@@ -444,7 +444,7 @@ def test_checkpoint_abort_bumps_the_generation_and_forgets_offsets() -> None:
     consumer, producer = clients.consumer(eos), clients.producer(eos)
     cp = Checkpoint(
         consumer, producer, exactly_once=True, interval_ms=0,
-        owned=lambda: {(IN, 0)}, seed=consumer.committed,
+        owned=lambda: {(IN, 0)},
     )  # fmt: skip
     cp.track(SourceRef(IN, 0, 0, 0))
     cp.sending()
@@ -455,7 +455,7 @@ def test_checkpoint_abort_bumps_the_generation_and_forgets_offsets() -> None:
     broker.committed["g"] = {(IN, 0): (0, "mm1:1-2")}
     fresh = Checkpoint(
         consumer, producer, exactly_once=True, interval_ms=0,
-        owned=lambda: {(IN, 0)}, seed=consumer.committed,
+        owned=lambda: {(IN, 0)},
     )  # fmt: skip
     assert not fresh.track(SourceRef(IN, 0, 0, 0))
     assert fresh.track(SourceRef(IN, 0, 1, 0))  # finished before the restart: skipped

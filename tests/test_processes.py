@@ -9,7 +9,6 @@ both children, a stalled child and a SIGKILLed one on /healthz, and the exit.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
@@ -32,6 +31,7 @@ from worker.ops.processes import (
     Board,
     ChildReport,
     ChildView,
+    _environment,
     child_config,
     describe_exit,
     pool_health,
@@ -186,19 +186,6 @@ def _metrics_child(
     stop.wait(60)
 
 
-@contextlib.contextmanager
-def _environ(name: str, value: str) -> Iterator[None]:
-    before = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = before
-
-
 def test_metrics_of_the_processes_add_up(tmp_path: Path) -> None:
     ctx = mp.get_context("spawn")
     board = Board(ctx, 2)
@@ -210,7 +197,7 @@ def test_metrics_of_the_processes_add_up(tmp_path: Path) -> None:
         )
         for i in range(2)
     ]
-    with _environ(MULTIPROC_ENV, str(tmp_path)):  # as the launcher starts its children
+    with _environment(MULTIPROC_ENV, str(tmp_path)):  # as the launcher starts its children
         for p in procs:
             p.start()
     try:

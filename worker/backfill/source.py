@@ -75,9 +75,6 @@ class RangeSource:
     def owned(self) -> set[TP]:
         return set(self.ranges)
 
-    def seed(self, tp: TP) -> tuple[int | None, str]:
-        return self.consumer.committed(tp)
-
     def rewind(self) -> None:
         self.reached.clear()
         self.consumer.resume(self.consumer.paused())

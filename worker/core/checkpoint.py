@@ -53,14 +53,12 @@ class Checkpoint:
         exactly_once: bool,
         interval_ms: int,
         owned: Callable[[], set[TP]],
-        seed: Callable[[TP], tuple[int | None, str]],
     ) -> None:
         self.consumer = consumer
         self.producer = producer
         self.exactly_once = exactly_once
         self.interval_ms = interval_ms
         self._owned = owned
-        self._seed = seed
         self.tracker = OffsetTracker()
         self.generation = 0
         self.in_transaction = False
@@ -72,7 +70,8 @@ class Checkpoint:
         """A record was read; True if the last checkpoint says its work is done (skip it)."""
         tp = (src.topic, src.partition)
         if not self.tracker.known(tp):
-            self.tracker.seed(tp, *self._seed(tp))
+            # Where the source's group last committed (the live group, or a backfill's).
+            self.tracker.seed(tp, *self.consumer.committed(tp))
         self.tracker.track(tp, src.offset)
         if self.tracker.finished_before(tp, src.offset):
             self.tracker.done(tp, src.offset)

@@ -170,7 +170,6 @@ class Worker:
             exactly_once=self.eos,
             interval_ms=config.commit_interval_ms,
             owned=self.source.owned,
-            seed=self.source.seed,
         )
         self.stage: BatchStage[Event] = BatchStage(
             self._infer, inference_depth(config, runner.info.provider), name="mmstream-infer"

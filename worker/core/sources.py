@@ -32,9 +32,6 @@ class Source(Protocol):
     def owned(self) -> set[TP]:
         """Partitions whose positions this run may commit."""
 
-    def seed(self, tp: TP) -> tuple[int | None, str]:
-        """The committed position and metadata a partition's tracking starts from."""
-
     def rewind(self) -> None:
         """After an aborted transaction: every partition back to its checkpoint."""
 
@@ -80,9 +77,6 @@ class GroupSource:
 
     def owned(self) -> set[TP]:
         return self.consumer.owned()
-
-    def seed(self, tp: TP) -> tuple[int | None, str]:
-        return self.consumer.committed(tp)
 
     def rewind(self) -> None:
         for tp in self.consumer.assignment():
