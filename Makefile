@@ -12,7 +12,7 @@ MODEL_ONNX := .cache/reference-onnx$(MODEL_SUFFIX)
 # make bench: two worker processes (one per core here) over four partitions.
 BENCH_ARGS ?= --processes 2 --partitions 4
 
-.PHONY: help install lint test test-fast demo bench model kafka kafka-stop clean
+.PHONY: help install lint test test-fast demo bench soak model kafka kafka-stop clean
 help:
 	@echo "make demo        train+export the reference model (cached), start Kafka, run the demo"
 	@echo "make test        lint, type-check and run the full test suite (real Kafka broker)"
@@ -20,6 +20,8 @@ help:
 	@echo "make model       train and export the reference model only (IMAGE_SIZE=256 for the big one)"
 	@echo "make bench       benchmark raw ORT, raw consume and the worker (writes .cache/bench)"
 	@echo "                 e.g. make bench IMAGE_SIZE=256 BENCH_ARGS='--content raw --events 1500'"
+	@echo "make soak        20 min per guarantee on a 3-broker cluster, a fault a minute (not in CI)"
+	@echo "                 e.g. make soak SOAK_ARGS='--minutes 5 --guarantees exactly-once'"
 
 install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
@@ -52,6 +54,10 @@ demo: model kafka
 
 bench: model kafka
 	$(BIN)/mmstream bench --model $(MODEL_ONNX) --bootstrap-servers 127.0.0.1:$(KAFKA_PORT) $(BENCH_ARGS)
+
+# Not part of `make test`: about 45 minutes (two guarantees); the report goes to .cache/soak.
+soak: install
+	$(BIN)/python tests/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf .cache/reference-model .cache/reference-onnx .pytest_cache .mypy_cache .ruff_cache

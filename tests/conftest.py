@@ -1,14 +1,19 @@
-"""Shared fixtures: a real Kafka broker for the integration tests (see kafka_broker.py)."""
+"""Shared fixtures: a real Kafka broker for the integration tests (see kafka_broker.py) and a
+three-broker cluster for the failover tests (kafka_cluster.py)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from kafka_broker import bootstrap_servers, create_topic, wait_ready
+
+if TYPE_CHECKING:
+    from kafka_cluster import Cluster
 
 
 @pytest.fixture(autouse=True)
@@ -38,6 +43,20 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield bootstrap
     finally:
         stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Three brokers on loopback (deploy/local/kafka-cluster.sh), started at first use;
+    tests that kill nodes leave restarting them to the next user (``Cluster.start``)."""
+    from kafka_cluster import Cluster
+
+    cluster = Cluster(tmp_path_factory.mktemp("kafka-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

@@ -53,8 +53,11 @@ def raw(
     return RawRecord(source(offset), key, value, tuple(headers) + extra)
 
 
-def part(event_id: str, name: str, offset: int, partition: int = 0, value: Any = 0.0) -> Part:
-    return Part(event_id, name, np.array([value], dtype=np.float32), source(offset, partition))
+def part(
+    event_id: str, name: str, offset: int, partition: int = 0, value: Any = 0.0, ts: int = 1000
+) -> Part:
+    tensor = np.array([value], dtype=np.float32)
+    return Part(event_id, name, tensor, source(offset, partition, ts=ts))
 
 
 def event(event_id: str, partition: int = 0, offsets: tuple[int, ...] = (0,)) -> Event:

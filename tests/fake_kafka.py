@@ -147,6 +147,9 @@ class FakeConsumer:
     def paused(self) -> set[TP]:
         return set(self._paused)
 
+    def caught_up(self, tp: TP) -> bool:
+        return tp in self.positions and self.positions[tp] >= len(self.broker.logs[tp[0]][tp[1]])
+
     def seek(self, tp: TP, offset: int) -> None:
         self.positions[tp] = offset
 
@@ -188,6 +191,9 @@ class FakeProducer:
         self._txn: list[tuple[OutRecord, Callable[[], None]]] | None = None
         self._offsets: tuple[str, Positions] | None = None
         self.sent = 0
+        #: test control: a producer that lost its coordinator (commit and abort time out)
+        self.wedged = False
+        self.closed = False
 
     def _write(self, record: OutRecord) -> None:
         self.broker.create(record.topic, 1)
@@ -232,6 +238,8 @@ class FakeProducer:
     def commit_transaction(self) -> None:
         if self._txn is None:
             raise BrokerError("no open transaction")
+        if self.wedged:
+            raise BrokerError("committing the transaction: no answer", retriable=True)
         if self.broker.fail_next_commit is not None:
             exc, self.broker.fail_next_commit = self.broker.fail_next_commit, None
             raise exc
@@ -245,11 +253,13 @@ class FakeProducer:
         self.broker.transactions.append("committed")
 
     def abort_transaction(self) -> None:
+        if self.wedged:
+            raise BrokerError("aborting the transaction: no answer", retriable=True)
         self._txn, self._offsets = None, None
         self.broker.transactions.append("aborted")
 
     def close(self, timeout_s: float) -> None:
-        pass
+        self.closed = True
 
 
 class FakeClients:
@@ -258,6 +268,7 @@ class FakeClients:
     def __init__(self, broker: FakeBroker) -> None:
         self.broker = broker
         self.consumers: list[FakeConsumer] = []
+        self.producers: list[FakeProducer] = []
 
     def consumer(self, config: WorkerConfig) -> FakeConsumer:
         c = FakeConsumer(self.broker, config.group_id)
@@ -265,7 +276,9 @@ class FakeClients:
         return c
 
     def producer(self, config: WorkerConfig) -> FakeProducer:
-        return FakeProducer(self.broker, config.guarantee == "exactly-once")
+        p = FakeProducer(self.broker, config.guarantee == "exactly-once")
+        self.producers.append(p)
+        return p
 
 
 class FakeSession:

@@ -216,17 +216,51 @@ def test_uncommitted_counts_records_past_the_commit() -> None:
     assert t.uncommitted() == 3
 
 
-def test_expire_returns_only_events_past_the_timeout_oldest_first() -> None:
+def test_expire_goes_by_stream_time_per_partition_oldest_first() -> None:
     asm = Assembler(frozenset({"a", "b"}))
-    asm.add(part("old", "a", 0), now_ms=0)
-    asm.add(part("new", "a", 1), now_ms=500)
-    assert asm.pending_bytes > 0
-    assert asm.expire(now_ms=999, timeout_ms=1000) == []
-    expired = asm.expire(now_ms=1000, timeout_ms=1000)
+    asm.add(part("old", "a", 0, ts=0), now_ms=5_000)  # the worker's clock plays no part
+    asm.add(part("new", "a", 1, ts=500), now_ms=5_000)
+    asm.add(part("other", "a", 0, partition=1, ts=0), now_ms=5_000)
+    assert asm.pending_bytes > 0 and asm.partitions() == {0, 1}
+    assert asm.expire(0, stream_ms=999, timeout_ms=1000) == []
+    expired = asm.expire(0, stream_ms=1000, timeout_ms=1000)
     assert [e.event_id for e in expired] == ["old"] and expired[0].missing == ("b",)
-    assert len(asm) == 1
-    asm.expire(now_ms=1500, timeout_ms=1000)
+    assert expired[0].first_ts_ms == 0 and expired[0].first_seen_ms == 5_000
+    assert len(asm) == 2  # partition 1 has its own stream time
+    asm.expire(0, stream_ms=1500, timeout_ms=1000)
+    assert asm.partitions() == {1}
+    assert [e.event_id for e in asm.expire_all()] == ["other"]
     assert len(asm) == 0 and asm.pending_bytes == 0
+
+
+def test_evict_oldest_takes_the_oldest_first_part_of_any_partition() -> None:
+    asm = Assembler(frozenset({"a", "b"}))
+    asm.add(part("p0-late", "a", 0, partition=0, ts=300), now_ms=0)
+    asm.add(part("p1-early", "a", 0, partition=1, ts=100), now_ms=0)
+    asm.add(part("p1-late", "a", 1, partition=1, ts=400), now_ms=0)
+    evicted = [asm.evict_oldest() for _ in range(3)]
+    assert [e.event_id for e in evicted if e] == ["p1-early", "p0-late", "p1-late"]
+    assert asm.evict_oldest() is None and asm.pending_bytes == 0
+
+
+def test_stream_time_moves_with_records_and_with_the_wall_clock_only_when_idle() -> None:
+    from worker.core.streamtime import StreamTime
+
+    st = StreamTime()
+    assert st.time(0) == -1 and st.idle(0, now_ms=10) == -1  # nothing read there yet
+    assert st.observe(0, 1_000, now_ms=50_000) == 1_000
+    assert st.observe(0, 900, now_ms=50_000) == 1_000  # never goes back
+    st.busy(0)
+    assert st.time(0) == 1_000  # a stall (paused, behind, leader away) does not move it
+    assert st.idle(0, now_ms=60_000) == 1_000  # idle from now on
+    assert st.idle(0, now_ms=60_250) == 1_250
+    assert st.observe(0, 1_100, now_ms=60_300) == 1_250  # records end the idle spell
+    assert st.idle(0, now_ms=61_000) == 1_250
+    assert st.observe(1, -1, now_ms=7) == 7  # no timestamp: counts as written now
+    st.forget({0})
+    assert st.time(0) == -1 and st.time(1) == 7
+    st.clear()
+    assert st.time(1) == -1
 
 
 def test_runner_blanks_missing_inputs_of_an_incomplete_event() -> None:

@@ -103,9 +103,11 @@ def test_every_record_ends_up_in_exactly_one_place(
         if event is not None:
             assert set(event.parts) == asm.required
             placed.update(s.offset for s in event.sources)
-        for inc in asm.expire(now, timeout_ms):
+        for inc in asm.expire(rec.source.partition, now, timeout_ms):
             placed.update(p.source.offset for p in inc.all_parts)
-    for inc in asm.expire(now + timeout_ms, timeout_ms):
+        if now % 5 == 0 and (oldest := asm.evict_oldest()) is not None:
+            placed.update(p.source.offset for p in oldest.all_parts)
+    for inc in asm.expire_all():
         placed.update(p.source.offset for p in inc.all_parts)
     assert len(asm) == 0 and asm.pending_bytes == 0
     assert placed == Counter(r.source.offset for r in stream)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -236,10 +237,79 @@ def test_backpressure_pauses_at_the_bound_and_resumes_below_it() -> None:
         seen.append((worker._pending_events(), bool(worker.consumer.paused())))
     assert max(p for p, _ in seen) <= 10
     assert any(paused for _, paused in seen) and not seen[-1][1]
-    # Every record dead-lettered once; an event whose parts a pause split (wall-clock
-    # expiry) counts as two incomplete events.
-    assert worker.stats.dead_lettered == {"incomplete_event": 60}
-    assert worker.stats.incomplete >= 30
+    # Every record dead-lettered once: those the full bound pushed out as such, the rest
+    # (read once fetching resumed, then idle) when the wall clock moved the idle partition.
+    reasons = worker.stats.dead_lettered
+    assert sum(reasons.values()) == 60 and set(reasons) == {"evicted_at_bound", "incomplete_event"}
+    assert worker.stats.evicted == reasons["evicted_at_bound"] // 2
+    assert worker.stats.evicted + worker.stats.incomplete == 30
+
+
+def test_a_fetch_stall_longer_than_the_timeout_expires_nothing_whose_parts_are_in_the_log() -> None:
+    broker = new_broker(1)
+    for i in range(6):
+        put_event(broker, f"e{i}", ts=1_000 + i)  # all parts written within 6 ms
+    broker.clock.tick = 10_000  # but 10 s of wall clock pass on every read of it
+    worker = Worker(
+        config(assembly_timeout_ms=200, max_poll_records=1), runner(), broker.clock,
+        clients=FakeClients(broker),
+    )  # fmt: skip
+    worker.source.join()
+    for _ in range(4):  # part of the log read, then the partition paused (a stall)
+        worker._step()
+    worker.consumer.pause(worker.consumer.assignment())
+    for _ in range(50):
+        worker._step()
+    assert len(worker.assembler) == 1 and broker.records(DLQ) == []
+    worker.consumer.resume(worker.consumer.assignment())
+    run(worker, turns=200)
+    assert sorted(predicted_ids(broker)) == [f"e{i}" for i in range(6)]
+    assert broker.records(DLQ) == [] and worker.stats.incomplete == 0
+
+
+def test_an_event_expires_at_the_same_place_in_the_stream_however_fast_it_is_read() -> None:
+    # "late"'s audio comes 10 s of stream time after its first part: past the 5 s timeout,
+    # although the worker reads both within the same millisecond.
+    broker = new_broker(1)
+    put_event(broker, "late", skip=("audio",), ts=0)
+    put_event(broker, "in-time", ts=9_000)
+    put_event(broker, "late", skip=("image", "text"), ts=10_000)
+    worker = Worker(
+        config(assembly_timeout_ms=5_000), runner(), broker.clock, clients=FakeClients(broker)
+    )
+    run(worker, turns=50)
+    assert predicted_ids(broker) == ["in-time"]
+    dlq = broker.records(DLQ)
+    assert [dict(r.headers)["mm-error"] for r in dlq] == [b"incomplete_event"] * 2
+    assert [r.key for r in dlq] == [b"late", b"late"]
+    assert len(worker.assembler) == 1  # the late audio waits for its event's other parts
+
+
+@pytest.mark.parametrize(("bound", "predicted"), [(10, 0), (1000, 40)])
+def test_parts_farther_apart_than_the_bound_are_evicted_with_their_own_reason(
+    bound: int, predicted: int
+) -> None:
+    # One partition: every event's first part, then every second part, then every third.
+    broker = new_broker(1)
+    names = [i.name for i in small_manifest().inputs]
+    for name in names:
+        for i in range(40):
+            put_event(broker, f"e{i}", skip=tuple(n for n in names if n != name), ts=1_000)
+    worker = Worker(
+        config(max_pending_events=bound, assembly_timeout_ms=5_000, max_poll_records=8),
+        runner(), broker.clock, clients=FakeClients(broker),
+    )  # fmt: skip
+    run(worker, turns=400)
+    assert len(predicted_ids(broker)) == predicted
+    reasons = Counter(dict(r.headers)["mm-error"] for r in broker.records(DLQ))
+    assert broker.committed["g"][(IN, 0)] == (120, "")
+    if predicted:
+        assert reasons == {} and worker.stats.evicted == worker.stats.incomplete == 0
+        return
+    # Each event was seen as three fragments (one part each): the full bound pushed them
+    # out as they came; only the last few, left when the log ended, timed out (idle).
+    assert sum(reasons.values()) == 120 == worker.stats.evicted + worker.stats.incomplete
+    assert reasons[b"evicted_at_bound"] == worker.stats.evicted > 100
 
 
 def test_unacknowledged_outputs_count_in_the_bounds_and_hold_fetching_and_inference() -> None:
@@ -269,6 +339,138 @@ def test_unacknowledged_outputs_count_in_the_bounds_and_hold_fetching_and_infere
     assert sorted(predicted_ids(broker)) == [f"ev-{i:02d}" for i in range(30)]
     assert worker.in_flight.records == 0 and worker.in_flight.nbytes == 0
     assert broker.committed["g"][(IN, 0)] == (90, "")
+
+
+def test_large_dead_letters_waiting_for_acks_stay_within_the_byte_bound() -> None:
+    broker = new_broker(1)
+    big = 256 * 1024
+    for _ in range(40):  # 10 MiB of poison (no key), read in polls of up to 500 records
+        broker.append(IN, 0, None, bytes(big), (("mm-modality", b"text"),))
+    put_event(broker, "after")
+    broker.hold_acks = True  # the output broker freezes
+    worker = Worker(
+        config(max_pending_bytes=2 * 1024 * 1024), runner(), broker.clock,
+        clients=FakeClients(broker),
+    )  # fmt: skip
+    worker.source.join()
+    peak = 0
+    for _ in range(200):
+        worker._step()
+        peak = max(peak, worker.in_flight.nbytes + worker.assembler.pending_bytes)
+    # At most the bound plus the one record that crossed it (a dead letter is cut to 512 KiB).
+    assert 2 * 1024 * 1024 <= peak < 2 * 1024 * 1024 + 600 * 1024
+    assert worker.consumer.paused() == {(IN, 0)} and worker.stats.consumed < 40
+    broker.release()  # it thaws: the records put back are read again, nothing lost
+    for _ in range(2000):
+        worker._step()
+        if worker.stats.predicted:
+            break
+    worker._drain()
+    assert len(broker.records(DLQ)) == 40 and predicted_ids(broker) == ["after"]
+    assert broker.committed["g"][(IN, 0)] == (43, "")
+
+
+def test_a_worker_whose_outputs_are_never_acknowledged_stops_instead_of_waiting_silently() -> None:
+    broker = new_broker(1)
+    for i in range(6):
+        put_event(broker, f"ev-{i}")
+    broker.hold_acks = True  # the output broker is gone for good
+    broker.clock.tick = 50
+    worker = Worker(
+        config(progress_timeout_s=20), runner(), broker.clock, clients=FakeClients(broker)
+    )
+    worker.source.join()
+    with pytest.raises(BrokerError, match=r"no commit or transaction completed in 2\d s"):
+        for _ in range(10_000):
+            worker._step()
+    assert worker.watchdog.stalled_s(broker.clock.now_ms / 1000) > 20
+    # Nothing unacknowledged was committed.
+    assert broker.committed.get("g", {}).get((IN, 0), (0, "")) == (0, "")
+
+
+def test_a_producer_that_can_neither_commit_nor_abort_is_replaced_and_nothing_is_lost() -> None:
+    broker = new_broker(1)
+    for i in range(4):
+        put_event(broker, f"ev-{i}")
+    clients = FakeClients(broker)
+    worker = Worker(
+        config(guarantee="exactly-once", transactional_id="t", commit_interval_ms=1_000),
+        runner(), broker.clock, clients=clients,
+    )  # fmt: skip
+    worker.source.join()
+    broker.clock.tick = 1
+    worker._step()  # the first four, committed in the first transaction
+    for i in range(4, 8):
+        put_event(broker, f"ev-{i}")
+    worker._step()  # the next four, sent in a transaction that stays open for a second
+    assert worker.checkpoint.in_transaction and broker.transactions == ["committed"]
+    clients.producers[0].wedged = True  # it lost its coordinator: commit and abort time out
+    run(worker, turns=2000)
+    assert len(clients.producers) == 2 and clients.producers[0].closed
+    assert sorted(predicted_ids(broker)) == [f"ev-{i}" for i in range(8)]  # each once
+    assert broker.committed["g"][(IN, 0)][0] == 24
+    assert worker.stats.predicted == 8 and worker.stats.aborts == 1
+
+
+def test_a_fenced_producer_stops_the_worker_instead_of_fencing_the_new_one() -> None:
+    from worker.edge.client import Fenced
+
+    broker = new_broker(1)
+    put_event(broker, "ev")
+    clients = FakeClients(broker)
+    worker = Worker(
+        config(guarantee="exactly-once", transactional_id="t", commit_interval_ms=1_000),
+        runner(), broker.clock, clients=clients,
+    )  # fmt: skip
+    worker.source.join()
+    broker.clock.tick = 1
+    for _ in range(50):
+        worker._step()
+        if worker.checkpoint.in_transaction:
+            break
+    broker.fail_next_commit = Fenced("a newer producer with this transactional id is active")
+
+    def fenced_abort() -> None:
+        raise Fenced("a newer producer with this transactional id is active")
+
+    clients.producers[0].abort_transaction = fenced_abort  # type: ignore[method-assign]
+    with pytest.raises(Fenced):
+        for _ in range(100):
+            worker._step()
+    assert len(clients.producers) == 1 and broker.records(OUT) == []
+
+
+def test_healthz_fails_once_work_waits_past_the_progress_timeout() -> None:
+    from worker.ops.serve import _progress
+
+    broker = new_broker(1)
+    worker = Worker(
+        config(progress_timeout_s=30), runner(), broker.clock, clients=FakeClients(broker)
+    )
+    now_s = broker.clock.now_ms / 1000
+    assert _progress(None) == (True, "starting")
+    worker.watchdog.check(now_s - 29, lambda: True)
+    assert _progress(worker)[0] is True
+    worker.watchdog.progressed()
+    worker.watchdog.check(now_s - 31, lambda: True)
+    ok, reason = _progress(worker)
+    assert not ok and reason.startswith("no commit or transaction completed in 31 s")
+
+
+def test_watchdog_counts_only_while_work_waits_and_restarts_after_progress() -> None:
+    from worker.core.watchdog import Watchdog
+
+    dog, waiting = Watchdog(timeout_s=10, check_every_s=1), [False]
+    assert dog.check(0.0, lambda: waiting[0]) == 0.0  # idle: nothing to wait for
+    waiting[0] = True
+    assert dog.check(0.5, lambda: waiting[0]) == 0.0  # asked at most once a second
+    assert dog.check(1.0, lambda: waiting[0]) == 0.0  # waiting from now on
+    assert dog.check(11.5, lambda: waiting[0]) == 10.5 and dog.expired(11.5)
+    dog.progressed()  # a commit completed
+    assert dog.stalled_s(11.6) == 0.0 and not dog.expired(11.6)
+    assert dog.check(12.0, lambda: waiting[0]) == 0.0  # still waiting: a new count
+    waiting[0] = False
+    assert dog.check(30.0, lambda: waiting[0]) == 0.0
 
 
 # ------------------------------------------------------------------ replay, composed

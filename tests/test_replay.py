@@ -311,6 +311,58 @@ def test_a_paced_replay_predicts_every_event(
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_live_and_replay_time_events_out_at_the_same_place_in_the_stream(
+    kafka_bootstrap: str, topic_factory: Callable[..., str], tiny_model_dir: Path
+) -> None:
+    """Assembly runs in stream time: "split" has its first part 4 s of record time before
+    the rest, past the 2 s timeout, although every part is read within milliseconds; the
+    events between are whole. A wall-clock timeout would predict "split"."""
+    from test_worker_kafka import RunningWorker, make_config
+
+    src, live_out, live_dlq, out, dlq = (topic_factory(1) for _ in range(5))
+    t0 = HOUR_AGO
+    split = events(tiny_model_dir, "split", 1, t0, 0, seed=12)
+    whole = events(tiny_model_dir, "whole", 8, t0 + 1_000, 400, seed=13)
+    send_timed(kafka_bootstrap, src, split[:1] + whole + [(*r[:4], t0 + 4_000) for r in split[1:]])
+
+    live_cfg = make_config(
+        kafka_bootstrap, (src, live_out, live_dlq), tiny_model_dir, assembly_timeout_ms=2_000
+    )
+    with RunningWorker(live_cfg):
+        # The split event's first part times out as the stream passes it; its two later
+        # parts once the partition has been idle (read to its end) for the timeout.
+        live_dead = read_topic(kafka_bootstrap, live_dlq, lambda got: len(got) >= 3, 60)
+        live = read_topic(kafka_bootstrap, live_out, lambda got: len(got) >= 8, 30)
+    summary = run_replay(
+        config(
+            kafka_bootstrap, tiny_model_dir, src, out,
+            ranges="0:0-", dlq_topic=dlq, assembly_timeout_ms=2_000,
+        )
+    )  # fmt: skip
+    replay_dead = read_topic(kafka_bootstrap, dlq, lambda got: len(got) >= 3, 30)
+
+    def decided(preds: list[Any], dead: list[Any]) -> tuple[set[str], list[tuple[int, bytes]]]:
+        predicted = {json.loads(r.value)["event_id"] for r in preds}
+        reasons = sorted(
+            (int(dict(r.headers)["mm-source"].split(b"/")[-1]), dict(r.headers)["mm-error"])
+            for r in dead
+        )
+        return predicted, reasons
+
+    expected = (
+        {f"whole-{i:04d}" for i in range(8)},
+        [(0, b"incomplete_event"), (25, b"incomplete_event"), (26, b"incomplete_event")],
+    )
+    assert decided(live, live_dead) == expected
+    assert (
+        decided(read_topic(kafka_bootstrap, out, lambda got: len(got) >= 8, 30), replay_dead)
+        == expected
+    )
+    assert summary["events_predicted"] == 8 and summary["dead_lettered"] == {"incomplete_event": 3}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_an_archive_restored_by_replay_scores_like_the_original(
     kafka_bootstrap: str,
     topic_factory: Callable[..., str],

@@ -451,10 +451,8 @@ def test_incomplete_flood_is_bounded(
     ]
     flood = [r for chunk in interleave(bad, 16, 6) for r in chunk]
     good = [r for ev in factory.events(good_ids) for r in ev]  # parts of one event adjacent
-    # The complete events come once the flood is dead-lettered: sent together, an event
-    # whose first part is fetched just as the bound pauses fetching can expire before the
-    # rest is fetched (the assembly timeout is wall-clock; stream time is issue 11's), and
-    # the test would flake on that race instead of checking the bound.
+    # The complete events come once the flood is dead-lettered, so that the count of
+    # dead letters says when the flood is over.
     send_records(kafka_bootstrap, topics[0], flood)
 
     w = procs.start(
@@ -522,7 +520,11 @@ def test_incomplete_flood_is_bounded(
         reasons[headers.get("mm-error", "?")] = reasons.get(headers.get("mm-error", "?"), 0) + 1
         assert headers.get("mm-source", "").startswith(f"{topics[0]}/"), headers
         per_key[r.key.decode()] = per_key.get(r.key.decode(), 0) + 1
-    assert reasons == {"incomplete_event": 2 * n_bad}, f"dead-letter reasons: {reasons}"
+    # The flood is written within a second or two of stream time, so most of it fills the
+    # bound before its partition's stream time passes the timeout: those are pushed out
+    # as evicted_at_bound; the rest time out as incomplete_event. Nothing else.
+    assert set(reasons) <= {"incomplete_event", "evicted_at_bound"}, reasons
+    assert sum(reasons.values()) == 2 * n_bad, f"dead-letter reasons: {reasons}"
     bad_set = set(bad_ids)
     wrong = {k: c for k, c in per_key.items() if c != 2 or k not in bad_set}
     assert not wrong and len(per_key) == n_bad, (

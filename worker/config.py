@@ -398,8 +398,9 @@ class WorkerConfig(KafkaSecurity, FrozenConfig):
     )
     assembly_timeout_ms: int = setting(
         30_000,
-        help="an event still incomplete this long after its first part is handled "
-        "by --on-incomplete (0 = wait forever)",
+        help="an event still incomplete when its partition's stream time (newest record "
+        "timestamp; wall clock once the partition is read to its end) is this far past its "
+        "first part is handled by --on-incomplete (0 = until the pending bound evicts it)",
     )
     on_incomplete: str = setting(
         "dlq",
@@ -433,6 +434,17 @@ class WorkerConfig(KafkaSecurity, FrozenConfig):
         help="/healthz fails once a poll loop has not turned for this long (with --processes, "
         "any process's; also the grace for the first turn after start)",
     )
+    transaction_wait_s: float = setting(
+        20.0,
+        help="exactly-once: the longest a transaction's offsets, commit or abort wait for the "
+        "transaction coordinator before the transaction is given up (aborted, or the "
+        "producer replaced)",
+    )
+    progress_timeout_s: float = setting(
+        120.0,
+        help="a worker whose finished work or sent outputs wait this long with no commit or "
+        "transaction completing exits 1 so that it is restarted (/healthz fails first)",
+    )
     compression_type: str = compression_setting("the predictions and dead letters written")
 
     def __post_init__(self) -> None:
@@ -460,6 +472,9 @@ class WorkerConfig(KafkaSecurity, FrozenConfig):
             raise ConfigError("--shutdown-timeout-s must be > 0")
         if not self.stall_timeout_s > 0:  # also refuses NaN
             raise ConfigError("--stall-timeout-s must be > 0")
+        for name in ("progress_timeout_s", "transaction_wait_s"):
+            if not getattr(self, name) > 0:  # also refuses NaN
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
         for name in ("max_pending_events", "max_pending_bytes", "session_timeout_ms", "processes"):
             _positive(name, getattr(self, name))
         for name in ("assembly_timeout_ms", "http_port"):

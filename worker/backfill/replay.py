@@ -107,6 +107,12 @@ class ReplayConfig(KafkaSecurity, RangeSettings, FrozenConfig):
         60_000,
         help="read this much beyond both window edges, so events straddling an edge are whole",
     )
+    assembly_timeout_ms: int = setting_from(
+        WorkerConfig,
+        "assembly_timeout_ms",
+        help="as the worker's (stream time, so a replay decides as the live run did); "
+        "at the range's end every event still pending is handled by --on-incomplete",
+    )
     on_incomplete: str = setting_from(
         WorkerConfig,
         "on_incomplete",
@@ -264,9 +270,7 @@ def _worker_config(config: ReplayConfig, backfill_id: str) -> WorkerConfig:
         guarantee=config.guarantee,
         transactional_id=f"{BACKFILL_GROUP_PREFIX}{backfill_id}",
         on_incomplete=config.on_incomplete,
-        # At the range's end every pending event is flushed; this (wall-clock) timeout
-        # only bounds what an event missing parts mid-range holds before that.
-        assembly_timeout_ms=600_000,
+        assembly_timeout_ms=config.assembly_timeout_ms,
         client_id="mmstream-replay",
         log_level=config.log_level,
         log_format=config.log_format,

@@ -106,6 +106,7 @@ class Reason(StrEnum):
     SHAPE_MISMATCH = "shape_mismatch"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     INCOMPLETE_EVENT = "incomplete_event"
+    EVICTED_AT_BOUND = "evicted_at_bound"
     INFERENCE_ERROR = "inference_error"
 
 

@@ -1,13 +1,16 @@
 """Assemble stage: parts -> complete events, keyed by (partition, event id).
 
-Pure: the caller passes the clock (``now_ms``). An event is complete when
-every model input has a part. Parts of one event share a key, hence a
-partition, so state is per partition and can be dropped when a partition is
-revoked (its new owner re-reads the parts from the committed offset).
+Pure: the caller passes the clock (``now_ms``) and the stream time. An event is
+complete when every model input has a part. Parts of one event share a key,
+hence a partition, so state is per partition and can be dropped when a
+partition is revoked (its new owner re-reads the parts from the committed offset).
 
-Incomplete events older than the assembly timeout are handed back by
-:meth:`Assembler.expire` for the caller to dead-letter, drop or infer. The
-assembler counts the events and bytes it holds so the pipeline can bound them.
+Incomplete events are handed back for the caller to dead-letter, drop or infer:
+by :meth:`Assembler.expire` once their partition's stream time
+(:mod:`worker.core.streamtime`) passes their first part's timestamp plus the
+assembly timeout, by :meth:`Assembler.evict_oldest` when the pending bound is
+full of them, and by :meth:`Assembler.expire_all` at a bounded source's end.
+The assembler counts the events and bytes it holds so the pipeline can bound them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ log = logging.getLogger(__name__)
 class _Pending:
     parts: dict[str, Part] = field(default_factory=dict)
     first_seen_ms: int = 0
+    first_ts_ms: int = 0
     duplicates: list[Part] = field(default_factory=list)
     nbytes: int = 0
 
@@ -37,6 +41,7 @@ class Incomplete:
         parts: the parts that did arrive, by input name.
         duplicates: earlier parts replaced by later ones (their offsets settle with it).
         first_seen_ms: worker clock when its first part arrived.
+        first_ts_ms: its first part's record timestamp (where its timeout starts).
         missing: required inputs that never arrived.
     """
 
@@ -45,6 +50,7 @@ class Incomplete:
     parts: dict[str, Part]
     duplicates: tuple[Part, ...]
     first_seen_ms: int
+    first_ts_ms: int
     missing: tuple[str, ...]
 
     @property
@@ -69,20 +75,30 @@ class Assembler:
 
     def __init__(self, required: frozenset[str]) -> None:
         self.required = required
-        # Insertion order = order of first parts, so the oldest pending event is first.
-        self._pending: dict[tuple[int, str], _Pending] = {}
+        # Per partition, in the order of first parts (log order): the oldest is first.
+        self._pending: dict[int, dict[str, _Pending]] = {}
+        self._count = 0
         self.duplicate_parts = 0
         self.pending_bytes = 0
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return self._count
+
+    def partitions(self) -> set[int]:
+        """Partitions with events pending."""
+        return set(self._pending)
 
     def add(self, part: Part, now_ms: int) -> Event | None:
         """Add one part; return the event if this part completed it."""
-        key = (part.source.partition, part.event_id)
-        pending = self._pending.get(key)
+        partition = part.source.partition
+        events = self._pending.setdefault(partition, {})
+        pending = events.get(part.event_id)
         if pending is None:
-            pending = self._pending[key] = _Pending(first_seen_ms=now_ms)
+            ts = part.source.timestamp_ms
+            pending = events[part.event_id] = _Pending(
+                first_seen_ms=now_ms, first_ts_ms=ts if ts >= 0 else now_ms
+            )
+            self._count += 1
         old = pending.parts.get(part.input_name)
         if old is not None:
             # Deterministic: the later record replaces the earlier one; the earlier
@@ -97,50 +113,74 @@ class Assembler:
         self.pending_bytes += part.nbytes
         if not self.required.issubset(pending.parts):
             return None
-        self._remove(key)
+        self._remove(partition, part.event_id)
         return Event(
             event_id=part.event_id,
-            partition=part.source.partition,
+            partition=partition,
             parts=pending.parts,
             first_seen_ms=pending.first_seen_ms,
             completed_ms=now_ms,
             duplicates=tuple(d.source for d in pending.duplicates),
         )
 
-    def expire(self, now_ms: int, timeout_ms: int) -> list[Incomplete]:
-        """Remove and return the events still incomplete ``timeout_ms`` after their first part."""
-        out: list[Incomplete] = []
-        for key, pending in self._pending.items():
-            if now_ms - pending.first_seen_ms < timeout_ms:
-                break  # the rest arrived later
-            out.append(
-                Incomplete(
-                    event_id=key[1],
-                    partition=key[0],
-                    parts=pending.parts,
-                    duplicates=tuple(pending.duplicates),
-                    first_seen_ms=pending.first_seen_ms,
-                    missing=tuple(sorted(self.required - set(pending.parts))),
-                )
-            )
-        for inc in out:
-            self._remove((inc.partition, inc.event_id))
-        return out
+    def expire(self, partition: int, stream_ms: int, timeout_ms: int) -> list[Incomplete]:
+        """Remove and return the events of ``partition`` whose first part is ``timeout_ms``
+        or more older than the partition's stream time ``stream_ms``."""
+        events = self._pending.get(partition, {})
+        due = []
+        for event_id, pending in events.items():
+            if stream_ms - pending.first_ts_ms < timeout_ms:
+                break  # the rest came later in the log
+            due.append(event_id)
+        return [self._take(partition, event_id) for event_id in due]
 
-    def _remove(self, key: tuple[int, str]) -> None:
-        pending = self._pending.pop(key)
+    def expire_all(self) -> list[Incomplete]:
+        """Remove and return everything (a bounded source's end: no more parts will come)."""
+        return [self._take(p, e) for p, events in list(self._pending.items()) for e in list(events)]
+
+    def evict_oldest(self) -> Incomplete | None:
+        """Remove and return the pending event with the oldest first part (None if none)."""
+        firsts = [(next(iter(ev.values())).first_ts_ms, p) for p, ev in self._pending.items()]
+        if not firsts:
+            return None
+        _ts, partition = min(firsts)
+        return self._take(partition, next(iter(self._pending[partition])))
+
+    def _take(self, partition: int, event_id: str) -> Incomplete:
+        pending = self._pending[partition][event_id]
+        self._remove(partition, event_id)
+        return Incomplete(
+            event_id=event_id,
+            partition=partition,
+            parts=pending.parts,
+            duplicates=tuple(pending.duplicates),
+            first_seen_ms=pending.first_seen_ms,
+            first_ts_ms=pending.first_ts_ms,
+            missing=tuple(sorted(self.required - set(pending.parts))),
+        )
+
+    def _remove(self, partition: int, event_id: str) -> None:
+        events = self._pending[partition]
+        pending = events.pop(event_id)
+        if not events:
+            del self._pending[partition]
+        self._count -= 1
         self.pending_bytes -= pending.nbytes
 
     def drop_partitions(self, partitions: set[int]) -> int:
         """Forget incomplete events of ``partitions``; return how many were dropped."""
-        keys = [k for k in self._pending if k[0] in partitions]
-        for k in keys:
-            self._remove(k)
-        return len(keys)
+        dropped = 0
+        for p in partitions & set(self._pending):
+            events = self._pending.pop(p)
+            dropped += len(events)
+            self._count -= len(events)
+            self.pending_bytes -= sum(e.nbytes for e in events.values())
+        return dropped
 
     def clear(self) -> int:
         """Forget everything (after an aborted transaction); return how many were dropped."""
-        n = len(self._pending)
+        n = self._count
         self._pending.clear()
+        self._count = 0
         self.pending_bytes = 0
         return n

@@ -41,14 +41,14 @@ class Backpressure:
         self.resume_at = resume_at
         self.paused = False
 
+    def below_resume(self, events: int, nbytes: int) -> bool:
+        """Both at or below the level where paused fetching resumes."""
+        at = self.resume_at
+        return events <= at * self.max_events and nbytes <= at * self.max_bytes
+
     def decide(self, events: int, nbytes: int) -> Pressure:
         full = events >= self.max_events or nbytes >= self.max_bytes
-        resume = (
-            not full
-            and self.paused
-            and events <= self.resume_at * self.max_events
-            and nbytes <= self.resume_at * self.max_bytes
-        )
+        resume = not full and self.paused and self.below_resume(events, nbytes)
         if full and not self.paused:
             log.info("pending bound reached (%d events, %d bytes): pausing", events, nbytes)
         elif resume:

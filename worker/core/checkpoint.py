@@ -28,7 +28,7 @@ from enum import Enum
 from worker.contract.errors import BrokerError
 from worker.contract.records import SourceRef
 from worker.core.offsets import OffsetTracker
-from worker.edge.client import TP, CommitFailed, Consumer, Producer
+from worker.edge.client import TP, CommitFailed, Consumer, Fenced, Producer
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +138,28 @@ class Checkpoint:
         if self.in_transaction:
             try:
                 self.producer.abort_transaction()
+            except Fenced:
+                raise
             except BrokerError as exc:
                 raise BrokerError(
                     f"cannot abort the transaction ({exc}): the producer is unusable"
                 ) from exc
             self.in_transaction = False
+        self.tracker.clear()
+
+    def waiting(self) -> bool:
+        """Work waits for a commit: finished offsets of owned partitions not yet committed,
+        or an open transaction."""
+        if self.in_transaction:
+            return True
+        owned = self._owned()
+        return any(tp in owned for tp in self.tracker.committable())
+
+    def replace_producer(self, producer: Producer) -> None:
+        """Exactly-once: the producer could not abort and was rebuilt; its transaction is
+        the broker's to abort (the new one's ``init_transactions`` fenced it)."""
+        self.producer = producer
+        self.in_transaction = False
         self.tracker.clear()
 
     # ------------------------------------------------------------ gauges

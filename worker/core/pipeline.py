@@ -2,6 +2,11 @@
 
     source -> decode -> assemble -> filter -> batch -> admit -> infer -> publish -> checkpoint
 
+Assembly runs in stream time (:mod:`worker.core.streamtime`): an event times out
+when its partition's records have moved past its first part's timestamp plus
+``--assembly-timeout-ms``, whatever the wall clock says while fetching stalls;
+events pushed out by a full pending bound are told apart (``evicted_at_bound``).
+
 Each concern is a part with a narrow interface and unit tests of its own; the
 loop (:meth:`Worker._step`) only wires them together and acts on their decisions:
 
@@ -77,7 +82,9 @@ from worker.core.sensors import (
 )
 from worker.core.sources import GroupSource, Source
 from worker.core.stage import BatchStage
-from worker.edge.client import Clients, Consumer
+from worker.core.streamtime import StreamTime
+from worker.core.watchdog import Watchdog
+from worker.edge.client import Clients, Consumer, Fenced
 from worker.inference.model import ModelRunner
 from worker.ops.metrics import WorkerMetrics
 
@@ -138,8 +145,8 @@ class Worker:
             )
         if config.assembly_timeout_ms == 0:
             log.warning(
-                "--assembly-timeout-ms 0: incomplete events are held forever; if they fill "
-                "--max-pending-events the worker pauses and cannot resume"
+                "--assembly-timeout-ms 0: incomplete events are held until they fill "
+                "--max-pending-events/bytes, then pushed out oldest first (evicted_at_bound)"
             )
         self.config = config
         self.runner = runner
@@ -156,11 +163,14 @@ class Worker:
         self.limits = Limits(config.max_part_bytes, config.max_image_pixels)
         self.input_names = frozenset(i.name for i in runner.manifest.inputs)
         self.assembler = Assembler(runner.required_inputs)
+        self.stream = StreamTime()
         self.batcher = Batcher(config.max_batch_size, config.max_batch_delay_ms)
         self.backpressure = Backpressure(config.max_pending_events, config.max_pending_bytes)
         self.in_flight = InFlight()  # outputs sent, not yet acknowledged: held too
         self.poison = PoisonBudget()
+        self.watchdog = Watchdog(config.progress_timeout_s)
         self.events = events or Everything()
+        self.clients = clients
         self.consumer = clients.consumer(config)
         self.producer = clients.producer(config)
         self.source = (source or _group_source(config))(self.consumer)
@@ -212,6 +222,7 @@ class Worker:
     def _step(self) -> None:
         self.sensor.beat(time.time())
         self.stage.check()
+        self._check_progress()
         pressure = self.backpressure.decide(
             self._pending_events() + self.in_flight.records,
             self.assembler.pending_bytes + self.in_flight.nbytes,
@@ -228,16 +239,48 @@ class Worker:
             records = []  # fetched before the rewind: read again from the checkpoint
         if self.consumer.joined():
             self.ready.set()
-        for raw in records:
+        for i, raw in enumerate(records):
+            if self._bytes_full():  # e.g. a poll of large poison records while acks lag
+                self._put_back(records[i:])
+                break
             if self.source.admits(raw):
                 self._consume(raw)
         self.source.after_poll()
         self._expire()
+        if pressure.pause:
+            self._evict_at_bound()
         while self.batcher.ready(self.clock()) and self._may_submit(self._next_batch()):
             self._submit(self.batcher.take())
         self._settle()
         self._maybe_commit(force=False)
         self._observe_gauges()
+
+    def _check_progress(self) -> None:
+        now_s = self.clock() / 1000
+        if self.watchdog.check(now_s, self._work_waiting) and self.watchdog.expired(now_s):
+            raise BrokerError(
+                f"no commit or transaction completed in {self.watchdog.stalled_s(now_s):.0f} s "
+                f"while work waited (--progress-timeout-s {self.config.progress_timeout_s:g}): "
+                "the Kafka client is not recovering; stopping so that the worker is restarted"
+            )
+
+    def _work_waiting(self) -> bool:
+        return self.in_flight.records > 0 or self.checkpoint.waiting()
+
+    def _bytes_full(self) -> bool:
+        held = self.assembler.pending_bytes + self.in_flight.nbytes
+        return held >= self.config.max_pending_bytes
+
+    def _put_back(self, records: Sequence[RawRecord]) -> None:
+        """Records polled but not taken: seek back to them (fetched again once room frees)."""
+        first: dict[tuple[str, int], int] = {}
+        for raw in records:
+            tp = (raw.source.topic, raw.source.partition)
+            first[tp] = min(first.get(tp, raw.source.offset), raw.source.offset)
+        assigned = self.consumer.assignment()
+        for tp, offset in first.items():
+            if tp in assigned:
+                self.consumer.seek(tp, offset)
 
     def _finished(self) -> bool:
         if 0 < self.config.max_events <= self.stats.predicted:
@@ -287,6 +330,10 @@ class Worker:
         # and a label per arbitrary value would grow the metric series without bound.
         modality = (raw.header(HEADER_MODALITY) or b"").decode("utf-8", "replace")
         self.sensor.consumed(modality if modality in self.input_names else "unknown")
+        src = raw.source
+        if self.config.assembly_timeout_ms > 0:
+            stream_ms = self.stream.observe(src.partition, src.timestamp_ms, self.clock())
+            self._expire_partition(src.partition, stream_ms)
         if self.checkpoint.track(raw.source):
             self.sensor.skipped_finished()  # predicted before the last restart
             return
@@ -312,36 +359,72 @@ class Worker:
             self.checkpoint.done(event.sources)
 
     def _expire(self) -> None:
-        now = self.clock()
+        """Expire in stream time; a partition read to its end also advances with the wall
+        clock (parts that never come still time out when nothing more is written)."""
         if not self._flushed and self.source.exhausted():
             # A bounded source at its ends: no more parts will come for what is pending.
             self._flushed = True
-            expired = self.assembler.expire(now, 0)
-        elif self.config.assembly_timeout_ms > 0:
-            expired = self.assembler.expire(now, self.config.assembly_timeout_ms)
-        else:
+            for inc in self.assembler.expire_all():
+                self._incomplete(inc)
             return
-        for inc in expired:
-            self._incomplete(inc, now)
+        if self.config.assembly_timeout_ms <= 0:
+            return
+        now, topic, paused = self.clock(), self.config.input_topic, self.consumer.paused()
+        for p in self.assembler.partitions():
+            tp = (topic, p)
+            if tp not in paused and self.consumer.caught_up(tp):
+                self._expire_partition(p, self.stream.idle(p, now))
+            else:
+                self.stream.busy(p)
 
-    def _incomplete(self, inc: Incomplete, now: int) -> None:
+    def _expire_partition(self, partition: int, stream_ms: int) -> None:
+        for inc in self.assembler.expire(partition, stream_ms, self.config.assembly_timeout_ms):
+            self._incomplete(inc)
+
+    def _evict_at_bound(self) -> None:
+        """Fetching is paused at the bound and only incomplete events hold it: stream time
+        cannot move, so push out the oldest until fetching may resume."""
+        if len(self.batcher) or self.stage.pending_items or self.in_flight.records:
+            return  # these finish on their own and free the room
+        bp, asm = self.backpressure, self.assembler
+        while len(asm) and not bp.below_resume(len(asm), asm.pending_bytes):
+            inc = asm.evict_oldest()
+            if inc is None:
+                break
+            self._incomplete(inc, evicted=True)
+
+    def _incomplete(self, inc: Incomplete, *, evicted: bool = False) -> None:
         """The event filter decides whose it is; this run's follow ``--on-incomplete``."""
         if not self.events.accepts(max(p.source.timestamp_ms for p in inc.parts.values())):
             self.outcomes.outside_window()
             self.checkpoint.done(p.source for p in inc.all_parts)
             return
         action = self.config.on_incomplete
-        self.outcomes.incomplete(action)
+        if evicted:
+            self.outcomes.evicted(action)
+        else:
+            self.outcomes.incomplete(action)
         if action == "infer":
-            self._batch(inc.as_event(now))
+            self._batch(inc.as_event(self.clock()))
         elif action == "dlq":
-            detail = (
-                f"event {inc.event_id!r} still lacks {list(inc.missing)} "
-                f"{self.config.assembly_timeout_ms} ms after its first part"
-            )
+            if evicted:
+                reason = Reason.EVICTED_AT_BOUND
+                detail = (
+                    f"event {inc.event_id!r} still lacked {list(inc.missing)} when the pending "
+                    f"bound (--max-pending-events {self.config.max_pending_events}, "
+                    f"--max-pending-bytes {self.config.max_pending_bytes}) was full of "
+                    "incomplete events: its parts are farther apart in the log than the bound holds"
+                )
+            else:
+                reason = Reason.INCOMPLETE_EVENT
+                detail = (
+                    f"event {inc.event_id!r} still lacks {list(inc.missing)}: its partition's "
+                    f"stream time passed its first part's timestamp + "
+                    f"{self.config.assembly_timeout_ms} ms"
+                )
             for part in inc.all_parts:
                 raw = part.raw or RawRecord(part.source, inc.event_id.encode(), b"", ())
-                self._dead_letter(raw, Reason.INCOMPLETE_EVENT, detail)
+                self._dead_letter(raw, reason, detail)
         else:  # drop: the operator's explicit choice; counted and logged
             log.info("dropping incomplete event %r (lacks %s)", inc.event_id, list(inc.missing))
             self.checkpoint.done(p.source for p in inc.all_parts)
@@ -441,6 +524,10 @@ class Worker:
             g, exc = self._failures.get()
             if g != gen:
                 continue  # a send of an aborted transaction
+            if isinstance(exc, BrokerError) and not exc.retriable:
+                # Not authorized, too large, ...: retrying (or aborting and redoing the
+                # transaction) cannot help; stop with the cause, nothing of it committed.
+                raise BrokerError(f"a record was refused by the broker: {exc}", retriable=False)
             if self.eos:
                 log.warning("send failed inside a transaction (%s): aborting", exc)
                 self._abort_and_rewind()
@@ -480,6 +567,8 @@ class Worker:
             self._abort_and_rewind()
         elif result is not Commit.IDLE:
             self.sensor.commit(result is Commit.COMMITTED)
+            if result is Commit.COMMITTED:
+                self.watchdog.progressed()
             if result is Commit.COMMITTED and self.eos:
                 # Committing flushed the transaction's last sends: take their acks first,
                 # so that every outcome of this transaction counts with it.
@@ -490,15 +579,32 @@ class Worker:
     def _abort_and_rewind(self) -> None:
         """Exactly-once: abort the open transaction and re-read from the checkpoints."""
         self.stage.wait_idle()  # its sends belong to the transaction being aborted
-        self.checkpoint.abort()
+        try:
+            self.checkpoint.abort()
+        except Fenced:
+            raise  # a newer instance took over: this one stops
+        except BrokerError as exc:
+            self._rebuild_producer(exc)
         self.in_flight.reset(self.checkpoint.generation)
         self.outcomes.discard()
         self.sensor.transaction("aborted")
         self.assembler.clear()
+        self.stream.clear()
         self.batcher.clear()
         self._flushed = False
         self.source.rewind()
         log.info("transaction aborted; rewound %d partitions", len(self.consumer.assignment()))
+
+    def _rebuild_producer(self, cause: BrokerError) -> None:
+        """The producer can neither commit nor abort (it lost its coordinator): replace it.
+        The new one's ``init_transactions`` fences the old and has the broker abort its
+        transaction; if that fails too, the worker stops (the watchdog bounds repeats)."""
+        log.warning("the transactional producer is stuck (%s): replacing it", cause)
+        self.producer.close(timeout_s=1)
+        self.producer = self.clients.producer(self.config)
+        self.producer.init_transactions()
+        self.checkpoint.replace_producer(self.producer)
+        self.sensor.transaction("rebuilt")
 
     def _apply_revocations(self) -> bool:
         """Apply revocations; True if the partitions were rewound (exactly-once)."""
@@ -513,6 +619,7 @@ class Worker:
                 continue
             parts = {p for _, p in revoked}
             dropped = self.assembler.drop_partitions(parts) + self.batcher.drop_partitions(parts)
+            self.stream.forget(parts)
             self.checkpoint.forget(set(revoked))
             if dropped:
                 log.info(

@@ -60,13 +60,16 @@ class Sensor(Protocol):
     def incomplete(self, action: str) -> None:
         """An event expired incomplete and ``action`` (dlq, drop, infer) was applied."""
 
+    def evicted(self, action: str) -> None:
+        """An incomplete event was pushed out by the pending bound (``action`` as above)."""
+
     def outside_window(self) -> None:
         """An event belongs to a neighbouring window and was finished without output."""
 
     def commit(self, ok: bool) -> None: ...
 
     def transaction(self, result: str) -> None:
-        """A transaction ``committed`` or ``aborted``."""
+        """A transaction ``committed`` or ``aborted``, or the producer was ``rebuilt``."""
 
     def rebalance(self) -> None: ...
 
@@ -103,6 +106,9 @@ class NullSensor:
     def incomplete(self, action: str) -> None:
         pass
 
+    def evicted(self, action: str) -> None:
+        pass
+
     def outside_window(self) -> None:
         pass
 
@@ -130,6 +136,7 @@ class WorkerStats:
     duplicate_parts: int = 0
     skipped_finished: int = 0
     incomplete: int = 0
+    evicted: int = 0
     outside_window: int = 0
     commits: int = 0
     aborts: int = 0
@@ -175,6 +182,9 @@ class StatsSensor:
 
     def incomplete(self, action: str) -> None:
         self.stats.incomplete += 1
+
+    def evicted(self, action: str) -> None:
+        self.stats.evicted += 1
 
     def outside_window(self) -> None:
         self.stats.outside_window += 1
@@ -229,6 +239,9 @@ class MetricsSensor:
 
     def incomplete(self, action: str) -> None:
         self.m.events_incomplete.labels(action).inc()
+
+    def evicted(self, action: str) -> None:
+        self.m.events_evicted.labels(action).inc()
 
     def outside_window(self) -> None:
         pass
@@ -294,6 +307,10 @@ class Sensors:
         for s in self.sensors:
             s.incomplete(action)
 
+    def evicted(self, action: str) -> None:
+        for s in self.sensors:
+            s.evicted(action)
+
     def outside_window(self) -> None:
         for s in self.sensors:
             s.outside_window()
@@ -337,6 +354,9 @@ class Outcomes:
 
     def incomplete(self, action: str) -> None:
         self._report(lambda s: s.incomplete(action))
+
+    def evicted(self, action: str) -> None:
+        self._report(lambda s: s.evicted(action))
 
     def outside_window(self) -> None:
         self._report(lambda s: s.outside_window())

@@ -44,6 +44,14 @@ class CommitFailed(BrokerError):
         self.rebalancing = rebalancing
 
 
+class Fenced(BrokerError):
+    """A newer producer with this transactional id took over: this one is a zombie and
+    must stop (rebuilding it would fence the live one)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retriable=False)
+
+
 class Consumer(Protocol):
     """What the loop needs of a Kafka consumer (auto-commit off)."""
 
@@ -73,6 +81,10 @@ class Consumer(Protocol):
     def resume(self, tps: Iterable[TP]) -> None: ...
 
     def paused(self) -> set[TP]: ...
+
+    def caught_up(self, tp: TP) -> bool:
+        """True when everything the broker last reported in ``tp`` has been returned by
+        :meth:`poll` (the position is at the high watermark of the last fetch)."""
 
     def seek(self, tp: TP, offset: int) -> None: ...
 

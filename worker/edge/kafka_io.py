@@ -3,6 +3,12 @@ reading a topic back (tools and tests).
 
 The worker's loop reaches Kafka only through :mod:`worker.edge.client` (implemented in
 :mod:`worker.edge.kafka_python`, which builds its clients here).
+
+Every client is built under a :class:`~worker.edge.security.BootstrapWatch`: a wrong
+password, an untrusted broker certificate or a refused client certificate fails at once
+with one line naming it (``retriable=False``), not after kafka-python's 30 s bootstrap
+timeout with ``Unable to bootstrap``. With a secured protocol, :func:`make_consumer` also
+checks the worker's ACLs (:func:`~worker.edge.security.check_access`) before it joins.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from kafka import KafkaConsumer, KafkaProducer, codec
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
@@ -21,8 +27,39 @@ from kafka.structs import TopicPartition
 from worker.config import WorkerConfig, check_compression
 from worker.contract.errors import BrokerError, ConfigError
 from worker.contract.records import RawRecord
+from worker.edge.security import BootstrapWatch, TopicAccess, authorization_error, check_access
 
 log = logging.getLogger(__name__)
+
+C = TypeVar("C")
+
+
+def build_client(
+    what: str, where: str, factory: Callable[..., C], /, *args: Any, **kwargs: Any
+) -> C:
+    """``factory(*args, **kwargs)`` (a kafka-python client class) under a
+    :class:`BootstrapWatch`; ``where``: the bootstrap servers, for messages.
+
+    Raises:
+        BrokerError: ``<what>: <cause>`` (retriable=False) for an authentication or TLS
+            failure; else ``<what> to <where>: <kafka-python's error>``.
+    """
+    security = {k: v for k, v in kwargs.items() if k.startswith(("security_", "sasl_", "ssl_"))}
+    with BootstrapWatch(where, security) as watch:
+        try:
+            return factory(*args, kafka_client=watch.client_factory, **kwargs)
+        except KafkaError as exc:
+            raise watch.error(what, exc) from exc
+
+
+def worker_access(config: WorkerConfig) -> TopicAccess:
+    """The ACLs a worker (or a replay) with ``config`` needs (docs/operations.md)."""
+    return TopicAccess(
+        read=(config.input_topic,),
+        write=(config.output_topic, config.dlq_topic),
+        group=config.group_id,
+        transactional_id=config.transactional_id if config.guarantee == "exactly-once" else "",
+    )
 
 
 def make_consumer(config: WorkerConfig) -> KafkaConsumer:
@@ -34,8 +71,11 @@ def make_consumer(config: WorkerConfig) -> KafkaConsumer:
         enable_auto_commit=False,
         auto_offset_reset=config.auto_offset_reset,
         max_poll_records=config.max_poll_records,
-        fetch_max_bytes=64 * 1024 * 1024,
-        max_partition_fetch_bytes=16 * 1024 * 1024,
+        # Fetched records wait in the client's buffers beside what the worker holds: never
+        # more per request than the worker's own byte bound (a broker still returns a
+        # record larger than this, alone).
+        fetch_max_bytes=min(64 * 1024 * 1024, config.max_pending_bytes),
+        max_partition_fetch_bytes=min(16 * 1024 * 1024, config.max_pending_bytes),
         partition_assignment_strategy=[CooperativeStickyAssignor()],
         session_timeout_ms=config.session_timeout_ms,
         metadata_max_age_ms=30_000,
@@ -49,10 +89,17 @@ def make_consumer(config: WorkerConfig) -> KafkaConsumer:
     )
     if config.group_instance_id:
         kwargs["group_instance_id"] = config.group_instance_id
-    try:
-        return KafkaConsumer(**kwargs)
-    except KafkaError as exc:
-        raise BrokerError(f"cannot connect consumer to {config.bootstrap_servers}: {exc}") from exc
+    consumer = build_client(
+        "cannot connect consumer", config.bootstrap_servers, KafkaConsumer, **kwargs
+    )
+    if config.security_protocol != "PLAINTEXT":
+        # Before joining: a missing ACL is one line naming it, and nothing is assigned.
+        try:
+            check_access(config.bootstrap_servers, config.kafka_security(), worker_access(config))
+        except BaseException:
+            consumer.close(autocommit=False)
+            raise
+    return consumer
 
 
 #: ``--compression-type`` -> the kafka.codec check that its library is importable.
@@ -95,18 +142,18 @@ def make_producer(
     against the uncompressed size, so compression never makes a record too large here.
     """
     compression = kafka_compression(compression_type)
-    try:
-        return KafkaProducer(
-            bootstrap_servers=bootstrap_servers.split(","),
-            client_id=client_id,
-            acks="all",
-            linger_ms=5,
-            max_request_size=32 * 1024 * 1024,
-            compression_type=compression,
-            **extra,
-        )
-    except KafkaError as exc:
-        raise BrokerError(f"cannot connect producer to {bootstrap_servers}: {exc}") from exc
+    return build_client(
+        "cannot connect producer",
+        bootstrap_servers,
+        KafkaProducer,
+        bootstrap_servers=bootstrap_servers.split(","),
+        client_id=client_id,
+        acks="all",
+        linger_ms=5,
+        max_request_size=32 * 1024 * 1024,
+        compression_type=compression,
+        **extra,
+    )
 
 
 def ensure_topics(
@@ -125,10 +172,13 @@ def ensure_topics(
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers.split(","), **(security or {}))
-    except KafkaError as exc:
-        raise BrokerError(f"cannot reach Kafka at {bootstrap_servers}: {exc}") from exc
+    admin = build_client(
+        "cannot reach Kafka",
+        bootstrap_servers,
+        KafkaAdminClient,
+        bootstrap_servers=bootstrap_servers.split(","),
+        **(security or {}),
+    )
     try:
         existing = set(admin.list_topics())
         # Replication -1: the cluster's default.replication.factor (KIP-464), not 1.
@@ -150,7 +200,9 @@ def ensure_topics(
                 raise BrokerError(f"topics not ready after {timeout_s} s: {ready} of {want}")
             time.sleep(0.1)
     except KafkaError as exc:
-        raise BrokerError(f"cannot create topics {sorted(topics)}: {exc}") from exc
+        what = f"cannot create topics {sorted(topics)}"
+        denied = authorization_error(what, exc, security or {}, "Create or Describe")
+        raise (denied or BrokerError(f"{what}: {exc}")) from exc
     finally:
         admin.close()
 
@@ -185,8 +237,13 @@ def count_records(
 ) -> int:
     """Records in ``topic``: the sum of its partitions' end offsets (a topic that started
     empty and was never truncated), 0 for a topic that does not exist."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap_servers.split(","), group_id=None, **(security or {})
+    consumer = build_client(
+        f"cannot count the records of {topic}",
+        bootstrap_servers,
+        KafkaConsumer,
+        bootstrap_servers=bootstrap_servers.split(","),
+        group_id=None,
+        **(security or {}),
     )
     try:
         parts = sorted(consumer.partitions_for_topic(topic) or ())
@@ -230,18 +287,18 @@ def read_records(
     ``timeout_s`` passes; returns what was read."""
     from worker.edge.kafka_python import to_raw
 
-    try:
-        consumer = KafkaConsumer(
-            topic,
-            bootstrap_servers=bootstrap_servers.split(","),
-            group_id=None,
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-            isolation_level="read_committed" if read_committed else "read_uncommitted",
-            **(security or {}),
-        )
-    except KafkaError as exc:
-        raise BrokerError.wrap(f"cannot read {topic}", exc) from exc
+    consumer = build_client(
+        f"cannot read {topic}",
+        bootstrap_servers,
+        KafkaConsumer,
+        topic,
+        bootstrap_servers=bootstrap_servers.split(","),
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        isolation_level="read_committed" if read_committed else "read_uncommitted",
+        **(security or {}),
+    )
     out: list[RawRecord] = []
     deadline = time.monotonic() + timeout_s
     try:

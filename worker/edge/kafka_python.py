@@ -15,13 +15,20 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
+from kafka.errors import (
+    CommitFailedError,
+    InvalidProducerEpochError,
+    KafkaError,
+    ProducerFencedError,
+    RebalanceInProgressError,
+)
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.contract.errors import BrokerError
 from worker.contract.records import OutRecord, RawRecord, SourceRef
-from worker.edge.client import TP, CommitFailed, Positions
-from worker.edge.kafka_io import make_consumer, make_producer
+from worker.edge.client import TP, CommitFailed, Fenced, Positions
+from worker.edge.kafka_io import build_client, make_consumer, make_producer
+from worker.edge.security import authorization_error
 
 if TYPE_CHECKING:
     from worker.config import KafkaSecurity, WorkerConfig
@@ -32,12 +39,23 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def broker_error(what: str, exc: KafkaError) -> BrokerError:
-    """A kafka-python error as a BrokerError with kafka-python's retriable flag."""
+def broker_error(
+    what: str, exc: BaseException, security: dict[str, Any] | None = None
+) -> BrokerError:
+    """A kafka-python error as a BrokerError with kafka-python's retriable flag; an
+    authorization failure names the principal and the resource (``security``: the
+    client's security settings, for the principal)."""
+    denied = authorization_error(what, exc, security or {})
+    if denied is not None:
+        return denied
+    if not isinstance(exc, KafkaError):
+        return BrokerError(f"{what}: {exc!r}")
     if isinstance(exc, CommitFailedError | RebalanceInProgressError):
         return CommitFailed(
             f"{what}: {exc!r}", rebalancing=isinstance(exc, RebalanceInProgressError)
         )
+    if isinstance(exc, ProducerFencedError | InvalidProducerEpochError):
+        return Fenced(f"{what}: {exc!r} (a newer producer with this transactional id is active)")
     return BrokerError.wrap(what, exc)
 
 
@@ -48,7 +66,8 @@ def _wrapped(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
             try:
                 return fn(*args, **kwargs)
             except KafkaError as exc:
-                raise broker_error(what, exc) from exc
+                security = getattr(args[0], "security", None) if args else None
+                raise broker_error(what, exc, security) from exc
 
         return inner
 
@@ -105,8 +124,9 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 class KafkaPythonConsumer:
     """:class:`~worker.edge.client.Consumer` over a ``KafkaConsumer``."""
 
-    def __init__(self, consumer: KafkaConsumer) -> None:
+    def __init__(self, consumer: KafkaConsumer, security: dict[str, Any] | None = None) -> None:
         self._c = consumer
+        self.security = security or {}
         self._listener = _Listener()
         self._assigned_directly = False
 
@@ -159,6 +179,14 @@ class KafkaPythonConsumer:
     def paused(self) -> set[TP]:
         return {(tp.topic, tp.partition) for tp in self._c.paused()}
 
+    def caught_up(self, tp: TP) -> bool:
+        # The subscription state, not KafkaConsumer.position(): that one may block on a
+        # committed-offset refresh. highwater comes with each fetch response.
+        state = self._c._subscription.assignment.get(_tp(tp))
+        if state is None or state.highwater is None or state.position is None:
+            return False
+        return bool(state.position.offset >= state.highwater)
+
     @_wrapped("cannot seek")
     def seek(self, tp: TP, offset: int) -> None:
         self._c.seek(_tp(tp), offset)
@@ -203,8 +231,15 @@ class KafkaPythonConsumer:
 class KafkaPythonProducer:
     """:class:`~worker.edge.client.Producer` over a ``KafkaProducer``."""
 
-    def __init__(self, producer: KafkaProducer) -> None:
+    def __init__(
+        self,
+        producer: KafkaProducer,
+        transaction_wait_s: float = 20.0,
+        security: dict[str, Any] | None = None,
+    ) -> None:
         self._p = producer
+        self.security = security or {}
+        self._wait_ms = int(transaction_wait_s * 1000)
 
     def send(
         self,
@@ -217,9 +252,10 @@ class KafkaPythonProducer:
                 record.topic, key=record.key, value=record.value, headers=list(record.headers)
             )
         except KafkaError as exc:
-            raise broker_error(f"cannot send to {record.topic}", exc) from exc
+            raise broker_error(f"cannot send to {record.topic}", exc, self.security) from exc
+        what = f"cannot write to {record.topic}"
         future.add_callback(lambda _md: on_ack())
-        future.add_errback(on_error)
+        future.add_errback(lambda exc: on_error(broker_error(what, exc, self.security)))
 
     @_wrapped("flush failed")
     def flush(self, timeout_s: float) -> None:
@@ -233,17 +269,42 @@ class KafkaPythonProducer:
     def begin_transaction(self) -> None:
         self._p.begin_transaction()
 
+    # kafka-python's send_offsets_to_transaction, commit_transaction and abort_transaction
+    # wait for the coordinator without a timeout; after a failover of the transaction
+    # coordinator it can stop looking for the new one ("Got an exception when trying to
+    # find a node to send a transactional request to") and wait for ever. These do what
+    # they do, but wait at most --transaction-wait-s and then fail (the loop aborts, or
+    # replaces the producer when the abort cannot complete either).
+
     @_wrapped("cannot add offsets to the transaction")
     def send_offsets_to_transaction(self, positions: Positions, group_metadata: object) -> None:
-        self._p.send_offsets_to_transaction(to_offsets(positions), group_metadata)
+        tm = self._transactions()
+        self._await("adding offsets to the transaction", tm.send_offsets_to_transaction(
+            to_offsets(positions), group_metadata
+        ))  # fmt: skip
 
     @_wrapped("cannot commit the transaction")
     def commit_transaction(self) -> None:
-        self._p.commit_transaction()
+        self._await("committing the transaction", self._transactions().begin_commit())
 
     @_wrapped("cannot abort the transaction")
     def abort_transaction(self) -> None:
-        self._p.abort_transaction()
+        self._await("aborting the transaction", self._transactions().begin_abort())
+
+    def _transactions(self) -> Any:
+        tm = self._p._transaction_manager
+        if tm is None:
+            raise BrokerError("transactions are not enabled on this producer", retriable=False)
+        return tm
+
+    def _await(self, what: str, result: Any) -> None:
+        self._p._sender.wakeup()
+        if not result.wait(timeout_ms=self._wait_ms):
+            raise BrokerError(
+                f"{what}: no answer from the transaction coordinator in {self._wait_ms} ms "
+                "(--transaction-wait-s)",
+                retriable=True,
+            )
 
     def close(self, timeout_s: float) -> None:
         try:
@@ -258,18 +319,20 @@ class KafkaPythonInspector:
     def __init__(
         self, bootstrap_servers: str, security: KafkaSecurity, read_committed: bool
     ) -> None:
+        self.security = security.kafka_security()
+        self._where = bootstrap_servers
         self._kwargs: dict[str, Any] = {
             "bootstrap_servers": bootstrap_servers.split(","),
-            **security.kafka_security(),
+            **self.security,
         }
-        try:
-            self._c = KafkaConsumer(
-                group_id=None,
-                isolation_level="read_committed" if read_committed else "read_uncommitted",
-                **self._kwargs,
-            )
-        except KafkaError as exc:
-            raise broker_error(f"cannot connect to {bootstrap_servers}", exc) from exc
+        self._c = build_client(
+            "cannot connect",
+            bootstrap_servers,
+            KafkaConsumer,
+            group_id=None,
+            isolation_level="read_committed" if read_committed else "read_uncommitted",
+            **self._kwargs,
+        )
 
     @_wrapped("cannot read topic metadata")
     def partitions(self, topic: str) -> list[int]:
@@ -291,7 +354,14 @@ class KafkaPythonInspector:
 
     @_wrapped("cannot read the group's checkpoint")
     def committed(self, group: str, topic: str, partitions: Iterable[int]) -> dict[int, int | None]:
-        reader = KafkaConsumer(group_id=group, enable_auto_commit=False, **self._kwargs)
+        reader = build_client(
+            "cannot connect",
+            self._where,
+            KafkaConsumer,
+            group_id=group,
+            enable_auto_commit=False,
+            **self._kwargs,
+        )
         try:  # reads the checkpoint; joins nothing, commits nothing
             found = {p: reader.committed(TopicPartition(topic, p)) for p in partitions}
         finally:
@@ -306,7 +376,7 @@ class KafkaPythonClients:
     """The default :class:`~worker.edge.client.Clients`: kafka-python."""
 
     def consumer(self, config: WorkerConfig) -> KafkaPythonConsumer:
-        return KafkaPythonConsumer(make_consumer(config))
+        return KafkaPythonConsumer(make_consumer(config), config.kafka_security())
 
     def inspector(
         self, bootstrap_servers: str, security: KafkaSecurity, *, read_committed: bool = False
@@ -323,5 +393,7 @@ class KafkaPythonClients:
                 config.client_id,
                 compression_type=config.compression_type,
                 **extra,
-            )
+            ),
+            transaction_wait_s=config.transaction_wait_s,
+            security=config.kafka_security(),
         )

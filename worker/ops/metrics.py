@@ -33,6 +33,10 @@ Assemble::
     mmstream_events_incomplete_total{action}      counter
         Events that timed out incomplete; action = dlq | drop | infer, the
         --on-incomplete policy that was applied.
+    mmstream_events_evicted_total{action}         counter
+        Incomplete events pushed out because they filled --max-pending-events/bytes
+        (dead-lettered as evicted_at_bound with --on-incomplete dlq): a bound too
+        small for how far apart the parts of an event are in the log.
     mmstream_duplicate_parts_total                counter
         Parts that arrived again for an input the event already had (the later
         one replaces the earlier; both offsets settle with the event).
@@ -75,7 +79,9 @@ Commit::
     mmstream_commits_total{result}                counter
         Offset commits; result = ok | failed.
     mmstream_transactions_total{result}           counter
-        Kafka transactions (exactly-once mode); result = committed | aborted.
+        Kafka transactions (exactly-once mode); result = committed | aborted |
+        rebuilt (the producer could neither commit nor abort and was replaced: the
+        new one fenced it and the broker aborted its transaction).
 
 Loop::
 
@@ -137,7 +143,7 @@ END_TO_END_BUCKETS = (
 )
 INCOMPLETE_ACTIONS = ("dlq", "drop", "infer")
 COMMIT_RESULTS = ("ok", "failed")
-TRANSACTION_RESULTS = ("committed", "aborted")
+TRANSACTION_RESULTS = ("committed", "aborted", "rebuilt")
 UNKNOWN_MODALITY = "unknown"
 
 
@@ -166,6 +172,12 @@ class WorkerMetrics:
         self.events_incomplete = Counter(
             "mmstream_events_incomplete",
             "Events timed out incomplete, by the action taken",
+            ["action"],
+            registry=reg,
+        )
+        self.events_evicted = Counter(
+            "mmstream_events_evicted",
+            "Incomplete events pushed out by the pending bound, by the action taken",
             ["action"],
             registry=reg,
         )
@@ -274,6 +286,7 @@ class WorkerMetrics:
         self._provider_name: str | None = None
         for action in INCOMPLETE_ACTIONS:
             self.events_incomplete.labels(action=action)
+            self.events_evicted.labels(action=action)
         for reason in Reason:
             self.dead_letters.labels(reason=reason.value)
         for result in COMMIT_RESULTS:

@@ -50,7 +50,10 @@ def run_worker(
             config.http_host,
             config.http_port,
             metrics,
-            healthy=loop_health(metrics, max_stall_s=config.stall_timeout_s),
+            healthy=_all(
+                loop_health(metrics, max_stall_s=config.stall_timeout_s),
+                lambda: _progress(holder.get("worker")),
+            ),
             ready=lambda: _readiness(holder.get("worker")),
         )
         server.start()
@@ -70,6 +73,26 @@ def run_worker(
     finally:
         if server is not None:
             server.stop()
+
+
+def _all(*probes: Callable[[], tuple[bool, str]]) -> Callable[[], tuple[bool, str]]:
+    def check() -> tuple[bool, str]:
+        results = [probe() for probe in probes]
+        return next((r for r in results if not r[0]), results[0])
+
+    return check
+
+
+def _progress(worker: Worker | None) -> tuple[bool, str]:
+    """Unhealthy once work has waited longer than --progress-timeout-s for a commit (the
+    loop then stops the worker too; this says so to a probe that asks first)."""
+    if worker is None:
+        return True, "starting"
+    now_s = worker.clock() / 1000
+    stalled = worker.watchdog.stalled_s(now_s)
+    if stalled > worker.config.progress_timeout_s:
+        return False, f"no commit or transaction completed in {stalled:.0f} s while work waited"
+    return True, "ok"
 
 
 def _readiness(worker: Worker | None) -> tuple[bool, str]:
