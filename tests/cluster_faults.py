@@ -378,6 +378,16 @@ def notable_lines(log: str, limit: int = 40) -> list[str]:
     return out
 
 
+def tiny_model(work: Path) -> Path:
+    """The tests' tiny model under ``work`` (built with TensorFlow the first time)."""
+    model = work / "tiny-model" / "model"
+    if not (model / "manifest.json").exists():
+        from model_fixture import build_tiny_model_dir
+
+        model = build_tiny_model_dir(work / "tiny-model")
+    return model
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", type=Path, default=Path(".cache/cluster-faults"))
@@ -392,13 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     work = args.work_dir.resolve()
-    model = args.model
-    if model is None:
-        model = work / "tiny-model" / "model"
-        if not (model / "manifest.json").exists():
-            from model_fixture import build_tiny_model_dir
-
-            model = build_tiny_model_dir(work / "tiny-model")
+    model = args.model or tiny_model(work)
     cluster = Cluster(work / "cluster")
     results = []
     try:

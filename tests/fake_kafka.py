@@ -48,6 +48,8 @@ class FakeBroker:
     #: True: deliveries wait in ``held`` until :meth:`release` (a frozen output broker)
     hold_acks: bool = False
     held: list[tuple[OutRecord, Callable[[], None]]] = field(default_factory=list)
+    #: how many more init_transactions calls fail (retriably)
+    failing_inits: int = 0
 
     def release(self) -> None:
         """The broker thaws: write and acknowledge what it held, hold nothing more."""
@@ -225,7 +227,9 @@ class FakeProducer:
         pass
 
     def init_transactions(self) -> None:
-        pass
+        if self.broker.failing_inits > 0:  # e.g. no controller quorum: no producer id yet
+            self.broker.failing_inits -= 1
+            raise BrokerError("initialising transactions: timed out", retriable=True)
 
     def begin_transaction(self) -> None:
         if self._txn is not None:

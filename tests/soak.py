@@ -36,7 +36,7 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from cluster_faults import LOG_APPEND_TIME, _input_leaders, _longest_gap
+from cluster_faults import LOG_APPEND_TIME, _input_leaders, _longest_gap, tiny_model
 from kafka_cluster import NODE_IDS, Cluster
 from resilience_tools import ASSIGNED_RE, EventFactory, WorkerProcess, worker_argv
 
@@ -328,13 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, default=Path(".cache/soak/report.md"))
     args = parser.parse_args(argv)
     work = args.work_dir.resolve()
-    model = args.model
-    if model is None:
-        model = work / "tiny-model" / "model"
-        if not (model / "manifest.json").exists():
-            from model_fixture import build_tiny_model_dir
-
-            model = build_tiny_model_dir(work / "tiny-model")
+    model = args.model or tiny_model(work)
     cluster = Cluster(work / "cluster")
     results = []
     try:

@@ -600,9 +600,21 @@ class Worker:
         The new one's ``init_transactions`` fences the old and has the broker abort its
         transaction; if that fails too, the worker stops (the watchdog bounds repeats)."""
         log.warning("the transactional producer is stuck (%s): replacing it", cause)
-        self.producer.close(timeout_s=1)
-        self.producer = self.clients.producer(self.config)
-        self.producer.init_transactions()
+        give_up_ms = self.clock() + int(self.config.progress_timeout_s * 1000)
+        while True:
+            self.producer.close(timeout_s=1)
+            self.producer = self.clients.producer(self.config)
+            try:
+                self.producer.init_transactions()
+                break
+            except Fenced:
+                raise
+            except BrokerError as exc:
+                # The cluster may still be recovering (no controller quorum: no producer
+                # id yet); try a fresh producer again, within --progress-timeout-s.
+                if not exc.retriable or self.clock() >= give_up_ms:
+                    raise
+                log.warning("the new producer cannot initialise yet (%s): retrying", exc)
         self.checkpoint.replace_producer(self.producer)
         self.sensor.transaction("rebuilt")
 
