@@ -111,6 +111,7 @@ class Reader:
         self.consumer.seek_to_beginning(tp)
         self.counts: Counter[str] = Counter()
         self.arrivals: list[float] = []
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reader", daemon=True)
         self._thread.start()
@@ -124,12 +125,17 @@ class Reader:
                 time.sleep(0.5)
                 continue
             now = time.monotonic()
-            for recs in batch.values():
-                for r in recs:
-                    eid = json.loads(r.value)["event_id"]
-                    if not self.counts[eid]:
-                        self.arrivals.append(now)
-                    self.counts[eid] += 1
+            with self._lock:
+                for recs in batch.values():
+                    for r in recs:
+                        eid = json.loads(r.value)["event_id"]
+                        if not self.counts[eid]:
+                            self.arrivals.append(now)
+                        self.counts[eid] += 1
+
+    def seen(self) -> set[str]:
+        with self._lock:
+            return set(self.counts)
 
     def close(self) -> None:
         self._stop.set()
@@ -219,9 +225,9 @@ def soak(
     reader = Reader(cluster.bootstrap, t_out)
     try:
         # Calibration: a backlog drained by the group.
-        calib, _ = stream(cluster.bootstrap, t_in, factory, "calib", args.calibrate_events, 1e9)
         t0 = time.monotonic()
-        while not set(calib) <= set(reader.counts):
+        calib, _ = stream(cluster.bootstrap, t_in, factory, "calib", args.calibrate_events, 1e9)
+        while not set(calib) <= reader.seen():
             if time.monotonic() - t0 > 600:
                 raise RuntimeError("calibration backlog not drained in 10 minutes")
             time.sleep(0.2)
@@ -249,10 +255,13 @@ def soak(
                     if proc is not None:
                         proc.signal(signal.SIGKILL)
                 elif kind == "broker SIGKILL":
-                    node = _input_leaders(cluster, t_in).most_common(1)[0][0]
-                    cluster.kill(node, "KILL")
-                    time.sleep(8)
-                    cluster.restart(node)
+                    try:
+                        node = _input_leaders(cluster, t_in).most_common(1)[0][0]
+                        cluster.kill(node, "KILL")
+                        time.sleep(8)
+                        cluster.restart(node)
+                    except Exception as exc:  # reported; the next fault still comes
+                        print(f"[{guarantee}] broker fault failed: {exc!r}", file=sys.stderr)
                 else:
                     proc = rng.choice(slots).proc
                     if proc is not None:
@@ -267,13 +276,14 @@ def soak(
         if cluster.up != set(NODE_IDS):
             cluster.start()
         deadline = time.monotonic() + 300
-        while not set(ids) <= set(reader.counts) and time.monotonic() < deadline:
+        while not set(ids) <= reader.seen() and time.monotonic() < deadline:
             time.sleep(1)
         time.sleep(5)  # late duplicates
     finally:
         supervisor.stop()
         reader.close()
-    got = {e: c for e, c in reader.counts.items() if e.startswith("soak-")}
+    with reader._lock:
+        got = {e: c for e, c in reader.counts.items() if e.startswith("soak-")}
     stall, _, _ = _longest_gap(reader.arrivals[len(calib) :])
     return {
         "guarantee": guarantee,
