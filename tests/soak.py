@@ -340,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work_dir.resolve()
     model = args.model or tiny_model(work)
     cluster = Cluster(work / "cluster")
+    (work / "logs").mkdir(parents=True, exist_ok=True)
     results = []
     try:
         cluster.start()
