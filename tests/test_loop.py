@@ -445,6 +445,22 @@ def test_a_fenced_producer_stops_the_worker_instead_of_fencing_the_new_one() -> 
     assert len(clients.producers) == 1 and broker.records(OUT) == []
 
 
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+def test_a_record_refused_for_good_stops_the_worker_instead_of_retrying(guarantee: str) -> None:
+    broker = new_broker(1)
+    put_event(broker, "ev")
+    broker.fail_next_send = BrokerError("not authorized: Write on topic 'out'", retriable=False)
+    worker = Worker(
+        config(guarantee=guarantee, transactional_id="t"), runner(), broker.clock,
+        clients=FakeClients(broker),
+    )  # fmt: skip
+    with pytest.raises(BrokerError, match="refused by the broker: not authorized") as caught:
+        run(worker, turns=200)
+    assert not caught.value.retriable
+    assert broker.records(OUT) == []  # and nothing of the event committed:
+    assert broker.committed.get("g", {}).get((IN, 0), (0, "")) == (0, "")
+
+
 def test_healthz_fails_once_work_waits_past_the_progress_timeout() -> None:
     from worker.ops.serve import _progress
 
