@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import subprocess
 import time
 import uuid
@@ -33,6 +32,8 @@ from kafka.admin import (
     ResourcePatternFilter,
     ResourceType,
 )
+
+from kafka_broker import _free_ports
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +97,6 @@ MODES: dict[str, tuple[Grant, ...]] = {
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def _free_ports(n: int) -> list[int]:
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
 
 
 def _sh(*args: str) -> subprocess.CompletedProcess[str]:
