@@ -27,7 +27,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,test,dev,bench]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,test,dev,bench,confluent]'
 	touch $@
 
 lint: install

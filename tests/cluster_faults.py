@@ -399,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--drain-timeout-s", type=float, default=150.0)
     parser.add_argument("--json", type=Path, help="append each result as a JSON line here")
+    parser.add_argument("--kafka-client", default="kafka-python", help="the worker's client")
     args = parser.parse_args(argv)
 
     work = args.work_dir.resolve()
@@ -419,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                     rate=args.rate,
                     partitions=args.partitions,
                     drain_timeout_s=args.drain_timeout_s,
+                    worker_args=("--kafka-client", args.kafka_client),
                 )
                 results.append(res)
                 print(TABLE_HEAD)

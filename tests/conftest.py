@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from worker.config import KAFKA_CLIENTS
+
 from kafka_broker import bootstrap_servers, create_topic, wait_ready
 
 if TYPE_CHECKING:
@@ -32,6 +34,12 @@ def _restore_logging() -> Iterator[None]:
             root.addHandler(h)
     root.setLevel(level)
     logging.getLogger("kafka").setLevel(kafka_level)
+
+
+@pytest.fixture(params=KAFKA_CLIENTS)
+def kafka_client(request: pytest.FixtureRequest) -> str:
+    """Each ``--kafka-client`` behind the edge seam: a test that takes it runs on both."""
+    return str(request.param)
 
 
 @pytest.fixture(scope="session")

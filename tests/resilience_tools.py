@@ -195,6 +195,11 @@ def worker_argv(
     ]
 
 
+def client_argv(kafka_client: str, *args: Any) -> list[str]:
+    """:func:`worker_argv` with ``--kafka-client``: the same worker on that client."""
+    return [*worker_argv(*args), "--kafka-client", kafka_client]
+
+
 def produce_argv(
     bootstrap: str, topic: str, model: Path, count: int, rate: float, prefix: str, seed: int = 0
 ) -> list[str]:

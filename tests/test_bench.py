@@ -25,7 +25,7 @@ def positive(x: Any) -> bool:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_bench_writes_json_markdown_and_png(
-    kafka_bootstrap: str, tiny_model_dir: Path, tmp_path: Path
+    kafka_bootstrap: str, tiny_model_dir: Path, tmp_path: Path, kafka_client: str
 ) -> None:
     out = tmp_path / "bench"
     config = BenchConfig(
@@ -40,6 +40,7 @@ def test_bench_writes_json_markdown_and_png(
         partitions=2,
         processes=2,
         timeout_s=120,
+        kafka_client=kafka_client,
     )
     report = run_bench(config)
 
@@ -54,10 +55,16 @@ def test_bench_writes_json_markdown_and_png(
     for r in on_disk["raw_ort"]:
         assert positive(r["events_per_s"]) and positive(r["ms_per_batch"])
 
-    consume = on_disk["raw_consume"]
-    assert consume["parts"] == 3 * 300 and consume["events"] == 300
-    for k in ("parts_per_s", "events_per_s", "mb_per_s", "megabytes"):
-        assert positive(consume[k]), k
+    # Raw consume with each client; the ratio is to the worker's own client.
+    by_client = on_disk["raw_consume_by_client"]
+    assert set(by_client) == {"kafka-python", "confluent"}
+    assert on_disk["raw_consume"] == by_client[kafka_client]
+    for name, consume in by_client.items():
+        assert consume["kafka_client"] == name
+        assert consume["parts"] == 3 * 300 and consume["events"] == 300
+        for k in ("parts_per_s", "events_per_s", "mb_per_s", "megabytes"):
+            assert positive(consume[k]), (name, k)
+    assert on_disk["config"]["kafka_client"] == kafka_client
 
     for run in ("end_to_end", "open_loop"):
         r = on_disk[run]
@@ -83,6 +90,7 @@ def test_bench_writes_json_markdown_and_png(
     for heading in ("Raw ONNX Runtime", "Raw consume", "Worker end to end", "Ratios"):
         assert f"### {heading}" in md
     assert "| 8 |" in md and "end to end / raw ORT (batch 8)" in md
+    assert "| confluent | 900 |" in md and "| kafka-python | 900 |" in md
 
     png = (out / "bench.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000

@@ -40,10 +40,22 @@ FAULT_S = {"leader-kill": 25.0, "coordinator-kill": 25.0, "rolling-restart": 20.
     ],
 )
 def test_the_worker_comes_through_a_broker_fault(
-    kafka_cluster: Cluster, tiny_model_dir: Path, tmp_path: Path, fault: str, guarantee: str
+    kafka_cluster: Cluster,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    fault: str,
+    guarantee: str,
+    kafka_client: str,
 ) -> None:
     res = run_fault(
-        kafka_cluster, tiny_model_dir, tmp_path, fault, guarantee, events=400, rate=40.0
+        kafka_cluster,
+        tiny_model_dir,
+        tmp_path,
+        fault,
+        guarantee,
+        events=400,
+        rate=40.0,
+        worker_args=("--kafka-client", kafka_client),
     )
     print(res.row())
     log = "\n".join(res.notable_log[-20:])

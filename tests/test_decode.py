@@ -45,6 +45,22 @@ def test_npy_with_wrong_dtype_shape_or_nan_is_refused(arr: np.ndarray, reason: R
     assert reason_of(raw(npy_bytes(arr), modality="image", ctype=CONTENT_NPY)) == reason
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_one_non_finite_value_among_finite_ones_is_refused(bad: float) -> None:
+    arr = np.random.default_rng(1).random((16, 16, 3)).astype(np.float32)
+    arr[7, 3, 1] = bad
+    assert reason_of(raw(npy_bytes(arr), modality="image", ctype=CONTENT_NPY)) == (
+        Reason.DECODE_ERROR
+    )
+
+
+def test_the_largest_finite_values_are_taken() -> None:
+    arr = np.full((16, 16, 3), np.finfo(np.float32).max, dtype=np.float32)
+    arr[0, 0, 0] = -np.finfo(np.float32).max
+    part = decode_record(raw(npy_bytes(arr), modality="image", ctype=CONTENT_NPY), M, LIMITS)
+    assert np.array_equal(part.tensor, arr)
+
+
 def test_pickled_npy_is_refused_without_unpickling() -> None:
     buf = io.BytesIO()
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)

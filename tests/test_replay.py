@@ -125,7 +125,10 @@ def test_replay_config_rejects_what_it_cannot_do() -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_window_replay_predicts_what_the_live_worker_did_and_handles_the_edges(
-    kafka_bootstrap: str, topic_factory: Callable[..., str], tiny_model_dir: Path
+    kafka_bootstrap: str,
+    topic_factory: Callable[..., str],
+    tiny_model_dir: Path,
+    kafka_client: str,
 ) -> None:
     from test_worker_kafka import RunningWorker, make_config
 
@@ -149,7 +152,9 @@ def test_window_replay_predicts_what_the_live_worker_did_and_handles_the_edges(
     send_timed(kafka_bootstrap, src, a + early + gap_in + b + late + gap_out + c)
     n_all = 12 + 20 + 12 + 2
 
-    live_cfg = make_config(kafka_bootstrap, (src, live_out, live_dlq), tiny_model_dir)
+    live_cfg = make_config(
+        kafka_bootstrap, (src, live_out, live_dlq), tiny_model_dir, kafka_client=kafka_client
+    )
     with RunningWorker(live_cfg):
         live = read_topic(kafka_bootstrap, live_out, lambda got: len(got) >= n_all, 60)
     live_by_id = {r.key.decode(): json.loads(r.value) for r in live}
@@ -163,6 +168,7 @@ def test_window_replay_predicts_what_the_live_worker_did_and_handles_the_edges(
             tiny_model_dir,
             src,
             out,
+            kafka_client=kafka_client,
             from_time=format_time(start),
             to_time=format_time(end),
             edge_margin_ms=1_000,
@@ -195,6 +201,7 @@ def test_window_replay_predicts_what_the_live_worker_did_and_handles_the_edges(
             tiny_model_dir,
             src,
             out2,
+            kafka_client=kafka_client,
             ranges="0:0-,1:0-",
             guarantee="exactly-once",
             on_incomplete="drop",
@@ -256,11 +263,12 @@ def test_a_killed_replay_resumes_and_completes(
     tiny_model_dir: Path,
     tmp_path: Path,
     record_property: Callable[[str, object], None],
+    kafka_client: str,
 ) -> None:
     src, out = topic_factory(2), topic_factory(2)
     n = 160
     send_timed(kafka_bootstrap, src, events(tiny_model_dir, "k", n, HOUR_AGO, 10, seed=7))
-    argv = _replay_argv(kafka_bootstrap, tiny_model_dir, src, out)
+    argv = _replay_argv(kafka_bootstrap, tiny_model_dir, src, out, "--kafka-client", kafka_client)
     log_path = tmp_path / "first.log"
     with log_path.open("wb") as log_file:
         first = subprocess.Popen(

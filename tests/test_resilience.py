@@ -29,6 +29,7 @@ from resilience_tools import (
     ProcessPool,
     StreamSender,
     TopicReader,
+    client_argv,
     free_port,
     http_get,
     interleave,
@@ -92,6 +93,7 @@ KILL_EVENTS = 2000
 
 def _sigkill_loop(
     guarantee: str,
+    kafka_client: str,
     kafka_bootstrap: str,
     topics: Topics,
     tiny_model_dir: Path,
@@ -109,7 +111,8 @@ def _sigkill_loop(
     """
     rng = random.Random(seed)
     group = new_group()
-    argv = worker_argv(
+    argv = client_argv(
+        kafka_client,
         kafka_bootstrap,
         topics,
         group,
@@ -187,10 +190,18 @@ def test_sigkill_loop_at_least_once(
     factory: EventFactory,
     procs: ProcessPool,
     record_property: RecordProperty,
+    kafka_client: str,
 ) -> None:
     topics = fresh_topics(topic_factory)
     ids, reader = _sigkill_loop(
-        "at-least-once", kafka_bootstrap, topics, tiny_model_dir, factory, procs, seed=101
+        "at-least-once",
+        kafka_client,
+        kafka_bootstrap,
+        topics,
+        tiny_model_dir,
+        factory,
+        procs,
+        seed=101,
     )
     with reader:
         missing, duplicates, unexpected = summarize(reader.counts(), ids)
@@ -208,10 +219,18 @@ def test_sigkill_loop_exactly_once(
     factory: EventFactory,
     procs: ProcessPool,
     record_property: RecordProperty,
+    kafka_client: str,
 ) -> None:
     topics = fresh_topics(topic_factory)
     ids, reader = _sigkill_loop(
-        "exactly-once", kafka_bootstrap, topics, tiny_model_dir, factory, procs, seed=202
+        "exactly-once",
+        kafka_client,
+        kafka_bootstrap,
+        topics,
+        tiny_model_dir,
+        factory,
+        procs,
+        seed=202,
     )
     with reader:
         counts = reader.counts()
@@ -240,6 +259,7 @@ def test_group_membership_changes_lose_nothing(
     factory: EventFactory,
     procs: ProcessPool,
     record_property: RecordProperty,
+    kafka_client: str,
 ) -> None:
     topics = fresh_topics(topic_factory)
     group = new_group()
@@ -247,7 +267,7 @@ def test_group_membership_changes_lose_nothing(
     ids = event_ids("member", n)
 
     def argv(name: str) -> list[str]:
-        return worker_argv(
+        return client_argv(kafka_client,
             kafka_bootstrap, topics, group, tiny_model_dir, "--client-id", name,
             "--shutdown-timeout-s", "20",
         )  # fmt: skip
@@ -294,6 +314,7 @@ def test_broker_outage_is_survived(
     tmp_path: Path,
     tiny_model_dir: Path,
     procs: ProcessPool,
+    kafka_client: str,
 ) -> None:
     """The broker goes away for ~5 s mid-stream and comes back on the same ports and data.
 
@@ -315,7 +336,8 @@ def test_broker_outage_is_survived(
             # Parts delayed by the outage must still meet their event: the assembly
             # timeout has to outlast the outage (a slow restart on a loaded machine
             # took over 30 s once), so it is set well above it here.
-            worker_argv(
+            client_argv(
+                kafka_client,
                 broker.bootstrap,
                 topics,
                 new_group(),
@@ -372,6 +394,7 @@ def test_sigterm_drains_and_commits(
     tiny_model_dir: Path,
     factory: EventFactory,
     procs: ProcessPool,
+    kafka_client: str,
 ) -> None:
     topics = fresh_topics(topic_factory)
     group = new_group()
@@ -385,7 +408,7 @@ def test_sigterm_drains_and_commits(
     send_records(kafka_bootstrap, topics[0], backlog)
     w = procs.start(
         "worker",
-        worker_argv(
+        client_argv(kafka_client,
             kafka_bootstrap, topics, group, tiny_model_dir,
             "--http-port", str(port),
             "--shutdown-timeout-s", str(shutdown_s),
@@ -436,6 +459,7 @@ def test_incomplete_flood_is_bounded(
     factory: EventFactory,
     procs: ProcessPool,
     record_property: RecordProperty,
+    kafka_client: str,
 ) -> None:
     topics = fresh_topics(topic_factory)
     port = free_port()
@@ -457,7 +481,7 @@ def test_incomplete_flood_is_bounded(
 
     w = procs.start(
         "worker",
-        worker_argv(
+        client_argv(kafka_client,
             kafka_bootstrap, topics, new_group(), tiny_model_dir,
             "--max-pending-events", str(bound),
             "--assembly-timeout-ms", "1500",

@@ -87,9 +87,12 @@ def produce(secure: SecureBroker, topic: str, parts: EventFactory, count: int, p
         producer.close(timeout=5)
 
 
-def worker_argv(n: Names, model: Path, guarantee: str, *extra: str) -> list[str]:
+def worker_argv(
+    n: Names, model: Path, guarantee: str, *extra: str, kafka_client: str = "kafka-python"
+) -> list[str]:
     return [
         "worker",
+        "--kafka-client", kafka_client,
         "--input-topic", n.input,
         "--output-topic", n.output,
         "--dlq-topic", n.dlq,
@@ -172,11 +175,14 @@ def test_worker_predicts_every_event_with_exactly_the_documented_acls(
     capsys: pytest.CaptureFixture[str],
     listener: str,
     guarantee: str,
+    kafka_client: str,
 ) -> None:
     n = new_names(secure, parts=parts)
     secure.grant("mmstream", f"worker-{guarantee}", n)
     flags = secure.sasl_flags("mmstream") if listener == "sasl" else secure.mtls_flags("mmstream")
-    argv = worker_argv(n, tiny_model_dir, guarantee, *flags, "--max-events", str(EVENTS))
+    argv = worker_argv(
+        n, tiny_model_dir, guarantee, *flags, "--max-events", str(EVENTS), kafka_client=kafka_client
+    )
     rc, out, err, _ = run(argv, capsys)
     assert rc == 0, err[-3000:]
     assert ASSIGNED in err  # what the failure tests look for to tell "never ready"
@@ -197,6 +203,7 @@ def test_replay_over_sasl_ssl_with_its_documented_acls(
     tiny_model_dir: Path,
     parts: EventFactory,
     capsys: pytest.CaptureFixture[str],
+    kafka_client: str,
 ) -> None:
     backfill_id = unique("bf")
     n = new_names(secure, parts=parts)
@@ -204,6 +211,7 @@ def test_replay_over_sasl_ssl_with_its_documented_acls(
     secure.grant("mmstream-replay", "replay", n)
     argv = [
         "replay",
+        "--kafka-client", kafka_client,
         *secure.sasl_flags("mmstream-replay"),
         "--source-topic", n.input,
         "--output-topic", n.output,
@@ -283,6 +291,7 @@ def test_an_authentication_or_tls_failure_is_one_line_naming_it(
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
     case: str,
+    kafka_client: str,
 ) -> None:
     how, pattern = CONNECT_FAILURES[case]
     n = new_names(secure, parts=parts)
@@ -303,7 +312,9 @@ def test_an_authentication_or_tls_failure_is_one_line_naming_it(
         rogue_cert, rogue_key = secure.cert("rogue-client")
         flags[flags.index(str(cert))] = str(rogue_cert)
         flags[flags.index(str(key))] = str(rogue_key)
-    rc, _, err, seconds = run(worker_argv(n, tiny_model_dir, "at-least-once", *flags), capsys)
+    rc, _, err, seconds = run(
+        worker_argv(n, tiny_model_dir, "at-least-once", *flags, kafka_client=kafka_client), capsys
+    )
     line = assert_failed_cleanly(secure, n, rc, err, seconds, pattern)
     assert "Unable to bootstrap" not in line
 
@@ -328,12 +339,15 @@ def test_each_missing_acl_is_one_line_naming_it(
     guarantee: str,
     missing: str,
     pattern: str,
+    kafka_client: str,
 ) -> None:
     assert missing in {g.what for g in MODES[f"worker-{guarantee}"]}
     n = new_names(secure, parts=parts)
     secure.grant("mmstream", f"worker-{guarantee}", n, without=[missing])
     flags = secure.sasl_flags("mmstream") if listener == "sasl" else secure.mtls_flags("mmstream")
-    rc, _, err, seconds = run(worker_argv(n, tiny_model_dir, guarantee, *flags), capsys)
+    rc, _, err, seconds = run(
+        worker_argv(n, tiny_model_dir, guarantee, *flags, kafka_client=kafka_client), capsys
+    )
     who = "user 'mmstream'" if listener == "sasl" else "principal 'mmstream'"
     names = {"input": n.input, "group": n.group, "output": n.output, "dlq": n.dlq}
     regex = (

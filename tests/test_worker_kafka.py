@@ -27,7 +27,7 @@ from worker.contract.errors import Reason
 from worker.contract.manifest import MODEL_FILE, load_manifest
 from worker.contract.reference_data import samples
 from worker.core.pipeline import Worker, WorkerStats
-from worker.edge.kafka_python import KafkaPythonClients
+from worker.edge.client import clients_for
 from worker.inference.model import ModelRunner
 from worker.tools.produce import encode_sample
 
@@ -72,7 +72,7 @@ class RunningWorker:
 
     def __init__(self, config: WorkerConfig) -> None:
         self.worker = Worker(
-            config, ModelRunner.load(config.model, "cpu"), clients=KafkaPythonClients()
+            config, ModelRunner.load(config.model, "cpu"), clients=clients_for(config.kafka_client)
         )
         self.stop = threading.Event()
         self.stats: WorkerStats | None = None
@@ -131,6 +131,7 @@ def test_npy_and_raw_parts_give_one_prediction_per_event(
     topic_factory: Callable[..., str],
     tiny_model_dir: Path,
     inference_queue: int,
+    kafka_client: str,
 ) -> None:
     topics = (topic_factory(3), topic_factory(1), topic_factory(1))
     manifest = load_manifest(tiny_model_dir)
@@ -146,7 +147,13 @@ def test_npy_and_raw_parts_give_one_prediction_per_event(
         records += encode_sample(event_id, s, content, manifest)
     random.Random(5).shuffle(records)  # parts of all events interleaved, any order
 
-    config = make_config(kafka_bootstrap, topics, tiny_model_dir, inference_queue=inference_queue)
+    config = make_config(
+        kafka_bootstrap,
+        topics,
+        tiny_model_dir,
+        kafka_client=kafka_client,
+        inference_queue=inference_queue,
+    )
     with RunningWorker(config) as running:
         send_all(kafka_bootstrap, topics[0], records)
         out = read_topic(kafka_bootstrap, topics[1], lambda got: len(got) >= 40, 60)
@@ -187,6 +194,7 @@ def test_bad_records_are_dead_lettered_and_a_poison_event_is_isolated(
     topic_factory: Callable[..., str],
     tiny_model_dir: Path,
     inference_queue: int,
+    kafka_client: str,
 ) -> None:
     topics = (topic_factory(1), topic_factory(1), topic_factory(1))
     manifest = load_manifest(tiny_model_dir)
@@ -231,6 +239,7 @@ def test_bad_records_are_dead_lettered_and_a_poison_event_is_isolated(
         max_part_bytes=8000,
         assembly_timeout_ms=1000,
         inference_queue=inference_queue,
+        kafka_client=kafka_client,
     )
     with RunningWorker(config):
         send_all(kafka_bootstrap, topics[0], records)
@@ -258,14 +267,17 @@ def test_bad_records_are_dead_lettered_and_a_poison_event_is_isolated(
 
 
 def test_incomplete_event_holds_back_the_commit(
-    kafka_bootstrap: str, topic_factory: Callable[..., str], tiny_model_dir: Path
+    kafka_bootstrap: str,
+    topic_factory: Callable[..., str],
+    tiny_model_dir: Path,
+    kafka_client: str,
 ) -> None:
     topics = (topic_factory(1), topic_factory(1), topic_factory(1))
     manifest = load_manifest(tiny_model_dir)
     s1, s2 = samples(2, np.random.default_rng(6), split="test")
     first = encode_sample("incomplete", s1, "npy", manifest)[:2]  # third part never sent
     rest = encode_sample("complete", s2, "npy", manifest)
-    config = make_config(kafka_bootstrap, topics, tiny_model_dir)
+    config = make_config(kafka_bootstrap, topics, tiny_model_dir, kafka_client=kafka_client)
     with RunningWorker(config):
         send_all(kafka_bootstrap, topics[0], first + rest)
         out = read_topic(kafka_bootstrap, topics[1], lambda got: len(got) >= 1, 60)
@@ -293,7 +305,10 @@ def test_demo_runs_end_to_end_and_summarises(
 
 
 def test_restart_skips_events_finished_beyond_the_commit_position(
-    kafka_bootstrap: str, topic_factory: Callable[..., str], tiny_model_dir: Path
+    kafka_bootstrap: str,
+    topic_factory: Callable[..., str],
+    tiny_model_dir: Path,
+    kafka_client: str,
 ) -> None:
     topics = (topic_factory(1), topic_factory(1), topic_factory(1))
     manifest = load_manifest(tiny_model_dir)
@@ -302,7 +317,9 @@ def test_restart_skips_events_finished_beyond_the_commit_position(
     records = held_parts[:2]  # offsets 0-1: an event that stays incomplete for now
     for i, s in enumerate(rest):
         records += encode_sample(f"done-{i}", s, "npy", manifest)  # offsets 2-31
-    config = make_config(kafka_bootstrap, topics, tiny_model_dir, assembly_timeout_ms=0)
+    config = make_config(
+        kafka_bootstrap, topics, tiny_model_dir, kafka_client=kafka_client, assembly_timeout_ms=0
+    )
 
     with RunningWorker(config):
         send_all(kafka_bootstrap, topics[0], records)
@@ -315,7 +332,8 @@ def test_restart_skips_events_finished_beyond_the_commit_position(
     finally:
         consumer.close()
     assert meta is not None and meta.offset == 0  # held back by the incomplete event
-    assert meta.metadata == "mm1:2-31"  # ...but offsets 2-31 are recorded as finished
+    # ...but offsets 2-31 are recorded as finished (confluent-kafka appends a NUL)
+    assert meta.metadata.rstrip("\x00") == "mm1:2-31"
 
     with RunningWorker(config) as second:
         send_all(kafka_bootstrap, topics[0], held_parts[2:])  # completes "held"
@@ -331,7 +349,10 @@ def test_restart_skips_events_finished_beyond_the_commit_position(
 
 
 def test_random_and_mutated_records_are_all_accounted_for(
-    kafka_bootstrap: str, topic_factory: Callable[..., str], tiny_model_dir: Path
+    kafka_bootstrap: str,
+    topic_factory: Callable[..., str],
+    tiny_model_dir: Path,
+    kafka_client: str,
 ) -> None:
     """Worker-level fuzz: ~1000 records, a fifth of the parts mutated, plus junk."""
     topics = (topic_factory(2), topic_factory(1), topic_factory(1))
@@ -382,7 +403,9 @@ def test_random_and_mutated_records_are_all_accounted_for(
     records = [records[i] for i in order]
     junk_positions = {pos for pos, i in enumerate(order) if i in junk_idx}
 
-    config = make_config(kafka_bootstrap, topics, tiny_model_dir, assembly_timeout_ms=3000)
+    config = make_config(
+        kafka_bootstrap, topics, tiny_model_dir, kafka_client=kafka_client, assembly_timeout_ms=3000
+    )
     with RunningWorker(config) as running:
         placed = send_all(kafka_bootstrap, topics[0], records)
         deadline = time.monotonic() + 60

@@ -49,6 +49,8 @@ LOG_FORMATS = ("text", "json")
 CONTENTS = ("raw", "npy")
 #: ``--security-protocol`` (Kafka's names).
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+#: ``--kafka-client``: the Kafka client library behind :mod:`worker.edge.client`.
+KAFKA_CLIENTS = ("kafka-python", "confluent")
 #: ``--sasl-mechanism`` with a SASL_* protocol.
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
@@ -260,15 +262,21 @@ def compression_setting(what: str) -> Any:
 
 @dataclass(frozen=True, kw_only=True)
 class KafkaSecurity:
-    """Kafka security settings, shared by every command that talks to a cluster.
+    """Kafka client and security settings, shared by every command that talks to a cluster.
 
     The SASL password comes only from ``MMSTREAM_SASL_PASSWORD`` or
     ``--sasl-password-file`` (never a flag) and is kept out of ``repr``.
     """
 
     #: ``--help`` groups these flags under this title.
-    SETTINGS_TITLE: ClassVar[str] = "Kafka security"
+    SETTINGS_TITLE: ClassVar[str] = "Kafka client and security"
 
+    kafka_client: str = setting(
+        "kafka-python",
+        choices=KAFKA_CLIENTS,
+        help="Kafka client library: kafka-python, or confluent (librdkafka; pip install "
+        "'mmstream[confluent]'); both give the same guarantees",
+    )
     security_protocol: str = setting(
         "PLAINTEXT", choices=SECURITY_PROTOCOLS, help="Kafka security protocol"
     )

@@ -769,9 +769,9 @@ def archive_config(args: argparse.Namespace) -> ArchiveConfig:
 
 def run_archive(config: ArchiveConfig) -> dict[str, Any]:
     """Resolve the ranges of ``config`` and archive them (or, with ``dry_run``, report them)."""
-    from worker.edge.kafka_python import KafkaPythonClients
+    from worker.edge.client import clients_for
 
-    inspector = KafkaPythonClients().inspector(config.bootstrap_servers, config)
+    inspector = clients_for(config.kafka_client).inspector(config.bootstrap_servers, config)
     from_ms, to_ms = config.window()
     try:
         resolved = resolve_ranges(

@@ -69,7 +69,7 @@ from worker.core.pacing import Pacer
 from worker.core.pipeline import Clock, Worker, WorkerStats, wall_ms
 from worker.core.sensors import Sensor
 from worker.core.stage import BatchStage
-from worker.edge.client import Clients, Consumer, Inspector
+from worker.edge.client import Clients, Consumer, Inspector, clients_for
 from worker.edge.kafka_io import count_records, delete_topics, ensure_topics
 from worker.inference.model import ModelRunner
 
@@ -332,11 +332,9 @@ def run_replay(
 ) -> dict[str, Any]:
     """Resolve the range, then predict it (or, with ``dry_run``, only say what it would read).
 
-    ``clients``: the Kafka client factory (kafka-python by default)."""
+    ``clients``: the Kafka client factory (default: ``--kafka-client``'s)."""
     if clients is None:
-        from worker.edge.kafka_python import KafkaPythonClients
-
-        clients = KafkaPythonClients()
+        clients = clients_for(config.kafka_client)
     if config.source_file is not None:
         from worker.backfill.archive import restore_file
 

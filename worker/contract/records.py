@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from numpy.typing import NDArray
 
 HEADER_MODALITY = "mm-modality"
@@ -60,11 +59,13 @@ class RawRecord:
     headers: tuple[tuple[str, bytes], ...]
 
     def header(self, name: str) -> bytes | None:
-        found = None
-        for k, v in self.headers:
-            if k.lower() == name:
-                found = v
-        return found
+        """The value of header ``name`` (lower case; names match case-insensitively)."""
+        # A part is asked for three or four headers: index them once, at the first ask
+        # (kept in the instance's __dict__; not a field, so equality ignores it).
+        by_name = self.__dict__.get("_by_name")
+        if by_name is None:
+            by_name = self.__dict__["_by_name"] = {k.lower(): v for k, v in self.headers}
+        return by_name.get(name)
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,3 @@ class Prediction:
             out["label"] = self.label
             out["score"] = self.score
         return out
-
-
-def as_f32_list(values: NDArray[np.floating[Any]]) -> list[float]:
-    return [float(v) for v in np.asarray(values, dtype=np.float64).ravel()]

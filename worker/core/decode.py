@@ -15,7 +15,9 @@ Supported ``content-type`` per modality:
 
 from __future__ import annotations
 
+import functools
 import io
+import math
 import wave
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,7 +108,7 @@ def decode_npy(value: bytes, info: InputInfo) -> NDArray[Any]:
         shape, fortran, dtype, offset = _npy_header(value)
     except (ValueError, OSError, EOFError, SyntaxError, TokenError, UnicodeDecodeError) as exc:
         raise RecordError(Reason.DECODE_ERROR, f"not a valid .npy array: {exc}") from exc
-    if dtype != np.dtype(info.dtype):
+    if dtype != _dtype(info.dtype):
         raise RecordError(
             Reason.SHAPE_MISMATCH,
             f"{info.name}: dtype {dtype} but the model takes {info.dtype}",
@@ -116,17 +118,22 @@ def decode_npy(value: bytes, info: InputInfo) -> NDArray[Any]:
             Reason.SHAPE_MISMATCH,
             f"{info.name}: shape {list(shape)} but the model takes {list(info.shape)}",
         )
-    data = value[offset:]
-    expected = dtype.itemsize * int(np.prod(shape))
-    if len(data) != expected:
+    size = math.prod(shape)
+    expected = dtype.itemsize * size
+    if len(value) - offset != expected:
         raise RecordError(
             Reason.DECODE_ERROR,
-            f"{info.name}: npy data holds {len(data)} bytes, the header says {expected}",
+            f"{info.name}: npy data holds {len(value) - offset} bytes, the header says {expected}",
         )
-    arr = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+    flat = np.frombuffer(value, dtype=dtype, offset=offset)
+    if dtype.kind == "f" and not np.isfinite(flat).all():
         raise RecordError(Reason.DECODE_ERROR, f"{info.name}: array holds NaN or infinity")
-    return arr
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
+@functools.cache
+def _dtype(name: str) -> np.dtype[Any]:
+    return np.dtype(name)
 
 
 def decode_image(value: bytes, spec: ImageSpec, limits: Limits) -> NDArray[np.float32]:

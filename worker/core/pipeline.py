@@ -43,13 +43,14 @@ a failure or a revocation aborts it and rewinds the source to its checkpoints.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import orjson
 
 from worker.config import WorkerConfig
 from worker.contract.errors import BrokerError, ConfigError, InferenceError, Reason, RecordError
@@ -211,6 +212,7 @@ class Worker:
             while not stop.is_set() and not self._finished():
                 self._step()
             self._drain()
+            self._observe_gauges()  # also hands the last turn's counts to the sensors
             drained = True
         finally:
             self.stage.close(timeout_s=self.config.shutdown_timeout_s, discard=not drained)
@@ -464,7 +466,7 @@ class Worker:
         model = self.runner.model_ref
         headers = ((HEADER_CONTENT_TYPE, b"application/json"),)
         for event, pred in zip(events, preds, strict=True):
-            value = json.dumps(pred.to_json_dict(model), separators=(",", ":")).encode()
+            value = orjson.dumps(pred.to_json_dict(model))
             record = OutRecord(self.config.output_topic, event.event_id.encode(), value, headers)
             self._send(record, "prediction", event.sources, event.last_part_ms)
 

@@ -209,12 +209,17 @@ class MetricsSensor:
 
     def __init__(self, metrics: WorkerMetrics) -> None:
         self.m = metrics
+        # Per-record counts are added up here and handed to Prometheus once per loop turn
+        # (gauges()): a counter's inc() takes a lock, and these run once per record.
+        self._consumed: dict[str, int] = {}
+        self._completed = 0
+        self._predicted = 0
 
     def beat(self, now_s: float) -> None:
         self.m.beat(now_s)
 
     def consumed(self, modality: str) -> None:
-        self.m.records_consumed.labels(modality).inc()
+        self._consumed[modality] = self._consumed.get(modality, 0) + 1
 
     def skipped_finished(self) -> None:
         pass
@@ -223,14 +228,14 @@ class MetricsSensor:
         self.m.duplicate_parts.inc()
 
     def completed(self) -> None:
-        self.m.events_completed.inc()
+        self._completed += 1
 
     def batch(self, size: int, seconds: float) -> None:
         self.m.inference_seconds.observe(seconds)
         self.m.batch_size.observe(size)
 
     def predicted(self, latency_s: float | None) -> None:
-        self.m.predictions.inc()
+        self._predicted += 1
         if latency_s is not None:
             self.m.end_to_end_seconds.observe(latency_s)
 
@@ -255,7 +260,20 @@ class MetricsSensor:
     def rebalance(self) -> None:
         self.m.rebalances.inc()
 
+    def flush(self) -> None:
+        """Hand the counts added up since the last turn to Prometheus."""
+        for modality, n in self._consumed.items():
+            self.m.records_consumed.labels(modality).inc(n)
+        self._consumed.clear()
+        if self._completed:
+            self.m.events_completed.inc(self._completed)
+            self._completed = 0
+        if self._predicted:
+            self.m.predictions.inc(self._predicted)
+            self._predicted = 0
+
     def gauges(self, g: Gauges) -> None:
+        self.flush()
         self.m.pending_events.set(g.pending_events)
         self.m.pending_bytes.set(g.pending_bytes)
         self.m.unacked_outputs.set(g.unacked_outputs)

@@ -26,11 +26,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
-from worker.contract.errors import BrokerError
+from worker.contract.errors import BrokerError, ConfigError
 from worker.contract.records import OutRecord, RawRecord
 
 if TYPE_CHECKING:
     from worker.config import KafkaSecurity, WorkerConfig
+    from worker.edge.kafka_io import ReadTiming
 
 TP = tuple[str, int]
 Positions = Mapping[TP, tuple[int, str]]
@@ -167,3 +168,38 @@ class Clients(Protocol):
         self, bootstrap_servers: str, security: KafkaSecurity, *, read_committed: bool = False
     ) -> Inspector:
         """``read_committed``: a partition's end is its last stable offset."""
+
+
+def timed_read_for(kafka_client: str) -> Callable[[str, str, int, float], ReadTiming]:
+    """The raw, group-less timed read of ``--kafka-client`` (the bench's raw consume):
+    ``read(bootstrap_servers, topic, records, timeout_s)``."""
+    clients_for(kafka_client)  # refuses an unknown or missing client
+    if kafka_client == "confluent":
+        from worker.edge.confluent import timed_read
+
+        return timed_read
+    from worker.edge.kafka_io import timed_read as kafka_python_read
+
+    return kafka_python_read
+
+
+def clients_for(kafka_client: str) -> Clients:
+    """The :class:`Clients` of ``--kafka-client`` (the library is imported here, once chosen).
+
+    Raises:
+        ConfigError: an unknown client, or confluent without confluent-kafka installed.
+    """
+    if kafka_client == "kafka-python":
+        from worker.edge.kafka_python import KafkaPythonClients
+
+        return KafkaPythonClients()
+    if kafka_client == "confluent":
+        try:
+            from worker.edge.confluent import ConfluentClients
+        except ImportError as exc:
+            raise ConfigError(
+                "--kafka-client confluent: confluent-kafka is not installed "
+                f"(pip install 'mmstream[confluent]'): {exc}"
+            ) from exc
+        return ConfluentClients()
+    raise ConfigError(f"--kafka-client must be kafka-python or confluent, not {kafka_client!r}")

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from kafka import KafkaConsumer, KafkaProducer, codec
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
@@ -310,3 +310,52 @@ def read_records(
     finally:
         consumer.close()
     return out
+
+
+def timed_read(bootstrap_servers: str, topic: str, records: int, timeout_s: float) -> ReadTiming:
+    """Read ``records`` records of ``topic`` from the beginning with a plain kafka-python
+    consumer (no group, large fetches): the bench's raw consume.
+
+    The clock starts once the consumer knows the topic's partitions (the first fetch is
+    timed, connecting is not) and stops at the last record.
+    """
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap_servers.split(","),
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+        max_poll_records=500,
+    )
+    count = nbytes = 0
+    deadline = time.monotonic() + timeout_s
+    try:
+        found = consumer.partitions_for_topic(topic)
+        if not found:
+            raise BrokerError(f"raw consume: topic {topic} has no partitions")
+        tps = [TopicPartition(topic, p) for p in sorted(found)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        start = last = time.perf_counter()
+        while count < records:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"raw consume read {count}/{records} records in {timeout_s} s")
+            for batch in consumer.poll(timeout_ms=200).values():
+                for r in batch:
+                    nbytes += len(r.value or b"") + len(r.key or b"")
+                count += len(batch)
+                last = time.perf_counter()
+    except KafkaError as exc:
+        raise BrokerError(f"raw consume of {topic} failed: {exc!r}") from exc
+    finally:
+        consumer.close()
+    return ReadTiming(count, nbytes, max(1e-6, last - start))
+
+
+class ReadTiming(NamedTuple):
+    """What a timed read read, and how long it took."""
+
+    records: int
+    nbytes: int
+    seconds: float

@@ -208,7 +208,8 @@ class KafkaPythonConsumer:
         found = self._c.committed(_tp(tp), metadata=True)
         if found is None:
             return None, ""
-        return found.offset, found.metadata or ""
+        # A checkpoint committed by confluent-kafka ends in a NUL (worker.edge.confluent).
+        return found.offset, (found.metadata or "").rstrip("\x00")
 
     @_wrapped("commit failed")
     def commit(self, positions: Positions) -> None:

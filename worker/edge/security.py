@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import ssl
 import threading
 import time
@@ -37,9 +38,12 @@ log = logging.getLogger(__name__)
 __all__ = [
     "BootstrapWatch",
     "TopicAccess",
+    "authentication_failed",
     "authorization_error",
     "check_access",
     "principal",
+    "tls_failure",
+    "untrusted",
 ]
 
 #: kafka-python's loggers that report connection failures.
@@ -79,6 +83,62 @@ def _chain(exc: BaseException | None) -> Iterator[BaseException]:
         seen.add(id(exc))
         yield exc
         exc = exc.__cause__ or exc.__context__
+
+
+def authentication_failed(security: dict[str, Any], where: str) -> str:
+    """The cause of a refused SASL login (``security``: kafka-python's keywords)."""
+    return (
+        f"authentication failed for user {security.get('sasl_plain_username', '')!r} "
+        f"({security.get('sasl_mechanism')}) at {where}: wrong password or unknown user"
+    )
+
+
+def untrusted(security: dict[str, Any], where: str, detail: str) -> str:
+    """The cause of a broker certificate the client does not trust (or that names
+    another host)."""
+    cafile = security.get("ssl_cafile")
+    trust = f"--ssl-cafile {cafile}" if cafile else "the system CAs (no --ssl-cafile)"
+    if "hostname" in detail.lower() or "ip address mismatch" in detail.lower():
+        return f"TLS: the broker certificate at {where} does not name that host: {detail}"
+    return f"TLS: broker certificate at {where} not trusted by {trust}: {detail}"
+
+
+#: TLS alerts a broker sends when it refuses (or wants) the client's certificate.
+_CLIENT_CERT_ALERTS = (
+    "ALERT_CERTIFICATE_UNKNOWN",
+    "ALERT_UNKNOWN_CA",
+    "ALERT_BAD_CERTIFICATE",
+    "ALERT_CERTIFICATE_REQUIRED",
+    "ALERT_CERTIFICATE_EXPIRED",
+    "ALERT_CERTIFICATE_REVOKED",
+)
+
+
+def tls_failure(security: dict[str, Any], where: str, text: str) -> str:
+    """The cause named by a TLS error's text (Python's ssl module or OpenSSL through
+    librdkafka), or "" when it names none."""
+    upper = text.upper().replace(" ", "_")
+    if "CERTIFICATE_VERIFY_FAILED" in upper:
+        detail = re.split("certificate verify failed:?", text, maxsplit=1, flags=re.I)[-1]
+        detail = detail.split("(_ssl.c", 1)[0].strip(" :")
+        return untrusted(security, where, detail or "certificate verify failed")
+    if any(alert in upper for alert in _CLIENT_CERT_ALERTS):
+        certfile = security.get("ssl_certfile")
+        if not certfile:
+            return (
+                f"TLS: the broker at {where} requires a client certificate (mTLS): give "
+                "--ssl-certfile and --ssl-keyfile"
+            )
+        return (
+            f"TLS: the broker at {where} refused the client certificate --ssl-certfile "
+            f"{certfile}: not signed by a CA it trusts, or expired or revoked"
+        )
+    if "WRONG_VERSION_NUMBER" in upper or "RECORD_LAYER_FAILURE" in upper:
+        return (
+            f"TLS: {where} does not speak TLS (a PLAINTEXT listener? check "
+            "--security-protocol and the port)"
+        )
+    return ""
 
 
 class BootstrapWatch(logging.Handler):
@@ -169,21 +229,17 @@ class BootstrapWatch(logging.Handler):
         return self.bootstrap_servers
 
     def _classify(self, exc: BaseException) -> str:
-        sec = self.security
+        sec, where = self.security, self._where()
         for e in _chain(exc):
             if isinstance(e, kerrors.SaslAuthenticationFailedError):
-                return (
-                    f"authentication failed for user {sec.get('sasl_plain_username', '')!r} "
-                    f"({sec.get('sasl_mechanism')}) at {self._where()}: wrong password or "
-                    "unknown user"
-                )
+                return authentication_failed(sec, where)
             if isinstance(e, kerrors.UnsupportedSaslMechanismError):
                 return (
-                    f"the broker at {self._where()} does not offer SASL mechanism "
+                    f"the broker at {where} does not offer SASL mechanism "
                     f"{sec.get('sasl_mechanism')} (--sasl-mechanism)"
                 )
             if isinstance(e, ssl.SSLCertVerificationError):
-                return self._untrusted(e.verify_message or str(e))
+                return untrusted(sec, where, e.verify_message or str(e))
             if isinstance(e, ssl.SSLError):
                 cause = self._classify_text(str(e))
                 if cause:
@@ -191,49 +247,9 @@ class BootstrapWatch(logging.Handler):
         return ""
 
     def _classify_text(self, text: str) -> str:
-        upper = text.upper()
-        if "SASLAUTHENTICATIONFAILED" in upper.replace("_", ""):
-            return self._classify(kerrors.SaslAuthenticationFailedError())
-        if "CERTIFICATE_VERIFY_FAILED" in upper:
-            detail = text.split("certificate verify failed:", 1)[-1].split("(_ssl.c", 1)[0]
-            return self._untrusted(detail.strip())
-        if any(
-            alert in upper
-            for alert in (
-                "ALERT_CERTIFICATE_UNKNOWN",
-                "ALERT_UNKNOWN_CA",
-                "ALERT_BAD_CERTIFICATE",
-                "ALERT_CERTIFICATE_REQUIRED",
-                "ALERT_CERTIFICATE_EXPIRED",
-                "ALERT_CERTIFICATE_REVOKED",
-            )
-        ):
-            certfile = self.security.get("ssl_certfile")
-            if not certfile:
-                return (
-                    f"TLS: the broker at {self._where()} requires a client certificate "
-                    "(mTLS): give --ssl-certfile and --ssl-keyfile"
-                )
-            return (
-                f"TLS: the broker at {self._where()} refused the client certificate "
-                f"--ssl-certfile {certfile}: not signed by a CA it trusts, or expired or "
-                "revoked"
-            )
-        if "WRONG_VERSION_NUMBER" in upper or "RECORD_LAYER_FAILURE" in upper:
-            return (
-                f"TLS: {self._where()} does not speak TLS (a PLAINTEXT listener? check "
-                "--security-protocol and the port)"
-            )
-        return ""
-
-    def _untrusted(self, detail: str) -> str:
-        cafile = self.security.get("ssl_cafile")
-        trust = f"--ssl-cafile {cafile}" if cafile else "the system CAs (no --ssl-cafile)"
-        if "hostname" in detail.lower() or "ip address mismatch" in detail.lower():
-            return (
-                f"TLS: the broker certificate at {self._where()} does not name that host: {detail}"
-            )
-        return f"TLS: broker certificate at {self._where()} not trusted by {trust}: {detail}"
+        if "SASLAUTHENTICATIONFAILED" in text.upper().replace("_", ""):
+            return authentication_failed(self.security, self._where())
+        return tls_failure(self.security, self._where(), text)
 
     def error(self, what: str, exc: BaseException) -> BrokerError:
         """The BrokerError for a failed constructor (closes what it left running)."""

@@ -40,7 +40,7 @@ from worker.config import DEVICES
 from worker.contract.errors import ConfigError, InferenceError, ModelError
 from worker.contract.manifest import MODEL_FILE, Manifest, load_manifest
 from worker.contract.preprocess import blank_input
-from worker.contract.records import Event, Prediction, as_f32_list
+from worker.contract.records import Event, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -459,17 +459,22 @@ class ModelRunner:
         outputs = self._infer_bound(events) if self.io_binding else self.run(self.feed(events))
         now_ms = clock()
         labels = self.manifest.labels
+        n = len(events)
+        # The whole batch at once: one conversion to Python floats per output (by way of
+        # float64, so float32 values print exactly), one argmax.
+        rows = [np.asarray(out[:n], dtype=np.float64).reshape(n, -1).tolist() for out in outputs]
+        tops: list[int] = []
+        if self._label_index is not None:
+            scores = np.asarray(outputs[self._label_index][:n]).reshape(n, -1)
+            tops = np.argmax(scores, axis=1).tolist()
         preds = []
         for row, event in enumerate(events):
-            values = {
-                name: as_f32_list(out[row])
-                for name, out in zip(self.output_names, outputs, strict=True)
-            }
+            values = {name: out[row] for name, out in zip(self.output_names, rows, strict=True)}
             label = score = None
             if self._label_index is not None:
-                probs = outputs[self._label_index][row].ravel()
-                top = int(np.argmax(probs))
-                label, score = labels[top] if top < len(labels) else str(top), float(probs[top])
+                top = tops[row]
+                probs = rows[self._label_index][row]
+                label, score = labels[top] if top < len(labels) else str(top), probs[top]
             preds.append(
                 Prediction(
                     event_id=event.event_id,

@@ -16,7 +16,7 @@ from typing import Any
 
 from worker.config import WorkerConfig
 from worker.core.pipeline import Worker, WorkerStats
-from worker.edge.kafka_python import KafkaPythonClients
+from worker.edge.client import clients_for
 from worker.inference.model import ModelRunner
 from worker.ops.metrics import WorkerMetrics
 
@@ -65,7 +65,7 @@ def run_worker(
             max_batch_size=config.max_batch_size,
         )
         worker = holder["worker"] = Worker(
-            config, runner, metrics=metrics, clients=KafkaPythonClients()
+            config, runner, metrics=metrics, clients=clients_for(config.kafka_client)
         )
         if on_ready is not None:
             on_ready(worker)

@@ -50,15 +50,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
 from numpy.typing import NDArray
 
-from worker.config import CONTENTS, FrozenConfig, WorkerConfig, setting, setting_from
+from worker.config import (
+    CONTENTS,
+    KAFKA_CLIENTS,
+    FrozenConfig,
+    WorkerConfig,
+    setting,
+    setting_from,
+)
 from worker.contract.errors import BrokerError, ConfigError, MMStreamError
 from worker.core.pipeline import Worker, WorkerStats
+from worker.edge.client import clients_for, timed_read_for
 from worker.edge.kafka_io import count_records, delete_topics, ensure_topics
-from worker.edge.kafka_python import KafkaPythonClients
 from worker.inference.model import ModelRunner
 from worker.inference.rawort import bench_ort
 from worker.tools.demo import read_predictions
@@ -104,6 +109,9 @@ class BenchConfig(FrozenConfig):
         "processes",
         help="worker processes in the end-to-end and open-loop runs (mmstream worker "
         "--processes N; at most --partitions)",
+    )
+    kafka_client: str = setting_from(
+        WorkerConfig, "kafka_client", help="the worker's Kafka client (raw consume runs both)"
     )
     seed: int = setting(11, help="random seed of the produced events")
     timeout_s: float = setting(600.0, help="give up a run after this long")
@@ -229,8 +237,18 @@ def machine_info() -> dict[str, Any]:
         "onnxruntime": ort.__version__,
         "ort_device": ort.get_device(),
         "kafka_python": kafka.__version__,
+        "confluent_kafka": _confluent_version(),
         "numpy": np.__version__,
     }
+
+
+def _confluent_version() -> str:
+    """confluent-kafka's and librdkafka's versions, or "" when it is not installed."""
+    try:
+        import confluent_kafka
+    except ImportError:
+        return ""
+    return f"{confluent_kafka.version()[0]} (librdkafka {confluent_kafka.libversion()[0]})"
 
 
 def model_info(runner: ModelRunner) -> dict[str, Any]:
@@ -252,46 +270,19 @@ def model_info(runner: ModelRunner) -> dict[str, Any]:
 
 
 def bench_consume(
-    bootstrap_servers: str, topic: str, parts: int, parts_per_event: int, timeout_s: float
+    bootstrap_servers: str,
+    topic: str,
+    parts: int,
+    parts_per_event: int,
+    timeout_s: float,
+    kafka_client: str = "kafka-python",
 ) -> dict[str, Any]:
-    """A plain kafka-python consumer (no group) reading ``parts`` records from the beginning.
-
-    The clock starts once the consumer is connected and knows the topic's partitions
-    (so the first fetch is timed, connection set-up is not) and stops at the last record.
-    """
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap_servers.split(","),
-        group_id=None,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        fetch_max_bytes=64 * 1024 * 1024,
-        max_partition_fetch_bytes=16 * 1024 * 1024,
-        max_poll_records=500,
-    )
-    count = nbytes = 0
-    deadline = time.monotonic() + timeout_s
-    try:
-        found = consumer.partitions_for_topic(topic)
-        if not found:
-            raise BrokerError(f"raw consume: topic {topic} has no partitions")
-        tps = [TopicPartition(topic, p) for p in sorted(found)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        start = last = time.perf_counter()
-        while count < parts:
-            if time.monotonic() > deadline:
-                raise BrokerError(f"raw consume read {count}/{parts} parts in {timeout_s} s")
-            for records in consumer.poll(timeout_ms=200).values():
-                for r in records:
-                    nbytes += len(r.value or b"") + len(r.key or b"")
-                count += len(records)
-                last = time.perf_counter()
-    except KafkaError as exc:
-        raise BrokerError(f"raw consume of {topic} failed: {exc!r}") from exc
-    finally:
-        consumer.close()
-    elapsed = max(1e-6, last - start)
+    """A plain consumer of ``kafka_client`` (no group) reading ``parts`` records from the
+    beginning (:func:`worker.edge.client.timed_read_for`: connecting is not timed)."""
+    read = timed_read_for(kafka_client)(bootstrap_servers, topic, parts, timeout_s)
+    count, nbytes, elapsed = read
     return {
+        "kafka_client": kafka_client,
         "parts": count,
         "events": count // parts_per_event,
         "megabytes": nbytes / 1e6,
@@ -365,6 +356,7 @@ def _worker_config(
         max_batch_delay_ms=config.max_batch_delay_ms,
         inference_queue=config.inference_queue,
         max_events=max_events,
+        kafka_client=config.kafka_client,
     )
 
 
@@ -451,6 +443,7 @@ class _WorkerProcesses:
             "--max-batch-delay-ms", str(config.max_batch_delay_ms),
             "--inference-queue", str(config.inference_queue),
             "--processes", str(config.processes),
+            "--kafka-client", config.kafka_client,
             "--http-host", "127.0.0.1",
             "--http-port", str(self.port),
             "--log-level", "WARNING",
@@ -591,7 +584,7 @@ def profile_end_to_end(
     worker = Worker(
         _worker_config(config, "prof", topic_in, topic_out, config.events),
         runner,
-        clients=KafkaPythonClients(),
+        clients=clients_for(config.kafka_client),
     )
     prof = cProfile.Profile()
     wt = _WorkerThread(worker, prof)
@@ -702,10 +695,20 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         )
         parts_per_event = produced["parts"] // produced["events"]
         report["produce"] = produced
-        log.info("bench: raw consume of %d parts", produced["parts"])
-        report["raw_consume"] = bench_consume(
-            config.bootstrap_servers, t_in, produced["parts"], parts_per_event, config.timeout_s
-        )
+        log.info("bench: raw consume of %d parts, with each client", produced["parts"])
+        by_client = {
+            name: bench_consume(
+                config.bootstrap_servers,
+                t_in,
+                produced["parts"],
+                parts_per_event,
+                config.timeout_s,
+                name,
+            )
+            for name in _available_clients()
+        }
+        report["raw_consume_by_client"] = by_client
+        report["raw_consume"] = by_client[config.kafka_client]
         log.info("bench: end to end on the pre-produced topic")
         report["end_to_end"] = bench_end_to_end(config, run, t_in, t_out)
         if config.profile:
@@ -719,6 +722,18 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     report["ratios"] = ratios(report, config.max_batch_size)
     write_report(report, config.out)
     return report
+
+
+def _available_clients() -> list[str]:
+    """The Kafka clients installed here (kafka-python always; confluent when present)."""
+    names = []
+    for name in KAFKA_CLIENTS:
+        try:
+            clients_for(name)
+        except ConfigError:
+            continue
+        names.append(name)
+    return names
 
 
 def ratios(report: dict[str, Any], batch_size: int) -> dict[str, float]:
@@ -775,11 +790,13 @@ def format_markdown(r: dict[str, Any]) -> str:
         _row("platform", m["platform"]),
         _row("python / onnxruntime / kafka-python", f"{m['python']} / {m['onnxruntime']} / "
              f"{m['kafka_python']}"),
+        _row("confluent-kafka", m.get("confluent_kafka") or "not installed"),
         _row("provider used", mod["provider"]),
         _row("model", f"{mod['name']} {mod['version']} ({shapes})"),
         _row("events / content / partitions", f"{cfg['events']} / {cfg['content']} / "
              f"{cfg['partitions']}"),
-        _row("worker", f"{cfg.get('processes', 1)} process(es); batch max "
+        _row("worker", f"{cfg.get('kafka_client', 'kafka-python')}, "
+             f"{cfg.get('processes', 1)} process(es); batch max "
              f"{cfg['max_batch_size']}, delay {cfg['max_batch_delay_ms']} ms; inference "
              f"queue {cfg.get('inference_queue', 0)}"),
         "",
@@ -792,12 +809,15 @@ def format_markdown(r: dict[str, Any]) -> str:
             for o in r["raw_ort"]
         ),
         "",
-        "### Raw consume (kafka-python, no group)",
+        "### Raw consume (no group)",
         "",
-        _row("parts", "MB", "parts/s", "events/s", "MB/s"),
-        _row("---:", "---:", "---:", "---:", "---:"),
-        _row(cons["parts"], f"{cons['megabytes']:.1f}", f"{cons['parts_per_s']:.0f}",
-             f"{cons['events_per_s']:.0f}", f"{cons['mb_per_s']:.1f}"),
+        _row("client", "parts", "MB", "parts/s", "events/s", "MB/s"),
+        _row("---", "---:", "---:", "---:", "---:", "---:"),
+        *(
+            _row(name, c["parts"], f"{c['megabytes']:.1f}", f"{c['parts_per_s']:.0f}",
+                 f"{c['events_per_s']:.0f}", f"{c['mb_per_s']:.1f}")
+            for name, c in r.get("raw_consume_by_client", {"kafka-python": cons}).items()
+        ),
         "",
         "### Worker end to end",
         "",
@@ -925,8 +945,11 @@ def format_summary(r: dict[str, Any]) -> str:
             f"{r['model']['provider']}, {r['machine']['cpu_count']} CPUs)",
             f"  raw ORT       {ort_at['events_per_s']:.0f} events/s at batch "
             f"{ort_at['batch_size']}",
-            f"  raw consume   {r['raw_consume']['events_per_s']:.0f} events/s "
-            f"({r['raw_consume']['mb_per_s']:.1f} MB/s)",
+            *(
+                f"  raw consume   {c['events_per_s']:.0f} events/s ({c['mb_per_s']:.1f} MB/s, "
+                f"{name})"
+                for name, c in r.get("raw_consume_by_client", {"": r["raw_consume"]}).items()
+            ),
             f"  end to end    {e2e['events_per_s']:.0f} events/s "
             f"(mean batch {e2e['mean_batch_size']:.1f}, {e2e.get('processes', 1)} worker "
             f"process(es), RSS {e2e['rss_mb'].get('peak_per_worker_process', 0):.0f} MiB each)",
