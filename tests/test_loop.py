@@ -126,6 +126,42 @@ def test_loop_predicts_every_event_and_commits_to_the_end(guarantee: str) -> Non
         assert "committed" in broker.transactions and "aborted" not in broker.transactions
 
 
+def test_a_retriable_poll_failure_is_a_turn_without_records(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A broker refusing connections during a failover makes kafka-python's poll raise
+    # (KafkaConnectionError); the worker waits a moment and polls again, it does not exit.
+    monkeypatch.setattr("worker.core.pipeline.POLL_RETRY_S", 0.0)
+    broker = new_broker()
+    for i in range(4):
+        put_event(broker, f"ev-{i}", partition=i % 2)
+    clients = FakeClients(broker)
+    make_consumer = clients.consumer
+    failures = [BrokerError("poll: connection refused", retriable=True)] * 3
+
+    def consumer(cfg: WorkerConfig) -> Any:
+        made = make_consumer(cfg)
+        real_poll = made.poll
+
+        def poll(timeout_ms: int, max_records: int) -> list[RawRecord]:
+            if failures:
+                raise failures.pop()
+            return real_poll(timeout_ms, max_records)
+
+        made.poll = poll  # type: ignore[method-assign]
+        return made
+
+    clients.consumer = consumer  # type: ignore[method-assign]
+    worker = Worker(config(max_events=4), runner(), broker.clock, clients=clients)
+    run(worker)
+    assert not failures and sorted(predicted_ids(broker)) == [f"ev-{i}" for i in range(4)]
+
+    failures = [BrokerError("poll: not authorized", retriable=False)]
+    stopped = Worker(config(max_events=4), runner(), broker.clock, clients=clients)
+    with pytest.raises(BrokerError, match="not authorized"):
+        run(stopped)
+
+
 def test_poison_records_are_dead_lettered_with_their_reason_and_settle() -> None:
     broker = new_broker(1)
     put_event(broker, "good")

@@ -93,6 +93,9 @@ __all__ = ["Clock", "Worker", "WorkerStats", "inference_depth", "wall_ms"]
 
 log = logging.getLogger(__name__)
 
+#: Pause after a poll that failed with a retriable error, before the next turn.
+POLL_RETRY_S = 0.2
+
 Clock = Callable[[], int]
 SourceFactory = Callable[[Consumer], Source]
 AdmissionFactory = Callable[[BatchStage[Event]], Admission]
@@ -233,10 +236,7 @@ class Worker:
             self.consumer.pause(self.consumer.assignment())  # also newly assigned ones
         elif pressure.resume:
             self.consumer.resume(self.source.resumable())
-        records = self.consumer.poll(
-            timeout_ms=self._poll_timeout_ms(),
-            max_records=max(1, min(self.config.max_poll_records, pressure.room)),
-        )
+        records = self._poll(max(1, min(self.config.max_poll_records, pressure.room)))
         if self._apply_revocations():
             records = []  # fetched before the rewind: read again from the checkpoint
         if self.consumer.joined():
@@ -256,6 +256,19 @@ class Worker:
         self._settle()
         self._maybe_commit(force=False)
         self._observe_gauges()
+
+    def _poll(self, max_records: int) -> list[RawRecord]:
+        """The consumer's poll; a retriable failure (a broker refusing connections while
+        the cluster fails over) is a turn without records, after a short pause: the
+        progress watchdog still bounds how long work may wait."""
+        try:
+            return self.consumer.poll(timeout_ms=self._poll_timeout_ms(), max_records=max_records)
+        except BrokerError as exc:
+            if not exc.retriable:
+                raise
+            log.warning("poll failed, retrying: %s", exc)
+            time.sleep(POLL_RETRY_S)
+            return []
 
     def _check_progress(self) -> None:
         now_s = self.clock() / 1000
