@@ -155,8 +155,9 @@ def base_ms() -> int:
 
 @pytest.mark.integration
 def test_round_trip_keeps_keys_values_headers_timestamps_and_order(
-    kafka_bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path
+    kafka_bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path, kafka_client: str
 ) -> None:
+    client = KafkaSecurity(kafka_client=kafka_client)
     source, target = topic_factory(3), topic_factory(3)
     records = sample_records(300, 3, base_ms())
     produce(kafka_bootstrap, source, records)
@@ -165,7 +166,7 @@ def test_round_trip_keeps_keys_values_headers_timestamps_and_order(
 
     ranges = _resolve(kafka_bootstrap, source)
     out = tmp_path / "parts.jsonl.gz"
-    summary = archive_range(kafka_bootstrap, source, ranges, out)
+    summary = archive_range(kafka_bootstrap, source, ranges, out, security=client)
     assert summary["records"] == 300 and summary["bytes"] == out.stat().st_size
     assert [p["records"] for p in summary["partitions"]] == [100, 100, 100]
     assert out.read_bytes()[:2] == b"\x1f\x8b"  # gzip
@@ -176,7 +177,7 @@ def test_round_trip_keeps_keys_values_headers_timestamps_and_order(
     order = [(r["partition"], r["offset"]) for r in lines[1:]]
     assert order == sorted(order) and len(order) == 300  # partition, then offset order
 
-    restored = restore_file(out, kafka_bootstrap, target)
+    restored = restore_file(out, kafka_bootstrap, target, security=client)
     assert restored["records"] == 300
     assert restored["partitions"] == [{"partition": p, "records": 100} for p in range(3)]
     assert consume_all(kafka_bootstrap, target, 3) == want
@@ -193,6 +194,7 @@ def test_time_window_and_offset_ranges_via_the_cli_flags(
     topic_factory: Callable[..., str],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    kafka_client: str,
 ) -> None:
     topic = topic_factory(3)
     t0 = base_ms()
@@ -200,7 +202,10 @@ def test_time_window_and_offset_ranges_via_the_cli_flags(
     records: list[Sent] = [(i % 3, b"k%d" % i, b"v%d" % i, [], t0 + i * 1000) for i in range(60)]
     produce(kafka_bootstrap, topic, records)
     out = tmp_path / "window.jsonl"
-    common = ["--bootstrap-servers", kafka_bootstrap, "--source-topic", topic]
+    common = [
+        *("--bootstrap-servers", kafka_bootstrap, "--source-topic", topic),
+        *("--kafka-client", kafka_client),
+    ]
     window = ["--from", format_time(t0 + 20_000), "--to", format_time(t0 + 40_000)]
     args = archive_parser().parse_args([*common, *window, "--out", str(out)])
     assert cmd_archive(args) == 0
@@ -284,6 +289,7 @@ def test_restore_paces_and_sends_null_header_values_as_empty(
     topic_factory: Callable[..., str],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    kafka_client: str,
 ) -> None:
     paced = spy_on_pacing(monkeypatch)
     target = topic_factory(1)
@@ -303,7 +309,8 @@ def test_restore_paces_and_sends_null_header_values_as_empty(
         for i in range(20)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = restore_file(path, kafka_bootstrap, target, rate=100)
+    client = KafkaSecurity(kafka_client=kafka_client)
+    summary = restore_file(path, kafka_bootstrap, target, rate=100, security=client)
     assert summary["records"] == 20 and summary["null_header_values"] == 1
     assert paced == [100.0] * 20  # each record through the one pacer, at --rate
     got = consume_all(kafka_bootstrap, target, 1)[0]
@@ -312,17 +319,35 @@ def test_restore_paces_and_sends_null_header_values_as_empty(
 
 @pytest.mark.integration
 def test_a_failed_archive_leaves_no_file(
-    kafka_bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path
+    kafka_bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path, kafka_client: str
 ) -> None:
+    client = KafkaSecurity(kafka_client=kafka_client)
     topic = topic_factory(1)
     produce(kafka_bootstrap, topic, [(0, b"k", b"v", [], base_ms()) for _ in range(5)])
     out = tmp_path / "stalled.jsonl.gz"
     beyond_end = [PartitionRange(0, 0, 50, 0, 5)]  # offsets 5..49 never arrive
     with pytest.raises(BrokerError, match="no progress"):
-        archive_range(kafka_bootstrap, topic, beyond_end, out, timeout_s=0.5)
+        archive_range(kafka_bootstrap, topic, beyond_end, out, timeout_s=0.5, security=client)
     with pytest.raises(ConfigError, match=r"no partition \[3\]"):
-        archive_range(kafka_bootstrap, topic, [PartitionRange(3, 0, 1, 0, 1)], out)
+        archive_range(kafka_bootstrap, topic, [PartitionRange(3, 0, 1, 0, 1)], out, security=client)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.integration
+def test_a_range_start_deleted_from_the_log_is_an_error_not_a_skip(
+    kafka_bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path, kafka_client: str
+) -> None:
+    topic = topic_factory(1)
+    produce(kafka_bootstrap, topic, [(0, b"k", b"v%d" % i, [], base_ms()) for i in range(10)])
+    stale = [PartitionRange(0, 0, 10, 0, 10)]  # resolved before the deletion below
+    with contextlib.closing(KafkaAdminClient(bootstrap_servers=kafka_bootstrap)) as admin:
+        admin.delete_records({TopicPartition(topic, 0): 4}, timeout_ms=10_000)
+    out = tmp_path / "gone.jsonl"
+    client = KafkaSecurity(kafka_client=kafka_client)
+    with pytest.raises(BrokerError, match=rf"{topic}/0") as info:
+        archive_range(kafka_bootstrap, topic, stale, out, timeout_s=10, security=client)
+    assert "no progress" not in str(info.value)  # refused at once, not timed out
+    assert not out.exists()
 
 
 def _resolve(bootstrap: str, topic: str) -> list[Any]:

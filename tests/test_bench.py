@@ -15,7 +15,13 @@ import pytest
 
 from worker.cli.main import build_parser
 from worker.contract.errors import ConfigError
-from worker.tools.bench import BenchConfig, format_summary, percentiles, run_bench
+from worker.tools.bench import (
+    BenchConfig,
+    format_summary,
+    percentiles,
+    run_bench,
+    side_by_side,
+)
 
 
 def positive(x: Any) -> bool:
@@ -66,6 +72,12 @@ def test_bench_writes_json_markdown_and_png(
             assert positive(consume[k]), (name, k)
     assert on_disk["config"]["kafka_client"] == kafka_client
 
+    # The naive baseline: the same client, model and batch size, every event predicted.
+    naive = on_disk["naive_baseline"]
+    assert naive["kafka_client"] == kafka_client and naive["batch_size"] == 8
+    assert naive["events"] == 300 and naive["parts"] == 900 and naive["dropped_parts"] == 0
+    assert positive(naive["events_per_s"]) and "none" in naive["guarantees"]
+
     for run in ("end_to_end", "open_loop"):
         r = on_disk[run]
         assert r["predicted"] == 300 and r["dead_lettered"] == 0, run
@@ -84,11 +96,14 @@ def test_bench_writes_json_markdown_and_png(
     assert ratios["ort_batch_size"] == 8
     assert positive(ratios["end_to_end_over_raw_ort"])
     assert positive(ratios["end_to_end_over_raw_consume"])
+    for key in ("naive", "raw_consume_kafka-python", "raw_consume_confluent"):
+        assert positive(ratios[f"end_to_end_over_{key}"]), key
     assert ratios["open_loop_load_fraction"] == pytest.approx(0.5)
 
     md = (out / "bench.md").read_text()
-    for heading in ("Raw ONNX Runtime", "Raw consume", "Worker end to end", "Ratios"):
+    for heading in ("Raw ONNX Runtime", "Raw consume", "Naive baseline", "Worker end to end"):
         assert f"### {heading}" in md
+    assert "end to end / naive baseline (no guarantees)" in md
     assert "| 8 |" in md and "end to end / raw ORT (batch 8)" in md
     assert "| confluent | 900 |" in md and "| kafka-python | 900 |" in md
 
@@ -97,6 +112,10 @@ def test_bench_writes_json_markdown_and_png(
 
     summary = format_summary(report)
     assert "end to end / raw ORT" in summary and "end to end / raw consume" in summary
+    assert "end to end / naive baseline" in summary and "naive loop" in summary
+    labels = [label for label, _ in side_by_side(report)]
+    assert labels[0] == "raw ORT, batch 8" and labels[-1] == "mmstream worker, 2 process(es)"
+    assert any(label.startswith("naive loop") for label in labels)
 
 
 def test_bench_config_checks() -> None:

@@ -371,12 +371,16 @@ def test_worker_compression_type_compresses_predictions_and_dead_letters(
 
 @pytest.mark.integration
 def test_produce_compression_type_writes_compressed_parts(
-    kafka_bootstrap: str, topic_factory: Callable[..., str]
+    kafka_bootstrap: str, topic_factory: Callable[..., str], kafka_client: str
 ) -> None:
     topic = topic_factory(2)
     summary = produce(
         ProduceConfig(
-            bootstrap_servers=kafka_bootstrap, topic=topic, count=20, compression_type="zstd"
+            bootstrap_servers=kafka_bootstrap,
+            topic=topic,
+            count=20,
+            compression_type="zstd",
+            kafka_client=kafka_client,
         )
     )
     records, codecs = read_with_codecs(kafka_bootstrap, topic, summary["parts"])

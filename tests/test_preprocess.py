@@ -46,6 +46,25 @@ def test_prepare_image_any_mode_and_size_gives_model_shape() -> None:
     assert np.allclose(red[..., 0], 1.0) and np.allclose(red[..., 1:], 0.0)
 
 
+@pytest.mark.parametrize(
+    ("src", "dst"), [((8, 8), (256, 256)), ((37, 21), (64, 48)), ((9, 9), (9, 9))]
+)
+def test_a_grayscale_image_takes_the_short_path_to_the_same_numbers(
+    src: tuple[int, int], dst: tuple[int, int]
+) -> None:
+    """Resizing the one band and repeating it equals converting to RGB, then resizing."""
+    rng = np.random.default_rng(7)
+    spec = ImageSpec(dst[1], dst[0], 3, scale=1 / 255)
+    for _ in range(5):
+        gray = Image.fromarray(rng.integers(0, 256, (src[1], src[0])).astype(np.uint8))
+        rgb = gray.convert("RGB")
+        assert rgb.mode == "RGB" and gray.mode == "L"
+        long_way = prepare_image(rgb, spec)  # an RGB source takes the general path
+        short = prepare_image(gray, spec)
+        assert short.shape == long_way.shape == (dst[1], dst[0], 3)
+        assert np.array_equal(short, long_way)
+
+
 def test_log_mel_peaks_at_dtmf_frequencies() -> None:
     spec = AudioSpec()
     rng = np.random.default_rng(0)

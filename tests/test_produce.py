@@ -175,6 +175,7 @@ def test_produced_topic_matches_labels_file_and_summary(
     topic_factory: Callable[..., str],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    kafka_client: str,
 ) -> None:
     paced = spy_on_pacing(monkeypatch)
     topic = topic_factory(3)
@@ -190,6 +191,7 @@ def test_produced_topic_matches_labels_file_and_summary(
             missing_fraction=0.2,
             poison_fraction=0.1,
             labels_out=labels_path,
+            kafka_client=kafka_client,
         )
     )
     labels = [json.loads(line) for line in labels_path.read_text().splitlines()]

@@ -48,16 +48,18 @@ Restoring validates the whole file first (a malformed line is a :class:`ConfigEr
 naming its line number, and nothing is sent), checks that the target topic has every
 partition the file uses, then sends each record to the same partition number with
 its key, value, headers in order and original timestamp, in file order. The producer
-is idempotent with ``acks=all`` (kafka-python then keeps at most one batch in
-flight per partition, so retries cannot reorder a partition); every send must be
-acknowledged or :class:`BrokerError` is raised. Notes:
+is idempotent with ``acks=all`` (so retries cannot reorder a partition); every send must
+be acknowledged or :class:`BrokerError` is raised. Both directions go through the
+``--kafka-client`` chosen (:mod:`worker.edge.client`'s range reader and plain
+producer). Notes:
 
 * A target topic with ``message.timestamp.type=LogAppendTime`` overrides the
   original timestamps; one with time retention deletes restored records whose
   timestamps are older than ``retention.ms`` soon after they arrive (give the
   target ``retention.ms=-1`` or a long enough retention).
-* kafka-python cannot send a header with a null value: such values are restored as
-  empty bytes, logged, and counted in the summary (``null_header_values``).
+* A header with a null value (sent so by some other client) is restored as empty bytes
+  (kafka-python cannot send a null one; both clients do the same), logged, and counted
+  in the summary (``null_header_values``).
 * Restoring the same file twice produces every record twice: Kafka offsets of the
   target are new ones.
 """
@@ -81,10 +83,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
-from kafka.serializer import Serializer
-
 from worker.backfill.ranges import (
     PartitionRange,
     RangeSettings,
@@ -100,8 +98,9 @@ from worker.config import (
     setting_from,
 )
 from worker.contract.errors import BrokerError, ConfigError, os_error
+from worker.contract.records import LogRecord, OutRecord
 from worker.core.pacing import Pacer
-from worker.edge.kafka_io import make_producer
+from worker.edge.client import Clients, RangeReader, clients_for
 
 log = logging.getLogger(__name__)
 
@@ -110,60 +109,28 @@ HEADER_KEY = "mmstream_archive"
 RECORD_KEYS = ("topic", "partition", "offset", "timestamp", "timestamp_type", "key", "value")
 RECORD_FIELDS = frozenset((*RECORD_KEYS, "headers"))
 HEADER_FIELDS = frozenset((HEADER_KEY, "topic", "created", "ranges"))
-TIMESTAMP_TYPES = ("create", "log_append")  # kafka-python's timestamp_type 0 and 1
-_POLL_MS = 200
+TIMESTAMP_TYPES = ("create", "log_append")
 
 
 # ------------------------------------------------------------------ records
 
 
-@dataclass(frozen=True)
-class ArchivedRecord:
-    """One record line of an archive, decoded."""
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp: int
-    timestamp_type: str
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes | None], ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "topic": self.topic,
-            "partition": self.partition,
-            "offset": self.offset,
-            "timestamp": self.timestamp,
-            "timestamp_type": self.timestamp_type,
-            "key": _b64(self.key),
-            "value": _b64(self.value),
-            "headers": [[name, _b64(value)] for name, value in self.headers],
-        }
-
-    @property
-    def size(self) -> int:
-        """Bytes of key, value, header names and header values."""
-        return (
-            len(self.key or b"")
-            + len(self.value or b"")
-            + sum(len(n.encode()) + len(v or b"") for n, v in self.headers)
-        )
+#: One record line of an archive, decoded: a Kafka record exactly as the log held it.
+ArchivedRecord = LogRecord
 
 
-def from_consumer_record(record: Any) -> ArchivedRecord:
-    """A kafka-python ``ConsumerRecord`` (no deserializers) -> :class:`ArchivedRecord`."""
-    return ArchivedRecord(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        timestamp=record.timestamp if record.timestamp is not None else -1,
-        timestamp_type="log_append" if record.timestamp_type == 1 else "create",
-        key=record.key,
-        value=record.value,
-        headers=tuple((name, value) for name, value in (record.headers or ())),
-    )
+def record_json(record: LogRecord) -> dict[str, Any]:
+    """The archive line of ``record`` (before JSON encoding)."""
+    return {
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "timestamp": record.timestamp,
+        "timestamp_type": record.timestamp_type,
+        "key": _b64(record.key),
+        "value": _b64(record.value),
+        "headers": [[name, _b64(value)] for name, value in record.headers],
+    }
 
 
 def _b64(data: bytes | None) -> str | None:
@@ -358,25 +325,6 @@ class _AtomicWriter:
 # ------------------------------------------------------------------ archive
 
 
-def plain_consumer(bootstrap_servers: str, client_id: str, **extra: Any) -> KafkaConsumer:
-    """A consumer with no group: it never joins, commits or creates topics."""
-    try:
-        return KafkaConsumer(
-            bootstrap_servers=bootstrap_servers.split(","),
-            client_id=client_id,
-            group_id=None,
-            enable_auto_commit=False,
-            allow_auto_create_topics=False,
-            # A range start deleted by retention while reading is an error, never a skip.
-            auto_offset_reset="none",
-            fetch_max_bytes=64 * 1024 * 1024,
-            max_partition_fetch_bytes=16 * 1024 * 1024,
-            **extra,
-        )
-    except KafkaError as exc:
-        raise BrokerError(f"cannot connect consumer to {bootstrap_servers}: {exc}") from exc
-
-
 def archive_range(
     bootstrap_servers: str,
     topic: str,
@@ -385,10 +333,10 @@ def archive_range(
     *,
     client_id: str = "mmstream-archive",
     timeout_s: float = 30.0,
-    security: dict[str, Any] | None = None,
+    security: KafkaSecurity | None = None,
 ) -> dict[str, Any]:
     """Write exactly the records of ``ranges`` (of ``topic``) to ``out``
-    (``security``: kafka-python security keyword arguments, see ``KafkaSecurity``).
+    (``security``: the client (``--kafka-client``) and its security settings).
 
     Records go partition by partition (ascending), each in offset order, after a
     header line; ``.gz`` names are gzip-compressed; the file appears only when
@@ -414,13 +362,12 @@ def archive_range(
     if not out.parent.is_dir():
         raise ConfigError(f"--out {str(out)!r}: directory {str(out.parent)!r} does not exist")
     started = time.monotonic()
-    consumer = plain_consumer(bootstrap_servers, client_id, **(security or {}))
+    security = security or KafkaSecurity()
+    clients = clients_for(security.kafka_client)
+    found = set(_partitions(clients, bootstrap_servers, topic, security))
+    reader = clients.range_reader(bootstrap_servers, security, client_id=client_id)
     writer: _AtomicWriter | None = None
     try:
-        try:
-            found = consumer.partitions_for_topic(topic) or set()
-        except KafkaError as exc:
-            raise BrokerError(f"cannot read metadata of {topic!r}: {exc}") from exc
         if not found:
             raise ConfigError(f"topic {topic!r} does not exist or has no partitions")
         missing = sorted(set(seen) - set(found))
@@ -438,7 +385,7 @@ def archive_range(
         writer.write(_line(header))
         parts = []
         for r in ordered:
-            n = _copy_partition(consumer, topic, r, writer, timeout_s)
+            n = _copy_partition(reader, topic, r, writer, timeout_s)
             parts.append({"partition": r.partition, "start": r.start, "end": r.end, "records": n})
             log.info(
                 "archived %s/%d offsets [%d, %d): %d records", topic, r.partition, r.start, r.end, n
@@ -447,7 +394,7 @@ def archive_range(
     finally:
         if writer is not None:
             writer.discard()
-        consumer.close()
+        reader.close()
     seconds = time.monotonic() - started
     total = sum(int(p["records"]) for p in parts)
     size = out.stat().st_size
@@ -466,75 +413,41 @@ def _line(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj, separators=(",", ":")) + "\n").encode("ascii")
 
 
+def _partitions(
+    clients: Clients, bootstrap_servers: str, topic: str, security: KafkaSecurity
+) -> list[int]:
+    """The partitions of ``topic`` (empty if it does not exist); creates nothing."""
+    inspector = clients.inspector(bootstrap_servers, security)
+    try:
+        return inspector.partitions(topic)
+    finally:
+        inspector.close()
+
+
 def _copy_partition(
-    consumer: KafkaConsumer,
-    topic: str,
-    r: PartitionRange,
-    writer: _AtomicWriter,
-    timeout_s: float,
+    reader: RangeReader, topic: str, r: PartitionRange, writer: _AtomicWriter, timeout_s: float
 ) -> int:
     """Copy offsets ``[r.start, r.end)`` of one partition to ``writer``; return records written."""
-    if r.end <= r.start:
-        return 0
-    tp = TopicPartition(topic, r.partition)
     written = 0
-    try:
-        consumer.assign([tp])
-        consumer.seek(tp, r.start)
-        position = r.start
-        last_progress = time.monotonic()
-        while position < r.end:
-            batch = consumer.poll(timeout_ms=_POLL_MS)
-            for record in batch.get(tp, ()):
-                if record.offset >= r.end:
-                    break
-                if record.offset >= r.start:
-                    writer.write(_line(from_consumer_record(record).to_json()))
-                    written += 1
-            now_at = consumer.position(tp)
-            if now_at > position:
-                position, last_progress = now_at, time.monotonic()
-            elif time.monotonic() - last_progress > timeout_s:
-                raise BrokerError(
-                    f"archive {topic}/{r.partition}: no progress for {timeout_s:g} s "
-                    f"at offset {position} (range ends at {r.end})"
-                )
-    except KafkaError as exc:
-        raise BrokerError(f"reading {topic}/{r.partition} [{r.start}, {r.end}): {exc}") from exc
+    for record in reader.read(topic, r.partition, r.start, r.end, timeout_s):
+        writer.write(_line(record_json(record)))
+        written += 1
     return written
 
 
 # ------------------------------------------------------------------ restore
 
 
-class _NullKey:
-    """Stands for "no key" where kafka-python would refuse a record with neither key nor value."""
-
-
-NULL_KEY = _NullKey()
-
-
-class _KeySerializer(Serializer):  # type: ignore[misc]
-    """Passes bytes through; :data:`NULL_KEY` becomes a null key.
-
-    ``KafkaProducer.send`` refuses ``key=None, value=None`` although Kafka stores such
-    records; the check runs before serialization, so the key travels as a sentinel.
-    """
-
-    def serialize(self, topic: str, headers: Any, data: Any) -> bytes | None:
-        return None if data is NULL_KEY else data
-
-
 @dataclass
 class _Acks:
-    """Delivery results, counted on kafka-python's sender thread."""
+    """Delivery results, counted on the client's thread."""
 
     acked: int = 0
     failed: int = 0
     first_error: BaseException | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def ok(self, _metadata: Any) -> None:
+    def ok(self) -> None:
         with self.lock:
             self.acked += 1
 
@@ -545,17 +458,6 @@ class _Acks:
                 self.first_error = exc
 
 
-def topic_partitions(bootstrap_servers: str, topic: str, client_id: str, **security: Any) -> int:
-    """How many partitions ``topic`` has (0 if it does not exist); creates nothing."""
-    consumer = plain_consumer(bootstrap_servers, client_id, **security)
-    try:
-        return len(consumer.partitions_for_topic(topic) or ())
-    except KafkaError as exc:
-        raise BrokerError(f"cannot read metadata of {topic!r}: {exc}") from exc
-    finally:
-        consumer.close()
-
-
 def restore_file(
     path: Path,
     bootstrap_servers: str,
@@ -564,7 +466,7 @@ def restore_file(
     *,
     client_id: str = "mmstream-restore",
     flush_timeout_s: float = 120.0,
-    security: dict[str, Any] | None = None,
+    security: KafkaSecurity | None = None,
     compression_type: str | None = None,
 ) -> dict[str, Any]:
     """Re-produce every record of the archive ``path`` to ``to_topic``.
@@ -574,6 +476,7 @@ def restore_file(
     ``rate``: records/s, 0 = as fast as possible. The file is validated completely
     before anything is sent. ``compression_type``: ``--compression-type`` of the
     restored batches (None = none; the archive does not record the source's codec).
+    ``security``: the client (``--kafka-client``) and its security settings.
 
     Returns:
         ``{"file", "to_topic", "records", "partitions": [{"partition", "records"}, ...],
@@ -595,7 +498,9 @@ def restore_file(
         counts[record.partition] = counts.get(record.partition, 0) + 1
     total = sum(counts.values())
     needed = max(counts, default=-1) + 1
-    have = topic_partitions(bootstrap_servers, to_topic, client_id, **(security or {}))
+    security = security or KafkaSecurity()
+    clients = clients_for(security.kafka_client)
+    have = len(_partitions(clients, bootstrap_servers, to_topic, security))
     if have == 0:
         raise ConfigError(
             f"target topic {to_topic!r} does not exist: create it with at least "
@@ -614,13 +519,8 @@ def restore_file(
         f"{rate:g} records/s" if rate > 0 else "full speed",
     )
     acks = _Acks()
-    producer = make_producer(
-        bootstrap_servers,
-        client_id,
-        compression_type=compression_type,
-        enable_idempotence=True,  # one batch in flight per partition: order survives retries
-        key_serializer=_KeySerializer(),
-        **(security or {}),
+    producer = clients.plain_producer(
+        bootstrap_servers, security, client_id=client_id, compression_type=compression_type
     )
     # Bursts of up to 100 ms of records only to catch up after a slow send.
     pacer = Pacer(rate, burst=max(1.0, rate / 10)) if rate > 0 else None
@@ -639,37 +539,39 @@ def restore_file(
                         null_headers += 1
                         if null_headers == 1:
                             log.warning(
-                                "%s line %d: header %r has a null value; kafka-python can only "
-                                "send it as empty bytes (counted in null_header_values)",
+                                "%s line %d: header %r has a null value; it is restored as "
+                                "empty bytes (counted in null_header_values)",
                                 path.name,
                                 lineno,
                                 name,
                             )
                     headers.append((name, value if value is not None else b""))
+                out = OutRecord(
+                    to_topic,
+                    record.key,
+                    record.value,
+                    tuple(headers),
+                    partition=record.partition,
+                    timestamp_ms=record.timestamp if record.timestamp >= 0 else None,
+                )
                 try:
-                    future = producer.send(
-                        to_topic,
-                        key=record.key if record.key is not None else NULL_KEY,
-                        value=record.value,
-                        headers=headers,
-                        partition=record.partition,
-                        timestamp_ms=record.timestamp if record.timestamp >= 0 else None,
-                    )
-                except KafkaError as exc:
-                    raise BrokerError(f"{path.name} line {lineno}: send failed: {exc}") from exc
-                future.add_callback(acks.ok)
-                future.add_errback(acks.error)
+                    producer.send(out, acks.ok, acks.error)
+                except BrokerError as exc:
+                    raise BrokerError(
+                        f"{path.name} line {lineno}: {exc}", retriable=exc.retriable
+                    ) from exc
                 sent += 1
                 sent_bytes += record.size
         try:
-            producer.flush(timeout=flush_timeout_s)
-        except KafkaError as exc:
+            producer.flush(flush_timeout_s)
+        except BrokerError as exc:
             raise BrokerError(
                 f"restore to {to_topic}: {sent - acks.acked} of {sent} records not "
-                f"acknowledged after {flush_timeout_s:g} s: {exc}"
+                f"acknowledged after {flush_timeout_s:g} s: {exc}",
+                retriable=exc.retriable,
             ) from exc
     finally:
-        producer.close(timeout=5)
+        producer.close(5)
     if acks.failed or acks.acked != sent or sent != total:
         raise BrokerError(
             f"restore to {to_topic}: {acks.acked} of {total} records acknowledged "
@@ -769,8 +671,6 @@ def archive_config(args: argparse.Namespace) -> ArchiveConfig:
 
 def run_archive(config: ArchiveConfig) -> dict[str, Any]:
     """Resolve the ranges of ``config`` and archive them (or, with ``dry_run``, report them)."""
-    from worker.edge.client import clients_for
-
     inspector = clients_for(config.kafka_client).inspector(config.bootstrap_servers, config)
     from_ms, to_ms = config.window()
     try:
@@ -810,7 +710,7 @@ def run_archive(config: ArchiveConfig) -> dict[str, Any]:
         config.out,
         client_id=config.client_id,
         timeout_s=config.timeout_s,
-        security=config.kafka_security(),
+        security=config,
     )
 
 

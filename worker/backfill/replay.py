@@ -344,7 +344,7 @@ def run_replay(
                 config.bootstrap_servers,
                 config.to_topic,
                 rate=config.rate,
-                security=config.kafka_security(),
+                security=config,
                 compression_type=config.compression_type,
             )
             return restored
@@ -474,9 +474,7 @@ def _score_archive(
     staged = count_records(config.bootstrap_servers, staging, security)
     fresh = staged == 0
     if fresh:
-        restore_file(
-            config.source_file, config.bootstrap_servers, staging, rate=0, security=security
-        )
+        restore_file(config.source_file, config.bootstrap_servers, staging, rate=0, security=config)
     elif staged != records:
         raise ConfigError(
             f"staging topic {staging} holds {staged} records, the archive {records}: delete "

@@ -178,10 +178,19 @@ def spec_from_dict(data: dict[str, Any]) -> Spec:
 def prepare_image(img: Image.Image, spec: ImageSpec) -> F32:
     """A PIL image (any size and mode) -> float32 ``[height, width, channels]``."""
     mode = "L" if spec.channels == 1 else "RGB"
+    size = (spec.width, spec.height)
+    if img.mode == "L" and mode == "RGB":
+        # A grayscale source: converting to RGB copies its one band three times, and
+        # resizing works band by band, so resize and scale the one band, then repeat it
+        # (the same numbers, a third of the work).
+        if img.size != size:
+            img = img.resize(size, Image.Resampling.BILINEAR)
+        gray = np.asarray(img, dtype=np.float32) * np.float32(spec.scale)
+        return np.repeat(gray[:, :, None], 3, axis=2).reshape(spec.shape())
     if img.mode != mode:
         img = img.convert(mode)
-    if img.size != (spec.width, spec.height):
-        img = img.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+    if img.size != size:
+        img = img.resize(size, Image.Resampling.BILINEAR)
     arr = np.asarray(img, dtype=np.float32) * np.float32(spec.scale)
     return arr.reshape(spec.shape())
 

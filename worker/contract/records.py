@@ -70,18 +70,22 @@ class RawRecord:
 
 @dataclass(frozen=True)
 class OutRecord:
-    """A record the worker writes: a prediction or a dead letter.
+    """A record to write: a prediction, a dead letter, a restored or a sample part.
 
     Attributes:
         topic: where it goes.
         key, value: as written (bytes, or None).
         headers: header name -> value bytes, in order.
+        partition: the partition to write to (None: the key's, as the Java client picks).
+        timestamp_ms: the record's create time (None: the time of sending).
     """
 
     topic: str
     key: bytes | None
     value: bytes | None
     headers: tuple[tuple[str, bytes], ...]
+    partition: int | None = None
+    timestamp_ms: int | None = None
 
     @property
     def nbytes(self) -> int:
@@ -90,6 +94,38 @@ class OutRecord:
             len(self.key or b"")
             + len(self.value or b"")
             + sum(len(k) + len(v) for k, v in self.headers)
+        )
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    """A Kafka record exactly as the log holds it (what an archive keeps).
+
+    Attributes:
+        topic, partition, offset: its position.
+        timestamp: ms since the epoch (-1: the record has none).
+        timestamp_type: ``create`` (the producer's) or ``log_append`` (the broker's).
+        key, value: bytes or None.
+        headers: in Kafka's order, repeats kept; a value is None where a client sent a
+            header with a null value.
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    timestamp_type: str
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+
+    @property
+    def size(self) -> int:
+        """Bytes of key, value, header names and header values."""
+        return (
+            len(self.key or b"")
+            + len(self.value or b"")
+            + sum(len(n.encode()) + len(v or b"") for n, v in self.headers)
         )
 
 

@@ -23,11 +23,11 @@ What every implementation promises:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from worker.contract.errors import BrokerError, ConfigError
-from worker.contract.records import OutRecord, RawRecord
+from worker.contract.records import LogRecord, OutRecord, RawRecord
 
 if TYPE_CHECKING:
     from worker.config import KafkaSecurity, WorkerConfig
@@ -155,9 +155,27 @@ class Inspector(Protocol):
     def close(self) -> None: ...
 
 
+class RangeReader(Protocol):
+    """Reads exact offset ranges of partitions with no group: it never joins, commits or
+    creates a topic (an archive's reading; ``read_uncommitted``)."""
+
+    def read(
+        self, topic: str, partition: int, start: int, end: int, timeout_s: float
+    ) -> Iterator[LogRecord]:
+        """Every record of offsets ``[start, end)``, in offset order, losslessly.
+
+        Raises:
+            BrokerError: ``start`` is gone from the log (retention), or the read makes no
+                progress for ``timeout_s``.
+        """
+
+    def close(self) -> None: ...
+
+
 class Clients(Protocol):
     """The factory the worker is given: its consumer and its producer (and, for the
-    planning of bounded runs, an inspector)."""
+    planning of bounded runs, an inspector; for the tools, a plain producer and a range
+    reader)."""
 
     def consumer(self, config: WorkerConfig) -> Consumer: ...
 
@@ -168,6 +186,22 @@ class Clients(Protocol):
         self, bootstrap_servers: str, security: KafkaSecurity, *, read_committed: bool = False
     ) -> Inspector:
         """``read_committed``: a partition's end is its last stable offset."""
+
+    def plain_producer(
+        self,
+        bootstrap_servers: str,
+        security: KafkaSecurity,
+        *,
+        client_id: str,
+        compression_type: str | None = None,
+    ) -> Producer:
+        """An idempotent producer with acks=all and no transactions (restore, produce):
+        it keeps a partition's order through retries, honours ``OutRecord.partition``
+        and ``timestamp_ms``, and sends a record with neither key nor value."""
+
+    def range_reader(
+        self, bootstrap_servers: str, security: KafkaSecurity, *, client_id: str
+    ) -> RangeReader: ...
 
 
 def timed_read_for(kafka_client: str) -> Callable[[str, str, int, float], ReadTiming]:
@@ -203,3 +237,17 @@ def clients_for(kafka_client: str) -> Clients:
             ) from exc
         return ConfluentClients()
     raise ConfigError(f"--kafka-client must be kafka-python or confluent, not {kafka_client!r}")
+
+
+def client_versions() -> dict[str, str]:
+    """``kafka_python`` and ``confluent_kafka`` (with librdkafka's): the versions installed,
+    "" for one that is not (the bench's machine information)."""
+    import kafka
+
+    try:
+        import confluent_kafka
+    except ImportError:
+        confluent = ""
+    else:
+        confluent = f"{confluent_kafka.version()[0]} (librdkafka {confluent_kafka.libversion()[0]})"
+    return {"kafka_python": str(kafka.__version__), "confluent_kafka": confluent}

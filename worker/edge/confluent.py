@@ -30,12 +30,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
     OFFSET_END,
+    TIMESTAMP_LOG_APPEND_TIME,
+    TIMESTAMP_NOT_AVAILABLE,
     Consumer,
     KafkaError,
     KafkaException,
@@ -45,7 +47,7 @@ from confluent_kafka import (
 
 from worker.config import check_compression
 from worker.contract.errors import BrokerError
-from worker.contract.records import OutRecord, RawRecord, SourceRef
+from worker.contract.records import LogRecord, OutRecord, RawRecord, SourceRef
 from worker.edge.client import TP, CommitFailed, Fenced, Positions
 from worker.edge.kafka_io import ReadTiming, worker_access
 from worker.edge.security import (
@@ -238,6 +240,11 @@ def _headers(found: Any) -> tuple[tuple[str, bytes], ...]:
     return tuple((k, v if v is not None else b"") for k, v in found or ())
 
 
+def _log_headers(found: Any) -> tuple[tuple[str, bytes | None], ...]:
+    """A message's headers, losslessly (a null value stays None)."""
+    return tuple((k, v) for k, v in found or ())
+
+
 def _offsets(positions: Positions) -> list[TopicPartition]:
     return [_tp(tp, pos, meta) for tp, (pos, meta) in positions.items()]
 
@@ -290,8 +297,9 @@ class ConfluentConsumer:
         except BaseException:
             self._c.close()
             raise
+        #: revoked or lost partitions, queued by the callbacks; librdkafka runs those inside
+        #: poll() and close(), on the caller's thread, so no lock is needed
         self._events: list[frozenset[TP]] = []
-        self._lock = threading.Lock()
         self._assigned: set[TP] = set()
         self._paused: set[TP] = set()
         #: next offset per partition: what was returned or sought (librdkafka's position
@@ -312,8 +320,7 @@ class ConfluentConsumer:
         tps = frozenset((p.topic, p.partition) for p in parts)
         if tps:
             log.info("partitions revoked: %s", sorted(tps))
-            with self._lock:
-                self._events.append(tps)
+            self._events.append(tps)
         self._assigned -= tps
         self._paused -= tps
         for tp in tps:
@@ -380,8 +387,7 @@ class ConfluentConsumer:
         log.warning("%s", failure)
 
     def revocations(self) -> list[frozenset[TP]]:
-        with self._lock:
-            out, self._events = self._events, []
+        out, self._events = self._events, []
         return out
 
     def revocation_pending(self) -> bool:
@@ -587,10 +593,18 @@ class ConfluentProducer:
         deadline = 0.0
         while True:
             try:
-                self._p.produce(
-                    record.topic, record.value, record.key,
-                    headers=list(record.headers), on_delivery=report,
-                )  # fmt: skip
+                if record.partition is None and record.timestamp_ms is None:
+                    self._p.produce(
+                        record.topic, record.value, record.key,
+                        headers=list(record.headers), on_delivery=report,
+                    )  # fmt: skip
+                else:  # librdkafka: partition -1 = the partitioner's, timestamp 0 = now
+                    self._p.produce(
+                        record.topic, record.value, record.key,
+                        partition=-1 if record.partition is None else record.partition,
+                        timestamp=record.timestamp_ms or 0,
+                        headers=list(record.headers), on_delivery=report,
+                    )  # fmt: skip
                 return
             except BufferError:
                 # librdkafka's queue is full: wait for acknowledgements to make room.
@@ -788,6 +802,110 @@ class ConfluentInspector:
         self._c.close()
 
 
+# ------------------------------------------------------------------ the range reader
+
+#: librdkafka's timestamp types (``Message.timestamp()[0]``) as an archive names them.
+_TIMESTAMP_TYPES = {TIMESTAMP_LOG_APPEND_TIME: "log_append"}
+
+
+class ConfluentRangeReader:
+    """:class:`~worker.edge.client.RangeReader` over a librdkafka ``Consumer`` that assigns
+    partitions itself (never subscribes, never commits: it leaves no group behind)."""
+
+    def __init__(self, bootstrap_servers: str, security: KafkaSecurity, client_id: str) -> None:
+        self.security = security.kafka_security()
+        conf = {
+            **common_settings(bootstrap_servers, security),
+            "client.id": client_id,
+            "group.id": client_id,  # librdkafka wants one; nothing joins or commits
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "allow.auto.create.topics": False,
+            # A range start deleted by retention while reading is an error, never a skip.
+            "auto.offset.reset": "error",
+            # The end of a partition's log is reported: a range ending in transaction
+            # markers (offsets no record is returned for) ends there.
+            "enable.partition.eof": True,
+            "fetch.max.bytes": 64 * 1024 * 1024,
+            "max.partition.fetch.bytes": 16 * 1024 * 1024,
+        }
+        self._errors = _Errors(bootstrap_servers, self.security)
+        try:
+            self._c = Consumer({**conf, "error_cb": self._errors})
+        except KafkaException as exc:
+            raise broker_error("cannot connect consumer", exc, self.security) from exc
+        try:
+            _connect(self._c, self._errors, "cannot connect consumer")
+        except BaseException:
+            self._c.close()
+            raise
+
+    def read(
+        self, topic: str, partition: int, start: int, end: int, timeout_s: float
+    ) -> Iterator[LogRecord]:
+        if end <= start:
+            return
+        where = f"{topic}/{partition} [{start}, {end})"
+        try:
+            self._c.assign([TopicPartition(topic, partition, start)])
+        except KafkaException as exc:
+            raise broker_error(f"reading {where}", exc, self.security) from exc
+        position, last_progress = start, time.monotonic()
+        while position < end:
+            try:
+                messages = self._c.consume(500, 0.2)
+            except KafkaException as exc:
+                raise broker_error(f"reading {where}", exc, self.security) from exc
+            before = position
+            for m in messages:
+                err = m.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        position = max(position, cast(int, m.offset()))
+                        continue
+                    if err.code() == KafkaError._AUTO_OFFSET_RESET:
+                        raise BrokerError(
+                            f"reading {where}: offset {position} is no longer in the log "
+                            f"(deleted by retention?): {err.str()}",
+                            retriable=False,
+                        )
+                    if err.fatal() or err.code() in _AUTHORIZATION:
+                        raise broker_error(f"reading {where}", err, self.security)
+                    log.warning("reading %s: %s", where, err.str())
+                    continue
+                if m.topic() != topic or m.partition() != partition:
+                    continue
+                offset = cast(int, m.offset())
+                if offset >= end:
+                    position = end
+                    break
+                position = max(position, offset + 1)
+                if offset >= start:
+                    ts_type, ts = m.timestamp()
+                    yield LogRecord(
+                        topic=topic,
+                        partition=partition,
+                        offset=offset,
+                        timestamp=ts if ts_type != TIMESTAMP_NOT_AVAILABLE else -1,
+                        timestamp_type=_TIMESTAMP_TYPES.get(ts_type, "create"),
+                        key=m.key(),
+                        value=m.value(),
+                        headers=_log_headers(m.headers()),
+                    )
+            if position > before:
+                last_progress = time.monotonic()
+            elif time.monotonic() - last_progress > timeout_s:
+                raise BrokerError(
+                    f"reading {where}: no progress for {timeout_s:g} s at offset {position}"
+                )
+
+    def close(self) -> None:
+        try:
+            self._c.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("closing the range reader failed: %r", exc)
+
+
 # ------------------------------------------------------------------ the factory
 
 
@@ -829,6 +947,24 @@ class ConfluentClients:
         self, bootstrap_servers: str, security: KafkaSecurity, *, read_committed: bool = False
     ) -> ConfluentInspector:
         return ConfluentInspector(bootstrap_servers, security, read_committed)
+
+    def plain_producer(
+        self,
+        bootstrap_servers: str,
+        security: KafkaSecurity,
+        *,
+        client_id: str,
+        compression_type: str | None = None,
+    ) -> ConfluentProducer:
+        conf = producer_settings(
+            bootstrap_servers, client_id, security, compression_type=compression_type
+        )
+        return ConfluentProducer(conf, security.kafka_security())
+
+    def range_reader(
+        self, bootstrap_servers: str, security: KafkaSecurity, *, client_id: str
+    ) -> ConfluentRangeReader:
+        return ConfluentRangeReader(bootstrap_servers, security, client_id)
 
 
 # ------------------------------------------------------------------ the bench's raw read

@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import logging
 import queue
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -22,10 +23,11 @@ from kafka.errors import (
     ProducerFencedError,
     RebalanceInProgressError,
 )
+from kafka.serializer import Serializer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.contract.errors import BrokerError
-from worker.contract.records import OutRecord, RawRecord, SourceRef
+from worker.contract.records import LogRecord, OutRecord, RawRecord, SourceRef
 from worker.edge.client import TP, CommitFailed, Fenced, Positions
 from worker.edge.kafka_io import build_client, make_consumer, make_producer
 from worker.edge.security import authorization_error
@@ -34,6 +36,9 @@ if TYPE_CHECKING:
     from worker.config import KafkaSecurity, WorkerConfig
 
 log = logging.getLogger(__name__)
+
+#: A range reader's poll.
+POLL_MS = 200
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -85,6 +90,35 @@ def to_raw(record: Any) -> RawRecord:
         key=record.key,
         value=record.value,
         headers=tuple((k, v if v is not None else b"") for k, v in (record.headers or ())),
+    )
+
+
+class _NullKey:
+    """Stands for "no key" where kafka-python would refuse a record with neither key nor
+    value (its ``send`` checks that before serializing, though Kafka stores such records)."""
+
+
+NULL_KEY = _NullKey()
+
+
+class KeySerializer(Serializer):  # type: ignore[misc]
+    """Passes key bytes through; :data:`NULL_KEY` becomes a null key."""
+
+    def serialize(self, topic: str, headers: Any, data: Any) -> bytes | None:
+        return None if data is NULL_KEY else data
+
+
+def to_log_record(record: Any) -> LogRecord:
+    """A kafka-python ``ConsumerRecord`` (no deserializers) -> :class:`LogRecord`, lossless."""
+    return LogRecord(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        timestamp=record.timestamp if record.timestamp is not None else -1,
+        timestamp_type="log_append" if record.timestamp_type == 1 else "create",
+        key=record.key,
+        value=record.value,
+        headers=tuple((name, value) for name, value in (record.headers or ())),
     )
 
 
@@ -248,10 +282,14 @@ class KafkaPythonProducer:
         on_ack: Callable[[], None],
         on_error: Callable[[BaseException], None],
     ) -> None:
+        key: bytes | _NullKey | None = record.key
+        if key is None and record.value is None:
+            key = NULL_KEY  # kafka-python refuses a record with neither
         try:
             future = self._p.send(
-                record.topic, key=record.key, value=record.value, headers=list(record.headers)
-            )
+                record.topic, key=key, value=record.value, headers=list(record.headers),
+                partition=record.partition, timestamp_ms=record.timestamp_ms,
+            )  # fmt: skip
         except KafkaError as exc:
             raise broker_error(f"cannot send to {record.topic}", exc, self.security) from exc
         what = f"cannot write to {record.topic}"
@@ -373,6 +411,58 @@ class KafkaPythonInspector:
         self._c.close()
 
 
+class KafkaPythonRangeReader:
+    """:class:`~worker.edge.client.RangeReader` over a group-less ``KafkaConsumer``."""
+
+    def __init__(self, bootstrap_servers: str, security: KafkaSecurity, client_id: str) -> None:
+        self.security = security.kafka_security()
+        self._c = build_client(
+            "cannot connect consumer",
+            bootstrap_servers,
+            KafkaConsumer,
+            bootstrap_servers=bootstrap_servers.split(","),
+            client_id=client_id,
+            group_id=None,
+            enable_auto_commit=False,
+            allow_auto_create_topics=False,
+            # A range start deleted by retention while reading is an error, never a skip.
+            auto_offset_reset="none",
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_partition_fetch_bytes=16 * 1024 * 1024,
+            **self.security,
+        )
+
+    def read(
+        self, topic: str, partition: int, start: int, end: int, timeout_s: float
+    ) -> Iterator[LogRecord]:
+        if end <= start:
+            return
+        tp = TopicPartition(topic, partition)
+        where = f"{topic}/{partition} [{start}, {end})"
+        try:
+            self._c.assign([tp])
+            self._c.seek(tp, start)
+            position, last_progress = start, time.monotonic()
+            while position < end:
+                for record in self._c.poll(timeout_ms=POLL_MS).get(tp, ()):
+                    if record.offset >= end:
+                        break
+                    if record.offset >= start:
+                        yield to_log_record(record)
+                now_at = self._c.position(tp)
+                if now_at > position:
+                    position, last_progress = now_at, time.monotonic()
+                elif time.monotonic() - last_progress > timeout_s:
+                    raise BrokerError(
+                        f"reading {where}: no progress for {timeout_s:g} s at offset {position}"
+                    )
+        except KafkaError as exc:
+            raise broker_error(f"reading {where}", exc, self.security) from exc
+
+    def close(self) -> None:
+        self._c.close()
+
+
 class KafkaPythonClients:
     """The default :class:`~worker.edge.client.Clients`: kafka-python."""
 
@@ -393,8 +483,35 @@ class KafkaPythonClients:
                 config.bootstrap_servers,
                 config.client_id,
                 compression_type=config.compression_type,
+                key_serializer=KeySerializer(),  # a dead letter of a keyless tombstone
                 **extra,
             ),
             transaction_wait_s=config.transaction_wait_s,
             security=config.kafka_security(),
         )
+
+    def plain_producer(
+        self,
+        bootstrap_servers: str,
+        security: KafkaSecurity,
+        *,
+        client_id: str,
+        compression_type: str | None = None,
+    ) -> KafkaPythonProducer:
+        return KafkaPythonProducer(
+            make_producer(
+                bootstrap_servers,
+                client_id,
+                compression_type=compression_type,
+                # one batch in flight per partition: order survives retries
+                enable_idempotence=True,
+                key_serializer=KeySerializer(),
+                **security.kafka_security(),
+            ),
+            security=security.kafka_security(),
+        )
+
+    def range_reader(
+        self, bootstrap_servers: str, security: KafkaSecurity, *, client_id: str
+    ) -> KafkaPythonRangeReader:
+        return KafkaPythonRangeReader(bootstrap_servers, security, client_id)

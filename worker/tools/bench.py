@@ -1,12 +1,16 @@
-"""``mmstream bench``: how fast is the worker, next to the two things that bound it?
+"""``mmstream bench``: how fast is the worker, next to what bounds it and what a user
+would write instead?
 
 In one run on one machine it measures:
 
 1. **raw ORT**: ``session.run`` alone on real (preprocessed) tensors of the
    model, at several batch sizes, on the chosen device (events/s per batch size,
    median of three timed repeats after a warm-up);
-2. **raw consume**: a plain kafka-python consumer (no group) reading every part
-   of the benchmark's pre-produced topic (parts/s, events/s, MB/s);
+2. **raw consume**: a plain consumer of each installed client (no group) reading every
+   part of the benchmark's pre-produced topic (parts/s, events/s, MB/s), and the
+   **naive baseline** (:mod:`worker.edge.baseline`): the minimal consume -> group by
+   key -> ORT -> JSON -> produce loop a user would write instead, with none of the
+   worker's guarantees, on the worker's client, model and batch size;
 3. **end to end**: the real :class:`~worker.core.pipeline.Worker` (on a thread, a
    fresh group) on that pre-produced topic: events/s from the first record
    consumed to the last prediction acknowledged, and the latency of each
@@ -18,10 +22,10 @@ In one run on one machine it measures:
    latency p50/p95/p99 under that load.
 
 It writes ``bench.json``, ``bench.md`` (tables) and ``bench.png`` (throughput vs
-batch size with the raw-ORT line; latency distributions) to ``out`` and returns
-the report; :func:`format_summary` is what the CLI prints, with the ratios
-end-to-end / raw ORT and end-to-end / raw consume. A benchmark reports numbers;
-it never judges them.
+batch size with the raw-ORT line; latency distributions; every measurement side by
+side) to ``out`` and returns the report; :func:`format_summary` is what the CLI
+prints, with the ratios of end to end to raw ORT, to each client's raw consume and to
+the naive baseline. A benchmark reports numbers; it never judges them.
 """
 
 from __future__ import annotations
@@ -61,8 +65,17 @@ from worker.config import (
     setting_from,
 )
 from worker.contract.errors import BrokerError, ConfigError, MMStreamError
+from worker.contract.records import (
+    CONTENT_NPY,
+    HEADER_CONTENT_TYPE,
+    HEADER_MODALITY,
+    RawRecord,
+    SourceRef,
+)
+from worker.core.decode import Limits, decode_record
 from worker.core.pipeline import Worker, WorkerStats
-from worker.edge.client import clients_for, timed_read_for
+from worker.edge.baseline import naive_loop
+from worker.edge.client import client_versions, clients_for, timed_read_for
 from worker.edge.kafka_io import count_records, delete_topics, ensure_topics
 from worker.inference.model import ModelRunner
 from worker.inference.rawort import bench_ort
@@ -225,7 +238,6 @@ class _TreeRssSampler:
 
 
 def machine_info() -> dict[str, Any]:
-    import kafka
     import onnxruntime as ort
 
     return {
@@ -236,19 +248,9 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
         "ort_device": ort.get_device(),
-        "kafka_python": kafka.__version__,
-        "confluent_kafka": _confluent_version(),
+        **client_versions(),
         "numpy": np.__version__,
     }
-
-
-def _confluent_version() -> str:
-    """confluent-kafka's and librdkafka's versions, or "" when it is not installed."""
-    try:
-        import confluent_kafka
-    except ImportError:
-        return ""
-    return f"{confluent_kafka.version()[0]} (librdkafka {confluent_kafka.libversion()[0]})"
 
 
 def model_info(runner: ModelRunner) -> dict[str, Any]:
@@ -290,6 +292,70 @@ def bench_consume(
         "parts_per_s": count / elapsed,
         "events_per_s": count / parts_per_event / elapsed,
         "mb_per_s": nbytes / 1e6 / elapsed,
+    }
+
+
+# ------------------------------------------------------------------ the naive baseline
+
+
+def bench_naive(
+    config: BenchConfig, runner: ModelRunner, topic_in: str, topic_out: str, parts: int
+) -> dict[str, Any]:
+    """What a user would write instead (:mod:`worker.edge.baseline`: no guarantees) on the
+    pre-produced topic, with the worker's client, model and batch size: events/s from
+    its first record read to its last prediction acknowledged."""
+    manifest = runner.manifest
+    label_at = (
+        runner.output_names.index(manifest.label_output)
+        if manifest.label_output in runner.output_names
+        else 0
+    )
+    limits = Limits()
+
+    def decode(modality: str, content_type: str, value: bytes) -> Any:
+        if content_type == CONTENT_NPY:
+            return np.load(io.BytesIO(value))
+        headers = (
+            (HEADER_MODALITY, modality.encode()),
+            (HEADER_CONTENT_TYPE, content_type.encode()),
+        )
+        record = RawRecord(SourceRef(topic_in, 0, 0, 0), b"k", value, headers)
+        return decode_record(record, manifest, limits).tensor
+
+    def score(ids: list[str], feeds: dict[str, list[Any]]) -> list[bytes]:
+        outputs = runner.session.run(None, {k: np.stack(v) for k, v in feeds.items()})
+        probs = outputs[label_at]
+        out = []
+        for i, event_id in enumerate(ids):
+            top = int(np.argmax(probs[i]))
+            label = manifest.labels[top] if top < len(manifest.labels) else str(top)
+            doc = {"event_id": event_id, "label": label, "score": float(probs[i][top])}
+            out.append(json.dumps(doc).encode())
+        return out
+
+    result = naive_loop(
+        config.kafka_client,
+        config.bootstrap_servers,
+        topic_in,
+        topic_out,
+        f"mm-bench-naive-{uuid.uuid4().hex[:8]}",
+        [i.name for i in manifest.inputs],
+        decode,
+        score,
+        config.events,
+        batch_size=config.max_batch_size,
+        timeout_s=config.timeout_s,
+    )
+    return {
+        "kafka_client": config.kafka_client,
+        "events": result.events,
+        "parts": parts,
+        "dropped_parts": result.dropped_parts,
+        "seconds": result.seconds,
+        "events_per_s": result.events / result.seconds,
+        "batch_size": config.max_batch_size,
+        "guarantees": "none: no dead letters, no bounds, commits every second whatever is "
+        "acknowledged, no rebalance handling",
     }
 
 
@@ -663,10 +729,9 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     p = config.partitions
     t_in, t_out, t_dlq = f"mm-bench-{run}-in", f"mm-bench-{run}-out", f"mm-bench-{run}-out.dlq"
     t_prof, t_oin = f"mm-bench-{run}-prof", f"mm-bench-{run}-open-in"
-    t_oout = f"mm-bench-{run}-open-out"
-    topics = {
-        t: p for t in (t_in, t_out, t_dlq, t_prof, f"{t_prof}.dlq", t_oin, t_oout, f"{t_oout}.dlq")
-    }
+    t_oout, t_naive = f"mm-bench-{run}-open-out", f"mm-bench-{run}-naive-out"
+    names = (t_in, t_out, t_dlq, t_prof, f"{t_prof}.dlq", t_oin, t_oout, f"{t_oout}.dlq", t_naive)
+    topics = dict.fromkeys(names, p)
     runner = ModelRunner.load(config.model, config.device, max_batch_size=config.max_batch_size)
     report: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
@@ -709,6 +774,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         }
         report["raw_consume_by_client"] = by_client
         report["raw_consume"] = by_client[config.kafka_client]
+        log.info("bench: the naive baseline (%s) on the pre-produced topic", config.kafka_client)
+        report["naive_baseline"] = bench_naive(config, runner, t_in, t_naive, produced["parts"])
         log.info("bench: end to end on the pre-produced topic")
         report["end_to_end"] = bench_end_to_end(config, run, t_in, t_out)
         if config.profile:
@@ -737,14 +804,20 @@ def _available_clients() -> list[str]:
 
 
 def ratios(report: dict[str, Any], batch_size: int) -> dict[str, float]:
+    """mmstream end to end over each reference of the same run (and the open-loop load)."""
     e2e = float(report["end_to_end"]["events_per_s"])
     ort_at = next(r for r in report["raw_ort"] if r["batch_size"] == batch_size)
-    return {
+    out = {
         "ort_batch_size": float(batch_size),
         "end_to_end_over_raw_ort": e2e / float(ort_at["events_per_s"]),
         "end_to_end_over_raw_consume": e2e / float(report["raw_consume"]["events_per_s"]),
-        "open_loop_load_fraction": float(report["open_loop"]["target_rate"]) / e2e,
     }
+    for name, consume in report.get("raw_consume_by_client", {}).items():
+        out[f"end_to_end_over_raw_consume_{name}"] = e2e / float(consume["events_per_s"])
+    if "naive_baseline" in report:
+        out["end_to_end_over_naive"] = e2e / float(report["naive_baseline"]["events_per_s"])
+    out["open_loop_load_fraction"] = float(report["open_loop"]["target_rate"]) / e2e
+    return out
 
 
 # ------------------------------------------------------------------ output
@@ -819,6 +892,7 @@ def format_markdown(r: dict[str, Any]) -> str:
             for name, c in r.get("raw_consume_by_client", {"kafka-python": cons}).items()
         ),
         "",
+        *_naive_lines(r),
         "### Worker end to end",
         "",
         _row("run", "events", "events/s", "batches (mean size)", "p50 ms", "p95 ms", "p99 ms",
@@ -840,9 +914,37 @@ def format_markdown(r: dict[str, Any]) -> str:
         _row(f"end to end / raw ORT (batch {int(rt['ort_batch_size'])})",
              f"{rt['end_to_end_over_raw_ort']:.2f}"),
         _row("end to end / raw consume", f"{rt['end_to_end_over_raw_consume']:.2f}"),
+        *(
+            _row(f"end to end / raw consume, {name}",
+                 f"{rt[f'end_to_end_over_raw_consume_{name}']:.2f}")
+            for name in r.get("raw_consume_by_client", {})
+        ),
+        *(
+            [_row("end to end / naive baseline (no guarantees)",
+                  f"{rt['end_to_end_over_naive']:.2f}")]
+            if "end_to_end_over_naive" in rt else []
+        ),
         "",
     ]  # fmt: skip
     return "\n".join(lines)
+
+
+def _naive_lines(r: dict[str, Any]) -> list[str]:
+    nb = r.get("naive_baseline")
+    if not nb:
+        return []
+    return [
+        "### Naive baseline (what a user would write instead; no guarantees)",
+        "",
+        f"A plain {nb['kafka_client']} loop (`worker/edge/baseline.py`): parts grouped by "
+        f"key, batches of {nb['batch_size']}, `session.run`, `json.dumps`, one record per "
+        f"event, the position committed every second. {nb['guarantees']}.",
+        "",
+        _row("client", "events", "events/s", "parts dropped"),
+        _row("---", "---:", "---:", "---:"),
+        _row(nb["kafka_client"], nb["events"], f"{nb['events_per_s']:.0f}", nb["dropped_parts"]),
+        "",
+    ]
 
 
 def _stage_lines(run: dict[str, Any]) -> list[str]:
@@ -892,8 +994,8 @@ def plot(report: dict[str, Any], latencies: dict[str, list[float]], path: Path) 
     """Throughput vs batch size (raw ORT line, raw consume, the end-to-end point); latency CDFs."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
+    fig = Figure(figsize=(16, 4.2), layout="constrained")
+    ax1, ax2, ax3 = fig.subplots(1, 3)
     ort_pts = report["raw_ort"]
     ax1.plot(
         [o["batch_size"] for o in ort_pts],
@@ -932,7 +1034,39 @@ def plot(report: dict[str, Any], latencies: dict[str, list[float]], path: Path) 
     ax2.set_title("latency distribution (CDF)")
     ax2.grid(True, which="both", alpha=0.3)
     ax2.legend(fontsize=8)
+    bars = side_by_side(report)
+    ax3.barh(
+        [name for name, _ in bars],
+        [value for _, value in bars],
+        color=["tab:red" if name.startswith("mmstream") else "tab:gray" for name, _ in bars],
+    )
+    for y, (_, value) in enumerate(bars):
+        ax3.text(value, y, f" {value:,.0f}", va="center", fontsize=8)
+    ax3.set_xlim(0, 1.25 * max(value for _, value in bars))
+    ax3.set_xlabel("events/s")
+    ax3.set_title("side by side, same run")
+    ax3.invert_yaxis()
     fig.savefig(path, dpi=100)
+
+
+def side_by_side(report: dict[str, Any]) -> list[tuple[str, float]]:
+    """(label, events/s) of mmstream and each reference of the run, for the plot."""
+    rt = report["ratios"]
+    ort_at = next(o for o in report["raw_ort"] if o["batch_size"] == int(rt["ort_batch_size"]))
+    e2e = report["end_to_end"]
+    bars = [(f"raw ORT, batch {ort_at['batch_size']}", float(ort_at["events_per_s"]))]
+    by_client = report.get("raw_consume_by_client", {"": report["raw_consume"]})
+    bars += [
+        (f"raw consume {name}".strip(), float(c["events_per_s"])) for name, c in by_client.items()
+    ]
+    if "naive_baseline" in report:
+        nb = report["naive_baseline"]
+        bars.append(
+            (f"naive loop, {nb['kafka_client']} (no guarantees)", float(nb["events_per_s"]))
+        )
+    workers = f"{e2e.get('processes', 1)} process(es)"
+    bars.append((f"mmstream worker, {workers}", float(e2e["events_per_s"])))
+    return bars
 
 
 def format_summary(r: dict[str, Any]) -> str:
@@ -950,13 +1084,30 @@ def format_summary(r: dict[str, Any]) -> str:
                 f"{name})"
                 for name, c in r.get("raw_consume_by_client", {"": r["raw_consume"]}).items()
             ),
+            *(
+                [
+                    f"  naive loop    {r['naive_baseline']['events_per_s']:.0f} events/s "
+                    f"({r['naive_baseline']['kafka_client']}, no guarantees)"
+                ]
+                if "naive_baseline" in r
+                else []
+            ),
             f"  end to end    {e2e['events_per_s']:.0f} events/s "
             f"(mean batch {e2e['mean_batch_size']:.1f}, {e2e.get('processes', 1)} worker "
             f"process(es), RSS {e2e['rss_mb'].get('peak_per_worker_process', 0):.0f} MiB each)",
             f"  open loop     {ol['target_rate']:.0f} events/s: p50 {olat['p50']:.0f} ms, "
             f"p95 {olat['p95']:.0f} ms, p99 {olat['p99']:.0f} ms",
             f"  ratios        end to end / raw ORT = {rt['end_to_end_over_raw_ort']:.2f}; "
-            f"end to end / raw consume = {rt['end_to_end_over_raw_consume']:.2f}",
+            f"end to end / raw consume = {rt['end_to_end_over_raw_consume']:.2f}"
+            + "".join(
+                f"; / raw consume {name} = {rt[f'end_to_end_over_raw_consume_{name}']:.2f}"
+                for name in r.get("raw_consume_by_client", {})
+            )
+            + (
+                f"; end to end / naive baseline = {rt['end_to_end_over_naive']:.2f}"
+                if "end_to_end_over_naive" in rt
+                else ""
+            ),
             f"  report        {r['config']['out']}/bench.{{json,md,png}}",
         ]
     )

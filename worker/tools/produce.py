@@ -31,10 +31,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from kafka.errors import KafkaError
 from PIL import Image
 
-from worker.config import CONTENTS, FrozenConfig, compression_setting, setting
+from worker.config import CONTENTS, FrozenConfig, KafkaSecurity, compression_setting, setting
 from worker.contract.errors import BrokerError, ConfigError, Reason
 from worker.contract.manifest import InputInfo, Manifest, load_manifest
 from worker.contract.records import (
@@ -43,9 +42,10 @@ from worker.contract.records import (
     HEADER_EVENT_TIME,
     HEADER_MODALITY,
 )
+from worker.contract.records import OutRecord as Outgoing
 from worker.contract.reference_data import SAMPLE_RATE, Sample, sample_tensors, samples
 from worker.core.pacing import Pacer
-from worker.edge.kafka_io import make_producer
+from worker.edge.client import clients_for
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ _FAULT_STREAM = 0xFA17
 
 
 @dataclass(frozen=True)
-class ProduceConfig(FrozenConfig):
+class ProduceConfig(KafkaSecurity, FrozenConfig):
     """Settings of ``mmstream produce``; see ``mmstream produce --help``."""
 
     bootstrap_servers: str = setting(help="Kafka bootstrap servers")
@@ -134,6 +134,7 @@ class ProduceConfig(FrozenConfig):
             )
         if self.shuffle_window <= 0:
             raise ConfigError("--shuffle-window must be > 0")
+        self._check_security()
 
 
 @dataclass(frozen=True)
@@ -394,8 +395,11 @@ def produce(config: ProduceConfig) -> dict[str, Any]:
     summary = plan.counts()
     if config.labels_out:
         write_labels(config.labels_out, plan.events)
-    producer = make_producer(
-        config.bootstrap_servers, config.client_id, compression_type=config.compression_type
+    producer = clients_for(config.kafka_client).plain_producer(
+        config.bootstrap_servers,
+        config,
+        client_id=config.client_id,
+        compression_type=config.compression_type,
     )
     log.info(
         "producing %d events (%d parts each; %d missing a part, %d poisoned) to %s at %s",
@@ -411,27 +415,32 @@ def produce(config: ProduceConfig) -> dict[str, Any]:
     pacer = Pacer(per_s, burst=max(1.0, per_s / 10)) if per_s > 0 else None
     start = time.monotonic()
     sent = 0
-    futures = []
+    acked: list[bool] = []  # appended on the client's threads (list.append is atomic)
+    failed: list[BaseException] = []
+
+    def ack() -> None:
+        acked.append(True)
+
     try:
         for rec in plan.records:
             if pacer is not None:
                 pacer.pace()
-            headers = [
+            headers = (
                 *rec.headers(),
                 (HEADER_EVENT_TIME, str(time.time_ns() // 1_000_000).encode()),
-            ]
-            futures.append(
-                producer.send(config.topic, key=rec.key, value=rec.value, headers=headers)
             )
+            producer.send(Outgoing(config.topic, rec.key, rec.value, headers), ack, failed.append)
             sent += 1
-        producer.flush()
-        failed = [f.exception for f in futures if f.failed()]
-        if failed:
-            raise BrokerError(f"{len(failed)} of {sent} parts were not acknowledged: {failed[0]}")
-    except KafkaError as exc:
-        raise BrokerError(f"producing to {config.topic} failed: {exc}") from exc
+        producer.flush(120.0)
+        if failed or len(acked) != sent:
+            cause = failed[0] if failed else "no acknowledgement"
+            raise BrokerError(f"{sent - len(acked)} of {sent} parts were not acknowledged: {cause}")
+    except BrokerError as exc:
+        raise BrokerError(
+            f"producing to {config.topic} failed: {exc}", retriable=exc.retriable
+        ) from exc
     finally:
-        producer.close(timeout=5)
+        producer.close(5)
     elapsed = time.monotonic() - start
     seconds = max(elapsed, 1e-6)
     log.info("produced %d events (%d parts) in %.2f s", config.count, sent, elapsed)
