@@ -49,7 +49,12 @@ from worker.config import check_compression
 from worker.contract.errors import BrokerError
 from worker.contract.records import LogRecord, OutRecord, RawRecord, SourceRef
 from worker.edge.client import TP, CommitFailed, Fenced, Positions
-from worker.edge.kafka_io import ReadTiming, worker_access
+from worker.edge.kafka_io import (
+    FETCH_MAX_BYTES,
+    PARTITION_FETCH_BYTES,
+    ReadTiming,
+    worker_access,
+)
 from worker.edge.security import (
     authentication_failed,
     check_access,
@@ -270,8 +275,8 @@ def consumer_settings(config: WorkerConfig) -> dict[str, Any]:
         "topic.metadata.refresh.interval.ms": 30_000,
         # Prefetched records wait in librdkafka's queue beside what the worker holds:
         # never more than the worker's own byte bound (a larger record still comes alone).
-        "fetch.max.bytes": min(64 * 1024 * 1024, config.max_pending_bytes),
-        "max.partition.fetch.bytes": min(16 * 1024 * 1024, config.max_pending_bytes),
+        "fetch.max.bytes": min(FETCH_MAX_BYTES, config.max_pending_bytes),
+        "max.partition.fetch.bytes": min(PARTITION_FETCH_BYTES, config.max_pending_bytes),
         "queued.max.messages.kbytes": max(1024, min(65_536, config.max_pending_bytes // 1024)),
     }
     if config.group_instance_id:
@@ -826,8 +831,8 @@ class ConfluentRangeReader:
             # The end of a partition's log is reported: a range ending in transaction
             # markers (offsets no record is returned for) ends there.
             "enable.partition.eof": True,
-            "fetch.max.bytes": 64 * 1024 * 1024,
-            "max.partition.fetch.bytes": 16 * 1024 * 1024,
+            "fetch.max.bytes": FETCH_MAX_BYTES,
+            "max.partition.fetch.bytes": PARTITION_FETCH_BYTES,
         }
         self._errors = _Errors(bootstrap_servers, self.security)
         try:
@@ -977,8 +982,8 @@ def timed_read(bootstrap_servers: str, topic: str, records: int, timeout_s: floa
             "bootstrap.servers": bootstrap_servers,
             "group.id": "mmstream-bench-raw",
             "enable.auto.commit": False,
-            "fetch.max.bytes": 64 * 1024 * 1024,
-            "max.partition.fetch.bytes": 16 * 1024 * 1024,
+            "fetch.max.bytes": FETCH_MAX_BYTES,
+            "max.partition.fetch.bytes": PARTITION_FETCH_BYTES,
         }
     )
     count = nbytes = 0

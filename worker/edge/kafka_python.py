@@ -29,7 +29,13 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from worker.contract.errors import BrokerError
 from worker.contract.records import LogRecord, OutRecord, RawRecord, SourceRef
 from worker.edge.client import TP, CommitFailed, Fenced, Positions
-from worker.edge.kafka_io import build_client, make_consumer, make_producer
+from worker.edge.kafka_io import (
+    FETCH_MAX_BYTES,
+    PARTITION_FETCH_BYTES,
+    build_client,
+    make_consumer,
+    make_producer,
+)
 from worker.edge.security import authorization_error
 
 if TYPE_CHECKING:
@@ -427,8 +433,8 @@ class KafkaPythonRangeReader:
             allow_auto_create_topics=False,
             # A range start deleted by retention while reading is an error, never a skip.
             auto_offset_reset="none",
-            fetch_max_bytes=64 * 1024 * 1024,
-            max_partition_fetch_bytes=16 * 1024 * 1024,
+            fetch_max_bytes=FETCH_MAX_BYTES,
+            max_partition_fetch_bytes=PARTITION_FETCH_BYTES,
             **self.security,
         )
 
