@@ -74,12 +74,11 @@ import gzip
 import json
 import logging
 import os
-import threading
 import time
 import uuid
 import zlib
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -100,7 +99,7 @@ from worker.config import (
 from worker.contract.errors import BrokerError, ConfigError, os_error
 from worker.contract.records import LogRecord, OutRecord
 from worker.core.pacing import Pacer
-from worker.edge.client import Clients, RangeReader, clients_for
+from worker.edge.client import Clients, Deliveries, RangeReader, clients_for
 
 log = logging.getLogger(__name__)
 
@@ -438,26 +437,6 @@ def _copy_partition(
 # ------------------------------------------------------------------ restore
 
 
-@dataclass
-class _Acks:
-    """Delivery results, counted on the client's thread."""
-
-    acked: int = 0
-    failed: int = 0
-    first_error: BaseException | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def ok(self) -> None:
-        with self.lock:
-            self.acked += 1
-
-    def error(self, exc: BaseException) -> None:
-        with self.lock:
-            self.failed += 1
-            if self.first_error is None:
-                self.first_error = exc
-
-
 def restore_file(
     path: Path,
     bootstrap_servers: str,
@@ -518,7 +497,7 @@ def restore_file(
         to_topic,
         f"{rate:g} records/s" if rate > 0 else "full speed",
     )
-    acks = _Acks()
+    acks = Deliveries()
     producer = clients.plain_producer(
         bootstrap_servers, security, client_id=client_id, compression_type=compression_type
     )

@@ -15,15 +15,12 @@ calls written as its documentation shows them.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 from worker.contract.errors import BrokerError
-
-log = logging.getLogger(__name__)
 
 #: (key, headers, value) of one consumed record.
 Message = tuple[bytes | None, dict[str, bytes], bytes | None]

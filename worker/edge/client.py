@@ -23,7 +23,9 @@ What every implementation promises:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from worker.contract.errors import BrokerError, ConfigError
@@ -202,6 +204,27 @@ class Clients(Protocol):
     def range_reader(
         self, bootstrap_servers: str, security: KafkaSecurity, *, client_id: str
     ) -> RangeReader: ...
+
+
+@dataclass
+class Deliveries:
+    """Counts the delivery results of :meth:`Producer.send` (``on_ack=deliveries.ok``,
+    ``on_error=deliveries.error``), whichever thread the client reports them on."""
+
+    acked: int = 0
+    failed: int = 0
+    first_error: BaseException | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def ok(self) -> None:
+        with self.lock:
+            self.acked += 1
+
+    def error(self, exc: BaseException) -> None:
+        with self.lock:
+            self.failed += 1
+            if self.first_error is None:
+                self.first_error = exc
 
 
 def timed_read_for(kafka_client: str) -> Callable[[str, str, int, float], ReadTiming]:

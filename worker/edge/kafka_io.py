@@ -22,6 +22,7 @@ from typing import Any, NamedTuple, TypeVar
 from kafka import KafkaConsumer, KafkaProducer, codec
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.errors import KafkaError
+from kafka.serializer import Serializer
 from kafka.structs import TopicPartition
 
 from worker.config import WorkerConfig, check_compression
@@ -140,6 +141,21 @@ def kafka_compression(compression_type: str | None) -> str | None:
     return compression_type
 
 
+class NullKey:
+    """Stands for "no key" where kafka-python would refuse a record with neither key nor
+    value (its ``send`` checks that before serializing, though Kafka stores such records)."""
+
+
+NULL_KEY = NullKey()
+
+
+class KeySerializer(Serializer):  # type: ignore[misc]
+    """Passes key bytes through; :data:`NULL_KEY` becomes a null key."""
+
+    def serialize(self, topic: str, headers: Any, data: Any) -> bytes | None:
+        return None if data is NULL_KEY else data
+
+
 def make_producer(
     bootstrap_servers: str,
     client_id: str,
@@ -147,7 +163,8 @@ def make_producer(
     compression_type: str | None = None,
     **extra: Any,
 ) -> KafkaProducer:
-    """An idempotent producer with acks=all (``extra``: transactional_id, security, ...).
+    """An idempotent producer with acks=all (``extra``: transactional_id, security, ...);
+    a key of :data:`NULL_KEY` is sent as no key.
 
     ``compression_type``: a ``--compression-type`` value (none, gzip, snappy, lz4, zstd;
     None = none). kafka-python compresses per batch; ``max_request_size`` is checked
@@ -164,6 +181,7 @@ def make_producer(
         linger_ms=5,
         max_request_size=32 * 1024 * 1024,
         compression_type=compression,
+        key_serializer=KeySerializer(),  # a record with neither key nor value (NULL_KEY)
         **extra,
     )
 

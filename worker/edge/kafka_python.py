@@ -23,7 +23,6 @@ from kafka.errors import (
     ProducerFencedError,
     RebalanceInProgressError,
 )
-from kafka.serializer import Serializer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.contract.errors import BrokerError
@@ -31,7 +30,9 @@ from worker.contract.records import LogRecord, OutRecord, RawRecord, SourceRef
 from worker.edge.client import TP, CommitFailed, Fenced, Positions
 from worker.edge.kafka_io import (
     FETCH_MAX_BYTES,
+    NULL_KEY,
     PARTITION_FETCH_BYTES,
+    NullKey,
     build_client,
     make_consumer,
     make_producer,
@@ -97,21 +98,6 @@ def to_raw(record: Any) -> RawRecord:
         value=record.value,
         headers=tuple((k, v if v is not None else b"") for k, v in (record.headers or ())),
     )
-
-
-class _NullKey:
-    """Stands for "no key" where kafka-python would refuse a record with neither key nor
-    value (its ``send`` checks that before serializing, though Kafka stores such records)."""
-
-
-NULL_KEY = _NullKey()
-
-
-class KeySerializer(Serializer):  # type: ignore[misc]
-    """Passes key bytes through; :data:`NULL_KEY` becomes a null key."""
-
-    def serialize(self, topic: str, headers: Any, data: Any) -> bytes | None:
-        return None if data is NULL_KEY else data
 
 
 def to_log_record(record: Any) -> LogRecord:
@@ -288,7 +274,7 @@ class KafkaPythonProducer:
         on_ack: Callable[[], None],
         on_error: Callable[[BaseException], None],
     ) -> None:
-        key: bytes | _NullKey | None = record.key
+        key: bytes | NullKey | None = record.key
         if key is None and record.value is None:
             key = NULL_KEY  # kafka-python refuses a record with neither
         try:
@@ -489,7 +475,6 @@ class KafkaPythonClients:
                 config.bootstrap_servers,
                 config.client_id,
                 compression_type=config.compression_type,
-                key_serializer=KeySerializer(),  # a dead letter of a keyless tombstone
                 **extra,
             ),
             transaction_wait_s=config.transaction_wait_s,
@@ -511,7 +496,6 @@ class KafkaPythonClients:
                 compression_type=compression_type,
                 # one batch in flight per partition: order survives retries
                 enable_idempotence=True,
-                key_serializer=KeySerializer(),
                 **security.kafka_security(),
             ),
             security=security.kafka_security(),

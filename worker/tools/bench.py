@@ -323,7 +323,7 @@ def bench_naive(
         return decode_record(record, manifest, limits).tensor
 
     def score(ids: list[str], feeds: dict[str, list[Any]]) -> list[bytes]:
-        outputs = runner.session.run(None, {k: np.stack(v) for k, v in feeds.items()})
+        outputs = runner.run({k: np.stack(v) for k, v in feeds.items()})
         probs = outputs[label_at]
         out = []
         for i, event_id in enumerate(ids):

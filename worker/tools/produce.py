@@ -45,7 +45,7 @@ from worker.contract.records import (
 from worker.contract.records import OutRecord as Outgoing
 from worker.contract.reference_data import SAMPLE_RATE, Sample, sample_tensors, samples
 from worker.core.pacing import Pacer
-from worker.edge.client import clients_for
+from worker.edge.client import Deliveries, clients_for
 
 log = logging.getLogger(__name__)
 
@@ -415,12 +415,7 @@ def produce(config: ProduceConfig) -> dict[str, Any]:
     pacer = Pacer(per_s, burst=max(1.0, per_s / 10)) if per_s > 0 else None
     start = time.monotonic()
     sent = 0
-    acked: list[bool] = []  # appended on the client's threads (list.append is atomic)
-    failed: list[BaseException] = []
-
-    def ack() -> None:
-        acked.append(True)
-
+    acks = Deliveries()
     try:
         for rec in plan.records:
             if pacer is not None:
@@ -429,12 +424,12 @@ def produce(config: ProduceConfig) -> dict[str, Any]:
                 *rec.headers(),
                 (HEADER_EVENT_TIME, str(time.time_ns() // 1_000_000).encode()),
             )
-            producer.send(Outgoing(config.topic, rec.key, rec.value, headers), ack, failed.append)
+            producer.send(Outgoing(config.topic, rec.key, rec.value, headers), acks.ok, acks.error)
             sent += 1
         producer.flush(120.0)
-        if failed or len(acked) != sent:
-            cause = failed[0] if failed else "no acknowledgement"
-            raise BrokerError(f"{sent - len(acked)} of {sent} parts were not acknowledged: {cause}")
+        if acks.failed or acks.acked != sent:
+            cause = acks.first_error or "no acknowledgement"
+            raise BrokerError(f"{sent - acks.acked} of {sent} parts were not acknowledged: {cause}")
     except BrokerError as exc:
         raise BrokerError(
             f"producing to {config.topic} failed: {exc}", retriable=exc.retriable
