@@ -461,3 +461,25 @@ def test_a_broken_model_stops_the_worker_instead_of_dead_lettering_everything(
     assert isinstance(running.error, InferenceError) and "in a row" in str(running.error)
     dlq = read_topic(kafka_bootstrap, topics[2], lambda got: False, 2.0)
     assert len(dlq) == 3 * MAX_POISON_STREAK  # then it stopped instead of going on
+
+
+def test_the_kafka_python_producer_knows_both_write_topics_before_the_first_send(
+    kafka_bootstrap: str, topic_factory: Callable[..., str], tiny_model_dir: Path
+) -> None:
+    """kafka-python's send waits on the caller's thread for the metadata of a topic not
+    written yet: the worker's producer learns the output and dead-letter topics when it is
+    made, so the first dead letter (often long after start, perhaps while the broker that
+    answers metadata is frozen) only queues."""
+    from kafka import KafkaProducer as RawProducer
+
+    topics = (topic_factory(1), topic_factory(2), topic_factory(3))
+    config = make_config(kafka_bootstrap, topics, tiny_model_dir)
+    producer = clients_for("kafka-python").producer(config)
+    try:
+        raw = producer._p
+        assert isinstance(raw, RawProducer)
+        known = raw._metadata.partitions_for_topic  # the cache send looks in before waiting
+        assert known(topics[1]) == {0, 1}
+        assert known(topics[2]) == {0, 1, 2}
+    finally:
+        producer.close(timeout_s=5)

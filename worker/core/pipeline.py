@@ -176,7 +176,11 @@ class Worker:
         self.events = events or Everything()
         self.clients = clients
         self.consumer = clients.consumer(config)
-        self.producer = clients.producer(config)
+        try:
+            self.producer = clients.producer(config)
+        except BaseException:
+            self.consumer.close()
+            raise
         self.source = (source or _group_source(config))(self.consumer)
         self.checkpoint = Checkpoint(
             self.consumer,

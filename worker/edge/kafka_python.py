@@ -288,6 +288,22 @@ class KafkaPythonProducer:
         future.add_callback(lambda _md: on_ack())
         future.add_errback(lambda exc: on_error(broker_error(what, exc, self.security)))
 
+    def learn_topics(self, topics: Iterable[str]) -> None:
+        """Know the partitions of ``topics`` now, before the first send.
+
+        kafka-python's ``send`` waits for the metadata of a topic it has not written yet
+        (up to ``max_block_ms``) on the caller's thread: the first dead letter, sent while
+        the broker that answers metadata is frozen, held the loop 40 s (it neither read nor
+        paused). Learnt at start, a send only queues.
+        """
+        for topic in topics:
+            try:
+                self._p.partitions_for(topic)
+            except KafkaError as exc:
+                raise broker_error(
+                    f"cannot learn the partitions of {topic}", exc, self.security
+                ) from exc
+
     @_wrapped("flush failed")
     def flush(self, timeout_s: float) -> None:
         self._p.flush(timeout=timeout_s)
@@ -470,7 +486,7 @@ class KafkaPythonClients:
         extra: dict[str, Any] = dict(config.kafka_security())
         if config.guarantee == "exactly-once":
             extra["transactional_id"] = config.transactional_id
-        return KafkaPythonProducer(
+        producer = KafkaPythonProducer(
             make_producer(
                 config.bootstrap_servers,
                 config.client_id,
@@ -480,6 +496,12 @@ class KafkaPythonClients:
             transaction_wait_s=config.transaction_wait_s,
             security=config.kafka_security(),
         )
+        try:
+            producer.learn_topics((config.output_topic, config.dlq_topic))
+        except BaseException:
+            producer.close(timeout_s=0)
+            raise
+        return producer
 
     def plain_producer(
         self,
