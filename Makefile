@@ -12,7 +12,7 @@ MODEL_ONNX := .cache/reference-onnx$(MODEL_SUFFIX)
 # make bench: two worker processes (one per core here) over four partitions.
 BENCH_ARGS ?= --processes 2 --partitions 4
 
-.PHONY: help install lint test test-fast demo bench soak model kafka kafka-stop clean
+.PHONY: help install lint test test-fast demo bench soak model gpu-kit kafka kafka-stop clean
 help:
 	@echo "make demo        train+export the reference model (cached), start Kafka, run the demo"
 	@echo "make test        lint, type-check and run the full test suite (real Kafka broker)"
@@ -22,6 +22,7 @@ help:
 	@echo "                 e.g. make bench IMAGE_SIZE=256 BENCH_ARGS='--content raw --events 1500'"
 	@echo "make soak        20 min per guarantee on a 3-broker cluster, a fault a minute (not in CI)"
 	@echo "                 e.g. make soak SOAK_ARGS='--minutes 5 --guarantees exactly-once'"
+	@echo "make gpu-kit     prepare the GPU bench's carried files in .cache/gpu (deploy/gpu/README.md)"
 
 install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
@@ -58,6 +59,24 @@ bench: model kafka
 # Not part of `make test`: about 45 minutes (two guarantees); the report goes to .cache/soak.
 soak: install
 	$(BIN)/python tests/soak.py $(SOAK_ARGS)
+
+# What deploy/gpu/bench-gpu.sh carries to the device machine (Python 3.12 there), which a
+# fresh checkout lacks: both models, the small wheels, onnxruntime-gpu cut into parts of at
+# most 61 MiB (.cache/gpu/whlparts), then the script's dry run. About 250 MB of downloads.
+GPU_PLAT := --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+pin = $(shell grep -h '^$(1)==' constraints.txt deploy/docker/constraints-gpu.txt)
+gpu-kit: install
+	$(MAKE) model
+	$(MAKE) model IMAGE_SIZE=256
+	rm -rf .cache/gpu/whl .cache/gpu/whlparts .cache/gpu-download
+	$(BIN)/python -m pip download -q --no-deps $(GPU_PLAT) -d .cache/gpu/whl \
+		$(call pin,kafka-python) $(call pin,crc32c)
+	$(BIN)/python -m pip download -q --no-deps $(GPU_PLAT) -d .cache/gpu-download \
+		$(call pin,onnxruntime-gpu)
+	bash deploy/gpu/bench-gpu.sh --split-wheel .cache/gpu-download/onnxruntime_gpu-*.whl
+	PYTHON=$(BIN)/python OUT=.cache/gpu-dry bash deploy/gpu/bench-gpu.sh --dry-run
 
 clean:
 	rm -rf .cache/reference-model .cache/reference-onnx .pytest_cache .mypy_cache .ruff_cache

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -462,6 +463,46 @@ def test_gpu_image_makes_the_cuda_wheels_libraries_loadable() -> None:
     assert "site-packages/nvidia" in commands and "python3.11" in commands
     for lib in ("libcudart.so.13", "libcublas.so.13", "libcudnn.so.9"):
         assert lib in commands
+    # after ldconfig, ldd of ORT's CUDA provider must find everything but the driver's
+    check = commands.index("check-cuda-libs /opt/venv/lib/python3.11/site-packages/onnxruntime")
+    assert commands.index("ldconfig") < check
+    assert "libonnxruntime_providers_cuda.so" in commands[check:].split("&&")[0]
+
+
+def _shared_lib(path: Path, needs: list[Path]) -> None:
+    src = path.with_suffix(".c")
+    src.write_text(f"int {path.stem.replace('.', '_')}(void) {{ return 0; }}\n")
+    subprocess.run(
+        ["gcc", "-shared", "-fPIC", "-o", str(path), f"-Wl,-soname,{path.name}", str(src),
+         "-Wl,--no-as-needed", *map(str, needs)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("ldd") is None, reason="no gcc")
+def test_the_gpu_image_s_library_check_fails_on_any_missing_library_but_the_driver_s(
+    tmp_path: Path,
+) -> None:
+    """check-cuda-libs.sh on libraries built here: one that links only the driver's
+    libcuda.so.1 (absent, as in a build without a GPU) passes; one that also links a library
+    the loader cannot find fails, naming it; a missing file is a usage error."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    cuda, cufft = stubs / "libcuda.so.1", stubs / "libcufft.so.12"
+    _shared_lib(cuda, [])
+    _shared_lib(cufft, [])
+    good, bad = tmp_path / "libgood.so", tmp_path / "libbad.so"
+    _shared_lib(good, [cuda])
+    _shared_lib(bad, [cuda, cufft])
+    shutil.rmtree(stubs)  # now neither is where the loader looks
+    script = ["sh", str(ROOT / "deploy" / "docker" / "check-cuda-libs.sh")]
+    ok = subprocess.run([*script, str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    failed = subprocess.run([*script, str(good), str(bad)], capture_output=True, text=True)
+    assert failed.returncode == 1
+    assert "libcufft.so.12" in failed.stderr and "libcuda.so.1" not in failed.stderr
+    absent = subprocess.run([*script, str(tmp_path / "nope.so")], capture_output=True, text=True)
+    assert absent.returncode == 2 and "no such file" in absent.stderr
 
 
 # ================================================================== tests: .dockerignore

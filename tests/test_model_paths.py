@@ -184,24 +184,33 @@ def test_cuda_provider_options() -> None:
     assert cuda_provider_options() == {
         "cudnn_conv_algo_search": "HEURISTIC",
         "do_copy_in_default_stream": "1",
+        "use_tf32": "1",
     }
     assert cuda_provider_options("EXHAUSTIVE")["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+    assert cuda_provider_options(tf32=False)["use_tf32"] == "0"  # strict parity
     with pytest.raises(ConfigError):
         cuda_provider_options("FASTEST")
 
 
 class FakeCudart:
-    """cudaHostRegister / cudaHostUnregister that only record (no CUDA here)."""
+    """cudaHostRegister / cudaHostUnregister / cudaGetLastError that only record (no CUDA
+    here); a failed register leaves its error as the last one, as the CUDA runtime does."""
 
     def __init__(self, rc: int = 0) -> None:
         self.rc = rc
         self.registered: dict[int, int] = {}
         self.unregistered: list[int] = []
+        self.last_error = 0
+
+    def cudaGetLastError(self) -> int:
+        err, self.last_error = self.last_error, 0
+        return err
 
     def cudaHostRegister(self, ptr: ctypes.c_void_p, size: int, flags: int) -> int:
         assert ptr.value is not None and flags == 0
         if self.rc == 0:
             self.registered[ptr.value] = size
+        self.last_error = self.rc
         return self.rc
 
     def cudaHostUnregister(self, ptr: ctypes.c_void_p) -> int:
@@ -222,6 +231,8 @@ def test_a_pinned_host_buffer_is_whole_pages_and_unregistered_when_freed() -> No
     failing = FakeCudart(rc=2)
     arr, pinned = host_buffer((3,), "int32", failing)  # type: ignore[arg-type]
     assert not pinned and not failing.registered and arr.shape == (3,)
+    # the failure's error was read, so ORT's next kernel launch does not find it stale
+    assert failing.last_error == 0
 
 
 def test_bound_run_through_pinned_buffers_equals_plain_run(
@@ -240,3 +251,42 @@ def test_bound_run_through_pinned_buffers_equals_plain_run(
     del pinned
     gc.collect()
     assert sorted(cudart.unregistered) == sorted(cudart.registered)
+
+
+class _Spy:
+    """Records the calls named in ``watch`` into ``log`` and hands everything to ``inner``."""
+
+    def __init__(self, inner: Any, log: list[tuple[str, str]], watch: str, label: str) -> None:
+        self._inner, self._log, self._watch, self._label = inner, log, watch, label
+
+    def __getattr__(self, attr: str) -> Any:
+        found = getattr(self._inner, attr)
+        if attr != self._watch:
+            return found
+
+        def call(*args: Any) -> Any:
+            unwrapped = [a._inner if isinstance(a, _Spy) else a for a in args]
+            self._log.append((attr, self._label if self._label else str(args[0])))
+            return found(*unwrapped)
+
+        return call
+
+
+def test_each_bound_run_binds_every_input_again_after_updating_it(
+    runners: tuple[ModelRunner, ModelRunner],
+) -> None:
+    """A tensor ORT copied to another device for a node placed there is stale once the
+    bound one is updated in place: every run binds each input again after its update."""
+    plain, bound = runners
+    rng = np.random.default_rng(5)
+    bound.run(random_rows(plain.manifest, 4, rng))  # makes bucket 4
+    bucket = bound._buckets[4]
+    calls: list[tuple[str, str]] = []
+    bucket.binding = _Spy(bucket.binding, calls, "bind_ortvalue_input", "")
+    bucket.device = {n: _Spy(v, calls, "update_inplace", n) for n, v in bucket.device.items()}
+    for _ in range(2):
+        feed = random_rows(plain.manifest, 4, rng)
+        assert_same(bound.run(feed), plain.run(feed))
+    names = [i.name for i in plain.manifest.inputs]
+    one_run = [call for n in names for call in (("update_inplace", n), ("bind_ortvalue_input", n))]
+    assert calls == one_run * 2

@@ -83,7 +83,7 @@ class SessionInfo:
     providers: tuple[str, ...]
 
 
-def cuda_provider_options(conv_algo_search: str = "HEURISTIC") -> dict[str, str]:
+def cuda_provider_options(conv_algo_search: str = "HEURISTIC", tf32: bool = True) -> dict[str, str]:
     """Options of ``CUDAExecutionProvider``.
 
     ``cudnn_conv_algo_search`` HEURISTIC (not ORT's default, EXHAUSTIVE): EXHAUSTIVE
@@ -95,12 +95,20 @@ def cuda_provider_options(conv_algo_search: str = "HEURISTIC") -> dict[str, str]
     measures both (first-run ms per shape and throughput).
     ``do_copy_in_default_stream``: copies on the compute stream, so they are ordered
     with the kernels.
+    ``use_tf32`` (``tf32``, on by default, as ORT's): float32 convolutions and matrix
+    products on TF32 tensor cores (Ampere and later). Outputs then differ from a
+    float32 run by about 1e-4..1e-3, and between batch shapes too; a strict parity
+    check (against CPU, or bound against plain) passes ``tf32=False``.
     """
     if conv_algo_search not in CONV_ALGO_SEARCHES:
         raise ConfigError(
             f"cudnn_conv_algo_search must be one of {CONV_ALGO_SEARCHES}, not {conv_algo_search!r}"
         )
-    return {"cudnn_conv_algo_search": conv_algo_search, "do_copy_in_default_stream": "1"}
+    return {
+        "cudnn_conv_algo_search": conv_algo_search,
+        "do_copy_in_default_stream": "1",
+        "use_tf32": "1" if tf32 else "0",
+    }
 
 
 def create_session(
@@ -109,13 +117,15 @@ def create_session(
     intra_op_threads: int = 0,
     *,
     conv_algo_search: str = "HEURISTIC",
+    tf32: bool = True,
 ) -> tuple[Session, SessionInfo]:
-    """An ORT session on ``device`` (auto = CUDA when it works, else CPU)."""
+    """An ORT session on ``device`` (auto = CUDA when it works, else CPU); ``conv_algo_search``
+    and ``tf32``: see :func:`cuda_provider_options`."""
     import onnxruntime as ort
 
     if device not in DEVICES:
         raise ConfigError(f"--device must be one of {DEVICES}, not {device!r}")
-    cuda_options = cuda_provider_options(conv_algo_search)
+    cuda_options = cuda_provider_options(conv_algo_search, tf32)
     available = ort.get_available_providers()
     want: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
     if device in ("auto", "cuda"):
@@ -170,6 +180,8 @@ def _loaded_cudart() -> ctypes.CDLL | None:
         lib.cudaHostRegister.restype = ctypes.c_int
         lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
         lib.cudaHostUnregister.restype = ctypes.c_int
+        lib.cudaGetLastError.argtypes = []
+        lib.cudaGetLastError.restype = ctypes.c_int
         return lib
     return None
 
@@ -198,6 +210,10 @@ def host_buffer(
     ptr = raw.ctypes.data + offset
     rc = cudart.cudaHostRegister(ctypes.c_void_p(ptr), span, 0)
     if rc != 0:
+        # A failed call also leaves the thread's last CUDA error set, and ORT's CUDA kernels
+        # check cudaGetLastError() after each launch: the next batch would fail with this
+        # stale error. Reading it clears it.
+        cudart.cudaGetLastError()
         log.warning("cudaHostRegister(%d bytes) failed with CUDA error %d: pageable", span, rc)
         return arr, False
     # `arr` is a view: it keeps `raw` alive, and `raw` is unregistered before it is freed.
@@ -297,6 +313,7 @@ class ModelRunner:
         max_batch_size: int | None = None,
         conv_algo_search: str = "HEURISTIC",
         pin_host: bool | None = None,
+        tf32: bool = True,
     ) -> ModelRunner:
         """Verify and load ``model_dir``; ``max_batch_size`` caps the padding buckets."""
         manifest = load_manifest(model_dir, verify=True)
@@ -305,6 +322,7 @@ class ModelRunner:
             device,
             intra_op_threads,
             conv_algo_search=conv_algo_search,
+            tf32=tf32,
         )
         buckets = None if max_batch_size is None else buckets_up_to(max_batch_size)
         return cls(
@@ -441,10 +459,13 @@ class ModelRunner:
     ) -> list[NDArray[Any]]:
         try:
             for name, value in bucket.device.items():
+                # update_inplace's copy is complete when it returns (no device-wide
+                # synchronize_inputs() after it). Then bind again: if ORT had copied the
+                # bound tensor elsewhere for a node placed on another device, the old
+                # binding would read that stale copy; with the devices matching, binding
+                # only swaps a pointer.
                 value.update_inplace(sources[name])
-            if self.binding_device != "cpu":
-                # update_inplace copies on the legacy default stream: make sure it landed.
-                bucket.binding.synchronize_inputs()
+                bucket.binding.bind_ortvalue_input(name, value)
             self.session.run_with_iobinding(bucket.binding)  # type: ignore[attr-defined]
             outputs: list[NDArray[Any]] = bucket.binding.copy_outputs_to_cpu()
         except Exception as exc:  # ORT raises its own untyped exceptions
