@@ -91,6 +91,8 @@ def test_consumer_settings_keep_the_workers_semantics(tmp_path: Path) -> None:
     assert c["fetch.max.bytes"] == 8 * 1024 * 1024
     assert c["max.partition.fetch.bytes"] == 1024 * 1024  # the clients' default, below it
     assert c["queued.max.messages.kbytes"] == 8 * 1024
+    # A full prefetch queue is fetched again soon, not after librdkafka's 1 s default.
+    assert c["fetch.queue.backoff.ms"] == confluent.FETCH_QUEUE_BACKOFF_MS <= 50
     assert c["heartbeat.interval.ms"] == 1000
     assert c["metadata.recovery.rebootstrap.trigger.ms"] == confluent.REBOOTSTRAP_AFTER_MS
     assert "group.instance.id" not in confluent.consumer_settings(config(tmp_path))

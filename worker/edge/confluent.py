@@ -109,6 +109,21 @@ _AUTHORIZATION = {
 REBOOTSTRAP_AFTER_MS = 10_000
 
 
+#: How long librdkafka waits before fetching a partition again once its prefetch queue
+#: is full (``queued.max.messages.kbytes``). Its default, 1 000 ms, idles a consumer that
+#: drains the queue in less: the naive loop sat waiting 40-45% of its run, and took
+#: 1 364-1 589 events/s with 1 000 ms against 2 200-3 140 with 10 ms (6 000 npy events,
+#: 4 partitions, this 2-CPU machine; docs/benchmarks.md).
+FETCH_QUEUE_BACKOFF_MS = 10
+
+#: The fetch settings of every mmstream consumer on librdkafka (as kafka_io's for kafka-python).
+FETCH_SETTINGS: dict[str, Any] = {
+    "fetch.max.bytes": FETCH_MAX_BYTES,
+    "max.partition.fetch.bytes": PARTITION_FETCH_BYTES,
+    "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
+}
+
+
 def common_settings(bootstrap_servers: str, security: KafkaSecurity) -> dict[str, Any]:
     """What every librdkafka client of mmstream sets: where, how securely, re-bootstrap."""
     return {
@@ -275,6 +290,7 @@ def consumer_settings(config: WorkerConfig) -> dict[str, Any]:
         "topic.metadata.refresh.interval.ms": 30_000,
         # Prefetched records wait in librdkafka's queue beside what the worker holds:
         # never more than the worker's own byte bound (a larger record still comes alone).
+        **FETCH_SETTINGS,
         "fetch.max.bytes": min(FETCH_MAX_BYTES, config.max_pending_bytes),
         "max.partition.fetch.bytes": min(PARTITION_FETCH_BYTES, config.max_pending_bytes),
         "queued.max.messages.kbytes": max(1024, min(65_536, config.max_pending_bytes // 1024)),
@@ -831,8 +847,7 @@ class ConfluentRangeReader:
             # The end of a partition's log is reported: a range ending in transaction
             # markers (offsets no record is returned for) ends there.
             "enable.partition.eof": True,
-            "fetch.max.bytes": FETCH_MAX_BYTES,
-            "max.partition.fetch.bytes": PARTITION_FETCH_BYTES,
+            **FETCH_SETTINGS,
         }
         self._errors = _Errors(bootstrap_servers, self.security)
         try:
@@ -982,8 +997,7 @@ def timed_read(bootstrap_servers: str, topic: str, records: int, timeout_s: floa
             "bootstrap.servers": bootstrap_servers,
             "group.id": "mmstream-bench-raw",
             "enable.auto.commit": False,
-            "fetch.max.bytes": FETCH_MAX_BYTES,
-            "max.partition.fetch.bytes": PARTITION_FETCH_BYTES,
+            **FETCH_SETTINGS,
         }
     )
     count = nbytes = 0
