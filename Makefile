@@ -12,7 +12,7 @@ MODEL_ONNX := .cache/reference-onnx$(MODEL_SUFFIX)
 # make bench: two worker processes (one per core here) over four partitions.
 BENCH_ARGS ?= --processes 2 --partitions 4
 
-.PHONY: help install lint test test-fast demo bench soak model gpu-kit kafka kafka-stop clean
+.PHONY: help install lint test test-fast demo bench soak model gpu-kit wheelhouse image-test kafka kafka-stop clean
 help:
 	@echo "make demo        train+export the reference model (cached), start Kafka, run the demo"
 	@echo "make test        lint, type-check and run the full test suite (real Kafka broker)"
@@ -23,6 +23,10 @@ help:
 	@echo "make soak        20 min per guarantee on a 3-broker cluster, a fault a minute (not in CI)"
 	@echo "                 e.g. make soak SOAK_ARGS='--minutes 5 --guarantees exactly-once'"
 	@echo "make gpu-kit     prepare the GPU bench's carried files in .cache/gpu (deploy/gpu/README.md)"
+	@echo "make wheelhouse  the wheels an image build installs, for builds without an index"
+	@echo "                 (IMAGE=cpu or gpu; .cache/wheelhouse-IMAGE; deploy/docker/README.md)"
+	@echo "make image-test  build the CPU image with buildah (no Docker) and run its worker against"
+	@echo "                 a local broker: every event predicted, non-root, SIGTERM drains (exit 0)"
 
 install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
@@ -77,6 +81,31 @@ gpu-kit: install
 		$(call pin,onnxruntime-gpu)
 	bash deploy/gpu/bench-gpu.sh --split-wheel .cache/gpu-download/onnxruntime_gpu-*.whl
 	PYTHON=$(BIN)/python OUT=.cache/gpu-dry bash deploy/gpu/bench-gpu.sh --dry-run
+
+# The wheels Dockerfile.$(IMAGE) installs (the same list and constraints as its build
+# stage, for Linux x86_64 CPython 3.11), for `--build-arg WHEELHOUSE=.cache/wheelhouse-$(IMAGE)`.
+IMAGE ?= cpu
+IMAGE_EXTRAS ?= confluent
+WHEELHOUSE := .cache/wheelhouse-$(IMAGE)
+WHEEL_PLAT := --only-binary=:all: --python-version 3.11 --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+wheelhouse: install
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	if [ "$(IMAGE)" = gpu ]; then \
+		{ $(BIN)/python deploy/docker/requirements.py --extra gpu --without onnxruntime \
+			--extra "$(IMAGE_EXTRAS)" && echo "onnxruntime-gpu[cuda,cudnn]"; }; \
+	else $(BIN)/python deploy/docker/requirements.py --extra "$(IMAGE_EXTRAS)"; \
+	fi > $(WHEELHOUSE)/requirements.txt
+	$(BIN)/python -m pip download -q $(WHEEL_PLAT) -d $(WHEELHOUSE) -c constraints.txt \
+		$(if $(filter gpu,$(IMAGE)),-c deploy/docker/constraints-gpu.txt) \
+		-r $(WHEELHOUSE)/requirements.txt "setuptools>=77"
+	@echo "$(WHEELHOUSE): $$(ls $(WHEELHOUSE)/*.whl | wc -l) wheels, $$(du -sh $(WHEELHOUSE) | cut -f1)"
+
+# Installs buildah, podman and mmdebstrap with apt-get when they are missing (deploy/docker/README.md).
+image-test: model
+	$(MAKE) wheelhouse IMAGE=cpu
+	$(BIN)/python deploy/docker/image_test.py
 
 clean:
 	rm -rf .cache/reference-model .cache/reference-onnx .pytest_cache .mypy_cache .ruff_cache

@@ -601,3 +601,23 @@ def test_compose_creates_every_topic_the_worker_and_producer_use() -> None:
     used.add(producer[producer.index("--topic") + 1])
     assert used <= created, used - created
     assert service_env(services["kafka"])["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+
+
+@pytest.mark.parametrize("flavour", sorted(DOCKERFILES))
+def test_a_wheelhouse_when_given_is_the_build_s_only_package_source(flavour: str) -> None:
+    """WHEELHOUSE (a folder in the context, `make wheelhouse`) becomes /wheels; with wheels
+    there, pip's config says no-index + find-links /wheels before any pip install runs."""
+    build = parse_dockerfile(DOCKERFILES[flavour])
+    args = [i.args for i in build if i.keyword == "ARG"]
+    assert 'WHEELHOUSE=""' in args
+    copies = [i.args for i in build if i.keyword == "COPY" and "WHEELHOUSE" in i.args]
+    assert copies == ["${WHEELHOUSE:-deploy/docker/no-wheelhouse} /wheels/"]
+    placeholder = ROOT / "deploy" / "docker" / "no-wheelhouse"
+    assert placeholder.is_dir() and not list(placeholder.glob("*.whl"))
+    runs = [i.args for i in build if i.keyword == "RUN"]
+    config = next(k for k, r in enumerate(runs) if "/etc/pip.conf" in r)
+    assert "no-index = true" in runs[config] and "find-links = /wheels" in runs[config]
+    assert all("pip install" not in r for r in runs[:config])
+    # a Debian base (the image test's) names its interpreter python3 only
+    assert "python3 -m venv /opt/venv" in runs[0]
+    assert not ignored(".cache/wheelhouse-cpu/x.whl") and not ignored(".cache/wheelhouse-gpu/x.whl")
