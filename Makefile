@@ -25,7 +25,7 @@ help:
 	@echo "make gpu-kit     prepare the GPU bench's carried files in .cache/gpu (deploy/gpu/README.md)"
 	@echo "make wheelhouse  the wheels an image build installs, for builds without an index"
 	@echo "                 (IMAGE=cpu or gpu; .cache/wheelhouse-IMAGE; deploy/docker/README.md)"
-	@echo "make image-test  build the CPU image with buildah (no Docker) and run its worker against"
+	@echo "make image-test  build both images with buildah (no Docker) and run their workers against"
 	@echo "                 a local broker: every event predicted, non-root, SIGTERM drains (exit 0)"
 
 install: $(STAMP)
@@ -105,6 +105,7 @@ wheelhouse: install
 # Installs buildah, podman and mmdebstrap with apt-get when they are missing (deploy/docker/README.md).
 image-test: model
 	$(MAKE) wheelhouse IMAGE=cpu
+	$(MAKE) wheelhouse IMAGE=gpu
 	$(BIN)/python deploy/docker/image_test.py
 
 clean:

@@ -93,6 +93,8 @@ def test_consumer_settings_keep_the_workers_semantics(tmp_path: Path) -> None:
     assert c["queued.max.messages.kbytes"] == 8 * 1024
     # A full prefetch queue is fetched again soon, not after librdkafka's 1 s default.
     assert c["fetch.queue.backoff.ms"] == confluent.FETCH_QUEUE_BACKOFF_MS <= 50
+    # the coordinator is looked up again within a second while it is down (not a minute)
+    assert c["coordinator.query.interval.ms"] == confluent.COORDINATOR_QUERY_MS <= 10_000
     assert c["heartbeat.interval.ms"] == 1000
     assert c["metadata.recovery.rebootstrap.trigger.ms"] == confluent.REBOOTSTRAP_AFTER_MS
     assert "group.instance.id" not in confluent.consumer_settings(config(tmp_path))

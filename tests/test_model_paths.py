@@ -16,7 +16,7 @@ import pytest
 from numpy.typing import NDArray
 
 import worker.inference.model
-from worker.contract.errors import ConfigError, InferenceError
+from worker.contract.errors import ConfigError, InferenceError, ModelError
 from worker.contract.manifest import MODEL_FILE, Manifest, load_manifest
 from worker.contract.preprocess import TextSpec
 from worker.contract.records import Event, Part
@@ -290,3 +290,28 @@ def test_each_bound_run_binds_every_input_again_after_updating_it(
     names = [i.name for i in plain.manifest.inputs]
     one_run = [call for n in names for call in (("update_inplace", n), ("bind_ortvalue_input", n))]
     assert calls == one_run * 2
+
+
+# ORT warns (a UserWarning) that the CUDA provider it was asked for is not in this build.
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider':UserWarning")
+def test_device_cuda_without_the_driver_is_one_line_naming_it(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where onnxruntime offers CUDA but the session comes up on the CPU (no driver: a
+    GPU image on a node without one), --device cuda fails with one line naming
+    libcuda.so.1; this machine has no driver, the offer is faked."""
+    import onnxruntime
+
+    offered = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: offered)
+    with pytest.raises(ModelError) as err:
+        create_session(tiny_model_dir / MODEL_FILE, "cuda")
+    message = str(err.value)
+    assert "\n" not in message and "CUDA did not initialise" in message
+    assert "libcuda.so.1 cannot be loaded" in message and "--device auto" in message
+    _, info = create_session(tiny_model_dir / MODEL_FILE, "auto")  # falls back, and says so
+    assert info.provider == "CPUExecutionProvider"
+    # with the driver there, the message says so and points at the provider's log
+    monkeypatch.setattr(worker.inference.model.ctypes, "CDLL", lambda name: object())
+    with pytest.raises(ModelError, match=r"libcuda\.so\.1 loads, but the CUDA provider"):
+        create_session(tiny_model_dir / MODEL_FILE, "cuda")

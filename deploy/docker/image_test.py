@@ -1,4 +1,4 @@
-"""``make image-test``: build the CPU image here with buildah and run its own ``mmstream``.
+"""``make image-test``: build the images here with buildah and run their own ``mmstream``.
 
 No Docker engine is needed, nor a registry: the base image is a Debian 12 root file
 system made with mmdebstrap (Python 3.11 from Debian) and imported with podman; pip in
@@ -11,7 +11,12 @@ build step here reaches no package index. Then, against a broker started for the
 2. its process must run as the image's non-root user (uid 10001);
 3. a SIGTERM must drain it with exit 0.
 
-It reports the image's size, the build time and the time from start to ready
+The GPU image is built too (no GPU is needed to build it: its build checks the CUDA
+libraries with ``check-cuda-libs.sh``); here, with no driver, ``--device auto`` must
+pass the same checks on the CPU and log the provider it fell back to, and the image's
+default ``--device cuda`` must exit non-zero with one line naming ``libcuda.so.1``.
+
+It reports each image's size, its build time and the time from start to ready
 (``/readyz``), and writes them to ``<work dir>/report.json``. One line naming the cause
 and exit 1 when a check fails; exit 2 when a tool is missing and cannot be installed.
 """
@@ -35,7 +40,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE_IMAGE = "localhost/mmstream-base:bookworm"
-IMAGE = "localhost/mmstream:cpu-test"
+FLAVOURS = ("cpu", "gpu")
 IMAGE_UID = 10001
 TOOLS = {"buildah": "podman", "podman": "podman", "mmdebstrap": "mmdebstrap"}
 
@@ -83,21 +88,25 @@ def ensure_base(work: Path, suite: str) -> None:
     run(["podman", "import", str(tar), BASE_IMAGE], stdout=subprocess.DEVNULL)
 
 
-def build(wheelhouse: Path, model: Path) -> float:
+def image_name(flavour: str) -> str:
+    return f"localhost/mmstream:{flavour}-test"
+
+
+def build(flavour: str, wheelhouse: Path, model: Path) -> float:
     t = time.monotonic()
     run(
         ["buildah", "bud", "--isolation", "chroot", "--layers",
          "--build-arg", f"PYTHON_IMAGE={BASE_IMAGE}",
          "--build-arg", f"WHEELHOUSE={wheelhouse.relative_to(ROOT)}",
          "--build-arg", f"MODEL_DIR={model.relative_to(ROOT)}",
-         "-f", "deploy/docker/Dockerfile.cpu", "-t", IMAGE, "."],
+         "-f", f"deploy/docker/Dockerfile.{flavour}", "-t", image_name(flavour), "."],
         cwd=ROOT, stdout=subprocess.DEVNULL,
     )  # fmt: skip
     return time.monotonic() - t
 
 
-def image_size_bytes() -> int:
-    out = run(["podman", "image", "inspect", "--format", "{{.Size}}", IMAGE], capture_output=True)
+def image_size_bytes(image: str) -> int:
+    out = run(["podman", "image", "inspect", "--format", "{{.Size}}", image], capture_output=True)
     return int(out.stdout.strip())
 
 
@@ -133,7 +142,10 @@ def worker_process(marker: str) -> tuple[int, int] | None:
     return None
 
 
-def test_image(work: Path, events: int, bootstrap: str) -> dict[str, Any]:
+def test_image(
+    work: Path, image: str, events: int, bootstrap: str, env: dict[str, str]
+) -> dict[str, Any]:
+    """Every event predicted by the image's worker, as uid 10001, drained by SIGTERM."""
     from worker.edge.kafka_io import ensure_topics, read_records
     from worker.tools.produce import ProduceConfig, produce
 
@@ -149,12 +161,13 @@ def test_image(work: Path, events: int, bootstrap: str) -> dict[str, Any]:
     )  # fmt: skip
     want = {json.loads(line)["event_id"] for line in labels.read_text().splitlines()}
     ctr = run(
-        ["buildah", "from", "--name", f"mmstream-image-test-{run_id}", IMAGE], capture_output=True
+        ["buildah", "from", "--name", f"mmstream-image-test-{run_id}", image], capture_output=True
     ).stdout.strip()
     port = free_port()
-    log_path = work / "worker.log"
+    log_path = work / f"worker-{run_id}.log"
+    envs = [f"--env={k}={v}" for k, v in {"MMSTREAM_HTTP_PORT": str(port), **env}.items()]
     argv = [
-        "buildah", "run", "--isolation", "chroot", "--env", f"MMSTREAM_HTTP_PORT={port}", ctr,
+        "buildah", "run", "--isolation", "chroot", *envs, ctr,
         "--", "mmstream", "worker", "--bootstrap-servers", bootstrap, "--input-topic", t_in,
         "--output-topic", t_out, "--group-id", group,
     ]  # fmt: skip
@@ -194,7 +207,41 @@ def test_image(work: Path, events: int, bootstrap: str) -> dict[str, Any]:
         raise exc
     finally:
         subprocess.run(["buildah", "rm", ctr], stdout=subprocess.DEVNULL)
-    return {"events": events, "predicted": len(want), "uid": uid, "ready_s": round(ready_s, 2)}
+    provider = next(
+        (ln for ln in log_path.read_text().splitlines() if " runs on " in ln and "model " in ln),
+        "",
+    )
+    return {
+        "events": events,
+        "predicted": len(want),
+        "uid": uid,
+        "ready_s": round(ready_s, 2),
+        "provider_line": provider.split(" INFO ", 1)[-1],
+    }
+
+
+def cuda_without_driver_fails(image: str, bootstrap: str) -> str:
+    """The GPU image's default (--device cuda) on a machine without the NVIDIA driver:
+    a non-zero exit before joining, whose last line names libcuda.so.1. Returns it."""
+    ctr = run(["buildah", "from", image], capture_output=True).stdout.strip()
+    try:
+        argv = ["buildah", "run", "--isolation", "chroot", ctr, "--", "mmstream", "worker"]
+        argv += ["--bootstrap-servers", bootstrap, "--input-topic", "image-test-never-read"]
+        argv += ["--output-topic", "image-test-never-written", "--group-id", "image-test-cuda"]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired as exc:
+            raise ImageTestError("--device cuda without a driver still ran after 120 s") from exc
+    finally:
+        subprocess.run(["buildah", "rm", ctr], stdout=subprocess.DEVNULL)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "exit status" not in ln]
+    last = next((ln for ln in reversed(lines) if "libcuda.so.1" in ln), "")
+    if proc.returncode == 0 or not last:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise ImageTestError(
+            f"--device cuda without a driver exited {proc.returncode}; no line named libcuda.so.1"
+        )
+    return last
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], port: int, t0: float, log_path: Path) -> float:
@@ -210,47 +257,69 @@ def _wait_ready(proc: subprocess.Popen[bytes], port: int, t0: float, log_path: P
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, default=ROOT / ".cache" / "image-test")
-    parser.add_argument("--wheelhouse", type=Path, default=ROOT / ".cache" / "wheelhouse-cpu")
     parser.add_argument("--model", type=Path, default=ROOT / ".cache" / "reference-onnx")
     parser.add_argument("--suite", default="bookworm", help="Debian suite of the base")
     parser.add_argument("--events", type=int, default=40)
+    parser.add_argument(
+        "--flavours", default=",".join(FLAVOURS), help="images to build and test: cpu,gpu"
+    )
     args = parser.parse_args(argv)
+    flavours = [f for f in args.flavours.split(",") if f]
+    if not flavours or set(flavours) - set(FLAVOURS):
+        print(f"image-test: --flavours takes {', '.join(FLAVOURS)}", file=sys.stderr)
+        return 2
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    for path, how in ((args.wheelhouse, "make wheelhouse"), (args.model, "make model")):
+    wheelhouses = {f: ROOT / ".cache" / f"wheelhouse-{f}" for f in flavours}
+    needed = [(args.model, "make model")]
+    needed += [(w, f"make wheelhouse IMAGE={f}") for f, w in wheelhouses.items()]
+    for path, how in needed:
         if not path.is_dir():
             print(f"image-test: {path} is missing: run {how}", file=sys.stderr)
             return 2
     ensure_tools()
     ensure_base(work, args.suite)
-    build_s = build(args.wheelhouse.resolve(), args.model.resolve())
-    size = image_size_bytes()
     kafka_sh = ROOT / "deploy" / "local" / "kafka.sh"
     kafka_dir = work / "kafka"
     port, controller = free_port(), free_port()
     start = ["bash", str(kafka_sh), "start", "--port", str(port)]
     start += ["--controller-port", str(controller), "--data-dir", str(kafka_dir)]
     run([*start, "--initial-rebalance-delay-ms", "0"])
+    bootstrap = f"127.0.0.1:{port}"
+    report: dict[str, Any] = {"base": BASE_IMAGE, "images": {}}
     try:
-        result = test_image(work, args.events, f"127.0.0.1:{port}")
+        for flavour in flavours:
+            image = image_name(flavour)
+            build_s = build(flavour, wheelhouses[flavour].resolve(), args.model.resolve())
+            entry: dict[str, Any] = {
+                "image": image,
+                "size_mb": round(image_size_bytes(image) / 1e6, 1),
+                "build_s": round(build_s, 1),
+            }
+            # The GPU image defaults to --device cuda; with no GPU here, auto falls back.
+            env = {"MMSTREAM_DEVICE": "auto"} if flavour == "gpu" else {}
+            entry.update(test_image(work, image, args.events, bootstrap, env))
+            if flavour == "gpu":
+                if "CUDAExecutionProvider" not in entry["provider_line"]:
+                    raise ImageTestError(
+                        f"the GPU image's worker did not ask for CUDA: {entry['provider_line']!r}"
+                    )
+                entry["device_cuda_error"] = cuda_without_driver_fails(image, bootstrap)
+            report["images"][flavour] = entry
+            print(f"image-test: {flavour}: {json.dumps(entry)}", flush=True)
     except ImageTestError as exc:
         print(f"image-test: {exc}", file=sys.stderr)
         return 1
     finally:
         subprocess.run(["bash", str(kafka_sh), "stop", "--data-dir", str(kafka_dir)])
-    report = {
-        "image": IMAGE,
-        "base": BASE_IMAGE,
-        "size_mb": round(size / 1e6, 1),
-        "build_s": round(build_s, 1),
-        **result,
-    }
     (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(
-        f"image-test: ok: {IMAGE} ({report['size_mb']} MB, built in {report['build_s']} s) "
-        f"predicted {result['predicted']}/{result['events']} events as uid {result['uid']}, "
-        f"ready {result['ready_s']} s after start, drained with exit 0 on SIGTERM"
-    )
+    for flavour, e in report["images"].items():
+        print(
+            f"image-test: ok: {e['image']} ({e['size_mb']} MB, built in {e['build_s']} s) "
+            f"predicted {e['predicted']}/{e['events']} events as uid {e['uid']}, ready "
+            f"{e['ready_s']} s after start, drained with exit 0 on SIGTERM"
+            + (f"; --device cuda: {e['device_cuda_error']}" if flavour == "gpu" else "")
+        )
     return 0
 
 

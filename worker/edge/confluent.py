@@ -116,6 +116,9 @@ REBOOTSTRAP_AFTER_MS = 10_000
 #: 4 partitions, this 2-CPU machine; docs/benchmarks.md).
 FETCH_QUEUE_BACKOFF_MS = 10
 
+#: ``coordinator.query.interval.ms`` of the worker's consumer (librdkafka: 600 000).
+COORDINATOR_QUERY_MS = 10_000
+
 #: The fetch settings of every mmstream consumer on librdkafka (as kafka_io's for kafka-python).
 FETCH_SETTINGS: dict[str, Any] = {
     "fetch.max.bytes": FETCH_MAX_BYTES,
@@ -288,6 +291,11 @@ def consumer_settings(config: WorkerConfig) -> dict[str, Any]:
             "read_committed" if config.guarantee == "exactly-once" else "read_uncommitted"
         ),
         "topic.metadata.refresh.interval.ms": 30_000,
+        # How often the group's coordinator is looked up again (a tenth of it while the
+        # known one is down): librdkafka's 10 min left a consumer that a broker restart
+        # had answered "Not coordinator" out of its group for over a minute, on a loaded
+        # machine (test_broker_outage_is_survived, once; cf. confluentinc/librdkafka#2944).
+        "coordinator.query.interval.ms": COORDINATOR_QUERY_MS,
         # Prefetched records wait in librdkafka's queue beside what the worker holds:
         # never more than the worker's own byte bound (a larger record still comes alone).
         **FETCH_SETTINGS,

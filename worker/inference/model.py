@@ -147,10 +147,31 @@ def create_session(
         raise ModelError(f"ONNX Runtime cannot load {model_path}: {exc}") from exc
     used = tuple(session.get_providers())
     if device == "cuda" and used[0] != "CUDAExecutionProvider":
-        raise ModelError(f"--device cuda: CUDA did not initialise; session runs on {used}")
+        raise ModelError(
+            f"--device cuda: CUDA did not initialise, the session would run on {list(used)}: "
+            f"{_cuda_driver_problem()}"
+        )
     info = SessionInfo(provider=used[0], providers=used)
     log.info("model %s runs on %s (asked %s)", model_path, info.provider, want)
     return session, info
+
+
+#: The NVIDIA driver's CUDA library: on the host, or mounted by the container runtime.
+CUDA_DRIVER = "libcuda.so.1"
+
+
+def _cuda_driver_problem() -> str:
+    """Why ORT's CUDA provider did not start, as far as can be told without ORT's log:
+    most often the driver library is not there (no GPU, or no NVIDIA container runtime)."""
+    try:
+        ctypes.CDLL(CUDA_DRIVER)
+    except OSError as exc:
+        return (
+            f"the NVIDIA driver's {CUDA_DRIVER} cannot be loaded: {exc}; run on a GPU node "
+            "with the NVIDIA driver (in a container: the NVIDIA container runtime), or use "
+            "--device auto to fall back to the CPU"
+        )
+    return f"the driver's {CUDA_DRIVER} loads, but the CUDA provider did not start: see its log"
 
 
 def buckets_up_to(max_batch_size: int) -> tuple[int, ...]:
