@@ -67,9 +67,11 @@ soak: install
 # What deploy/gpu/bench-gpu.sh carries to the device machine (Python 3.12 there), which a
 # fresh checkout lacks: both models, the small wheels, onnxruntime-gpu cut into parts of at
 # most 61 MiB (.cache/gpu/whlparts), then the script's dry run. About 250 MB of downloads.
-GPU_PLAT := --only-binary=:all: --python-version 3.12 --implementation cp \
+# Linux x86_64 wheels for another interpreter than this venv's: $(call wheels_for,3.12).
+wheels_for = --only-binary=:all: --python-version $(1) --implementation cp \
 	--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
 	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+GPU_PLAT := $(call wheels_for,3.12)
 pin = $(shell grep -h '^$(1)==' constraints.txt deploy/docker/constraints-gpu.txt)
 gpu-kit: install
 	$(MAKE) model
@@ -87,9 +89,7 @@ gpu-kit: install
 IMAGE ?= cpu
 IMAGE_EXTRAS ?= confluent
 WHEELHOUSE := .cache/wheelhouse-$(IMAGE)
-WHEEL_PLAT := --only-binary=:all: --python-version 3.11 --implementation cp \
-	--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
-	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+WHEEL_PLAT := $(call wheels_for,3.11)
 wheelhouse: install
 	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
 	if [ "$(IMAGE)" = gpu ]; then \
