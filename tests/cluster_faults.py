@@ -4,10 +4,14 @@
 resilience_tools) on fresh topics of a healthy :class:`~kafka_cluster.Cluster`, streams
 ``events`` npy events at ``rate`` events/s, applies one fault once part of the stream is
 in, and reads the output with a ``read_committed`` consumer that runs for the whole run.
-It returns a :class:`FaultResult`: events, lost, duplicates, the longest gap between
-consecutive predictions as that reader saw them arrive (the stall), and whether the
-worker is still alive. Not collected by pytest; the figures are for people
-(``python tests/cluster_faults.py --help``).
+It returns a :class:`FaultResult`: the longest gap between consecutive predictions as
+that live reader saw them arrive (the stall), whether the worker is still alive, and
+events, lost and duplicates as a fresh ``read_committed`` reader finds the output once the
+worker has exited (what any consumer of it gets; the live reader went through the fault
+itself, and how many records it missed is reported beside). A lost event comes with a
+diagnosis: its input parts, the group's committed offsets, and any output record for it
+that a ``read_uncommitted`` reader finds (one written in an aborted transaction). Not
+collected by pytest; the figures are for people (``python tests/cluster_faults.py --help``).
 
 Faults (:data:`FAULTS`):
 
@@ -38,7 +42,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,8 @@ FAULTS = ("leader-kill", "coordinator-kill", "rolling-restart", "two-down")
 GUARANTEES = ("at-least-once", "exactly-once")
 LOG_APPEND_TIME = {"message.timestamp.type": "LogAppendTime"}
 #: Worker log lines worth showing: warnings, errors, and the rebalances around a fault.
+#: While waiting for the live reader, how often (s) a fresh reader checks the topic.
+TOPIC_CHECK_S = 15.0
 _NOTABLE = re.compile(r"WARNING|ERROR|CRITICAL|Traceback|partitions (revoked|assigned|lost)")
 
 
@@ -79,6 +85,11 @@ class FaultResult:
     worker_exit: int | None = None
     #: Exit code after SIGTERM at the end (None: still running after the grace, SIGKILLed).
     worker_exit_after_sigterm: int | None = None
+    #: Events in the output topic (read afresh at the end) that the live reader never saw.
+    live_reader_missed: int = 0
+    #: For lost events: where their parts are, whether an output was written (and
+    #: aborted), and the group's committed offsets (see :func:`_diagnose`).
+    diagnosis: list[str] = field(default_factory=list)
     timeline: list[str] = field(default_factory=list)
     notable_log: list[str] = field(default_factory=list)
     log_path: str = ""
@@ -143,13 +154,17 @@ class LiveReader:
         self.consumer.close()
 
 
-def _read_all(bootstrap: str, topic: str, partitions: int) -> list[Any]:
-    """Every record of ``topic`` up to its end offsets now (read_uncommitted)."""
+def _read_all(
+    bootstrap: str, topic: str, partitions: int, isolation: str = "read_uncommitted"
+) -> list[Any]:
+    """Every record of ``topic`` up to its end offsets now (read_committed: up to the
+    last stable offset, the records of committed transactions only)."""
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap.split(","),
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        isolation_level=isolation,
     )
     try:
         tps = [TopicPartition(topic, p) for p in range(partitions)]
@@ -166,6 +181,43 @@ def _read_all(bootstrap: str, topic: str, partitions: int) -> list[Any]:
         return out
     finally:
         consumer.close()
+
+
+def _event_ids(records: Iterable[Any]) -> set[str]:
+    return {json.loads(r.value)["event_id"] for r in records}
+
+
+def _diagnose(
+    bootstrap: str, lost: list[str], inputs: list[Any], t_out: str, group: str
+) -> list[str]:
+    """Lines that tell where a lost event went: its input parts (partition, offset), the
+    group's committed offset of that partition, and every output record for it with a
+    read_uncommitted reader (written inside a transaction that was then aborted?)."""
+    uncommitted = _read_all(bootstrap, t_out, 1)
+    topic = inputs[0].topic if inputs else ""
+    # A consumer of the group that joins nothing: it only reads the committed offsets.
+    reader = KafkaConsumer(
+        bootstrap_servers=bootstrap.split(","), group_id=group, enable_auto_commit=False
+    )
+    try:
+        found = {
+            p: reader.committed(TopicPartition(topic, p), metadata=True)
+            for p in {r.partition for r in inputs}
+        }
+        # The offset and its metadata (the offsets finished beyond it, worker.core.offsets).
+        committed = {p: om and (om.offset, om.metadata) for p, om in found.items()}
+    finally:
+        reader.close(autocommit=False)
+    lines = []
+    for event_id in lost[:10]:
+        parts = [(r.partition, r.offset) for r in inputs if r.key and r.key.decode() == event_id]
+        outs = [r.offset for r in uncommitted if json.loads(r.value)["event_id"] == event_id]
+        marks = {p: committed.get(p) for p, _ in parts}
+        lines.append(
+            f"{event_id}: input parts at {parts}, committed offsets {marks}; "
+            f"output records (read_uncommitted) at {outs or 'none'}"
+        )
+    return lines
 
 
 def _longest_gap(times: list[float]) -> tuple[float, float, float]:
@@ -263,34 +315,24 @@ def run_fault(
         mark("test producer done (every event acknowledged)")
         want = set(ids)
         deadline = time.monotonic() + drain_timeout_s
+        next_check = time.monotonic() + TOPIC_CHECK_S
         while time.monotonic() < deadline:
-            seen = {json.loads(r.value)["event_id"] for _, r in reader.snapshot()}
-            if want <= seen or not worker.alive():
+            if want <= _event_ids(r for _, r in reader.snapshot()) or not worker.alive():
                 break
+            if time.monotonic() >= next_check:
+                # The live reader went through the fault too: if it missed a record the
+                # topic has, a fresh read_committed reader says so without the full wait.
+                if want <= _event_ids(_read_all(cluster.bootstrap, t_out, 1, "read_committed")):
+                    mark("a fresh reader has every event; the live reader does not")
+                    break
+                next_check = time.monotonic() + TOPIC_CHECK_S
             time.sleep(0.5)
         time.sleep(2.0)  # late duplicates
         mark("reading done")
+        read_done = time.monotonic()
         result.worker_alive = worker.alive()
         result.worker_exit = worker.proc.returncode
 
-        arrivals = reader.snapshot()
-        counts = Counter(json.loads(r.value)["event_id"] for _, r in arrivals)
-        result.predicted = len(set(counts) & want)
-        result.lost = len(want - set(counts))
-        result.duplicates = sum(n - 1 for n in counts.values() if n > 1)
-        firsts: dict[str, float] = {}
-        for at, r in arrivals:
-            firsts.setdefault(json.loads(r.value)["event_id"], at)
-        times = sorted(firsts.values())
-        end = time.monotonic()
-        if result.lost and times:
-            times_with_end = [*times, end]
-            result.stalled_to_end = end - times[-1] >= _longest_gap(times)[0]
-        else:
-            times_with_end = times
-        gap, a, b = _longest_gap(times_with_end)
-        result.stall_s, result.stall_from_s, result.stall_to_s = gap, a - t_stream, b - t_stream
-        result.last_prediction_s = (times[-1] - t_stream) if times else 0.0
         inputs = _read_all(cluster.bootstrap, t_in, partitions)
         result.input_gap_s = _longest_gap([r.timestamp / 1000 for r in inputs])[0]
         result.dead_letters = len(_read_all(cluster.bootstrap, t_dlq, 1))
@@ -299,6 +341,33 @@ def run_fault(
             worker.signal(signal.SIGTERM)
             result.worker_exit_after_sigterm = worker.wait(45)
             mark(f"SIGTERM -> exit {result.worker_exit_after_sigterm}")
+
+        arrivals = reader.snapshot()
+        live = _event_ids(r for _, r in arrivals)
+        # What a consumer of the output reads once the worker is gone (its last
+        # transaction committed or aborted): the figures that count.
+        final = _read_all(cluster.bootstrap, t_out, 1, "read_committed")
+        counts = Counter(json.loads(r.value)["event_id"] for r in final)
+        result.predicted = len(set(counts) & want)
+        result.lost = len(want - set(counts))
+        result.duplicates = sum(n - 1 for n in counts.values() if n > 1)
+        result.live_reader_missed = len(set(counts) - live)
+        firsts: dict[str, float] = {}
+        for at, r in arrivals:
+            firsts.setdefault(json.loads(r.value)["event_id"], at)
+        times = sorted(firsts.values())
+        if result.lost and times:
+            times_with_end = [*times, read_done]
+            result.stalled_to_end = read_done - times[-1] >= _longest_gap(times)[0]
+        else:
+            times_with_end = times
+        gap, a, b = _longest_gap(times_with_end)
+        result.stall_s, result.stall_from_s, result.stall_to_s = gap, a - t_stream, b - t_stream
+        result.last_prediction_s = (times[-1] - t_stream) if times else 0.0
+        if result.lost:
+            result.diagnosis = _diagnose(
+                cluster.bootstrap, sorted(want - set(counts)), inputs, t_out, group
+            )
     finally:
         if sender is not None:
             with contextlib.suppress(AssertionError):

@@ -24,10 +24,12 @@ from worker.core.backpressure import Backpressure
 from worker.core.checkpoint import Checkpoint, Commit
 from worker.core.deadletter import HEADER_VALUE_TRUNCATED, MAX_VALUE_BYTES, dead_letter
 from worker.core.filters import Everything, TimeWindow
+from worker.core.offsets import encode_done
 from worker.core.pacing import Pacer
 from worker.core.pipeline import Worker
 from worker.core.poison import PoisonBudget
 from worker.core.sensors import NullSensor, Outcomes, StatsSensor, WorkerStats
+from worker.core.sources import Checkpoints
 from worker.edge.client import CommitFailed
 from worker.inference.model import ModelRunner, SessionInfo
 
@@ -224,7 +226,8 @@ def test_an_unacknowledged_delivery_stops_the_worker_before_it_is_committed() ->
     assert broker.committed.get("g", {}).get((IN, 0), (0, ""))[0] == 0
 
 
-def test_exactly_once_abort_rewinds_and_the_counts_stay_those_of_committed_work() -> None:
+def aborting_worker() -> tuple[FakeBroker, Worker]:
+    """Four events on one partition, exactly-once, and the first commit fails (an abort)."""
     broker = new_broker(1)
     for i in range(4):
         put_event(broker, f"ev-{i}")
@@ -233,11 +236,58 @@ def test_exactly_once_abort_rewinds_and_the_counts_stay_those_of_committed_work(
         config(guarantee="exactly-once", max_events=4), runner(), broker.clock,
         clients=FakeClients(broker),
     )  # fmt: skip
+    return broker, worker
+
+
+def test_exactly_once_abort_rewinds_and_the_counts_stay_those_of_committed_work() -> None:
+    broker, worker = aborting_worker()
     run(worker)
     assert broker.transactions[0] == "aborted" and "committed" in broker.transactions
     assert sorted(predicted_ids(broker)) == [f"ev-{i}" for i in range(4)]  # each once
     assert worker.stats.predicted == 4 and worker.stats.aborts == 1
     assert worker.stats.consumed == 24  # read twice: before and after the rewind
+
+
+def test_after_an_abort_what_is_skipped_as_done_comes_from_the_checkpoint_rewound_to() -> None:
+    # The checkpoint moves on the broker after the rewind read it (a commit landing late):
+    # the loop's bookkeeping must start from what it rewound to, or it would skip ev-2 as
+    # "finished" (the new checkpoint's metadata says so) while re-reading from offset 0.
+    broker, worker = aborting_worker()
+    ev2 = [r.source.offset for r in broker.logs[IN][0] if r.key == b"ev-2"]
+    real_rewind = worker.source.rewind
+
+    def rewind_then_the_checkpoint_moves() -> Checkpoints:
+        found = real_rewind()
+        broker.committed["g"] = {(IN, 0): (0, encode_done(0, [o for o in ev2 if o > 0]))}
+        return found
+
+    worker.source.rewind = rewind_then_the_checkpoint_moves  # type: ignore[method-assign]
+    run(worker)
+    assert broker.transactions[0] == "aborted"
+    assert sorted(predicted_ids(broker)) == [f"ev-{i}" for i in range(4)]
+
+
+@pytest.mark.parametrize("retriable", [True, False])
+def test_a_rewind_while_the_coordinator_is_away_is_retried_not_fatal(retriable: bool) -> None:
+    # Two brokers of three down: the checkpoints cannot be read for a while after the
+    # abort. The rewind is retried (within --progress-timeout-s); a refusal still stops.
+    broker, worker = aborting_worker()
+    real_rewind, failures = worker.source.rewind, [3]
+
+    def rewind_with_the_coordinator_away() -> Checkpoints:
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise BrokerError("cannot read the committed offset: timed out", retriable=retriable)
+        return real_rewind()
+
+    worker.source.rewind = rewind_with_the_coordinator_away  # type: ignore[method-assign]
+    if not retriable:
+        with pytest.raises(BrokerError, match="cannot read the committed offset"):
+            run(worker)
+        return
+    run(worker)
+    assert failures == [0] and broker.transactions[0] == "aborted"
+    assert sorted(predicted_ids(broker)) == [f"ev-{i}" for i in range(4)]
 
 
 def test_revoked_partitions_drop_their_pending_work_at_least_once() -> None:

@@ -6,9 +6,12 @@ the build installs from a wheelhouse made on the host (``make wheelhouse``), sin
 build step here reaches no package index. Then, against a broker started for the run
 (``deploy/local/kafka.sh``):
 
-1. a worker from the image (``buildah run``, which shares the host's network) gets a
-   small stream of raw events produced from the host and must predict every one;
-2. its process must run as the image's non-root user (uid 10001);
+1. a worker from the image, run as the Deployment runs it (:class:`ReadOnlyRoot`: the
+   image's user, environment and working directory, its root file system read-only, a
+   fresh tmpfs at /tmp as the pod's emptyDir, the host's network), gets a small stream of
+   raw events produced from the host and must predict every one;
+2. its process must run as the image's non-root user (uid 10001), and that user must
+   be unable to write to the root file system and able to write to /tmp;
 3. a SIGTERM must drain it with exit 0.
 
 The GPU image is built too (no GPU is needed to build it: its build checks the CUDA
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -142,6 +146,68 @@ def worker_process(marker: str) -> tuple[int, int] | None:
     return None
 
 
+class ReadOnlyRoot:
+    """A container of ``image`` run as a pod of deploy/k8s runs it (``readOnlyRootFilesystem``
+    and an emptyDir at /tmp). buildah cannot run a container read-only, so this does what a
+    runtime would: the container's root, mounted by buildah, is bound read-only in a
+    private mount namespace (``unshare``) with a tmpfs on /tmp and the host's /proc, /dev
+    and /sys, and the command runs there under ``chroot`` with the image's user, its
+    environment only and its working directory. The network is the host's."""
+
+    def __init__(self, image: str, work: Path) -> None:
+        config = json.loads(
+            run(
+                ["podman", "image", "inspect", "--format", "{{json .Config}}", image],
+                capture_output=True,
+            ).stdout
+        )
+        self.user = str(config.get("User") or "0:0")
+        self.env = [str(e) for e in config.get("Env") or ()]
+        self.workdir = str(config.get("WorkingDir") or "/")
+        self.ctr = run(["buildah", "from", image], capture_output=True).stdout.strip()
+        try:
+            self.root = run(["buildah", "mount", self.ctr], capture_output=True).stdout.strip()
+        except subprocess.CalledProcessError:
+            subprocess.run(["buildah", "rm", self.ctr], stdout=subprocess.DEVNULL)
+            raise
+        self.mnt = work / f"root-{self.ctr[:12]}"
+        self.mnt.mkdir(parents=True, exist_ok=True)
+
+    def argv(self, command: list[str], env: dict[str, str] | None = None) -> list[str]:
+        """The host command that runs ``command`` in the container."""
+        extra = [f"{k}={v}" for k, v in (env or {}).items()]
+        setup = (
+            'set -e; mount --bind "$1" "$2"; mount -o remount,bind,ro "$2"; '
+            'mount -t tmpfs -o size=256m,mode=1777 tmpfs "$2/tmp"; '
+            'for d in proc dev sys; do mount --rbind "/$d" "$2/$d"; done; '
+            f'root="$2"; shift 2; exec chroot --userspec={shlex.quote(self.user)} "$root" "$@"'
+        )
+        inside = ["/usr/bin/env", "-i", *self.env, *extra, "/bin/sh", "-c", 'cd "$0" && exec "$@"']
+        return [
+            "unshare", "--mount", "--fork", "--", "/bin/sh", "-c", setup, "sh",
+            self.root, str(self.mnt), *inside, self.workdir, *command,
+        ]  # fmt: skip
+
+    def check_writable_only_at_tmp(self) -> None:
+        """The image's user cannot write to its working directory (its own home, on the root
+        file system), but can to /tmp."""
+        probe = "touch ./.probe 2>/dev/null && echo root-writable; touch /tmp/.p && echo tmp-ok"
+        out = subprocess.run(
+            self.argv(["/bin/sh", "-c", probe]), capture_output=True, text=True, timeout=60
+        )
+        said = out.stdout.split()
+        if "root-writable" in said or "tmp-ok" not in said:
+            raise ImageTestError(
+                "the container's root is not read-only with a writable /tmp as in the "
+                f"Deployment (probe said {said}, exit {out.returncode}: {out.stderr[-200:]})"
+            )
+
+    def close(self) -> None:
+        subprocess.run(["buildah", "umount", self.ctr], stdout=subprocess.DEVNULL)
+        subprocess.run(["buildah", "rm", self.ctr], stdout=subprocess.DEVNULL)
+        self.mnt.rmdir()
+
+
 def test_image(
     work: Path, image: str, events: int, bootstrap: str, env: dict[str, str]
 ) -> dict[str, Any]:
@@ -160,18 +226,18 @@ def test_image(
         )
     )  # fmt: skip
     want = {json.loads(line)["event_id"] for line in labels.read_text().splitlines()}
-    ctr = run(
-        ["buildah", "from", "--name", f"mmstream-image-test-{run_id}", image], capture_output=True
-    ).stdout.strip()
+    container = ReadOnlyRoot(image, work)
     port = free_port()
     log_path = work / f"worker-{run_id}.log"
-    envs = [f"--env={k}={v}" for k, v in {"MMSTREAM_HTTP_PORT": str(port), **env}.items()]
-    argv = [
-        "buildah", "run", "--isolation", "chroot", *envs, ctr,
-        "--", "mmstream", "worker", "--bootstrap-servers", bootstrap, "--input-topic", t_in,
-        "--output-topic", t_out, "--group-id", group,
-    ]  # fmt: skip
+    argv = container.argv(
+        [
+            "mmstream", "worker", "--bootstrap-servers", bootstrap, "--input-topic", t_in,
+            "--output-topic", t_out, "--group-id", group,
+        ],
+        {"MMSTREAM_HTTP_PORT": str(port), **env},
+    )  # fmt: skip
     try:
+        container.check_writable_only_at_tmp()
         with log_path.open("w") as log:
             t0 = time.monotonic()
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
@@ -206,7 +272,7 @@ def test_image(
         print("\n".join(tail), file=sys.stderr)
         raise exc
     finally:
-        subprocess.run(["buildah", "rm", ctr], stdout=subprocess.DEVNULL)
+        container.close()
     provider = next(
         (ln for ln in log_path.read_text().splitlines() if " runs on " in ln and "model " in ln),
         "",
@@ -215,25 +281,30 @@ def test_image(
         "events": events,
         "predicted": len(want),
         "uid": uid,
+        "root": "read-only, writable /tmp",
         "ready_s": round(ready_s, 2),
         "provider_line": provider.split(" INFO ", 1)[-1],
     }
 
 
-def cuda_without_driver_fails(image: str, bootstrap: str) -> str:
+def cuda_without_driver_fails(work: Path, image: str, bootstrap: str) -> str:
     """The GPU image's default (--device cuda) on a machine without the NVIDIA driver:
     a non-zero exit before joining, whose last line names libcuda.so.1. Returns it."""
-    ctr = run(["buildah", "from", image], capture_output=True).stdout.strip()
+    container = ReadOnlyRoot(image, work)
     try:
-        argv = ["buildah", "run", "--isolation", "chroot", ctr, "--", "mmstream", "worker"]
-        argv += ["--bootstrap-servers", bootstrap, "--input-topic", "image-test-never-read"]
-        argv += ["--output-topic", "image-test-never-written", "--group-id", "image-test-cuda"]
+        argv = container.argv(
+            [
+                "mmstream", "worker", "--bootstrap-servers", bootstrap,
+                "--input-topic", "image-test-never-read",
+                "--output-topic", "image-test-never-written", "--group-id", "image-test-cuda",
+            ]
+        )  # fmt: skip
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         except subprocess.TimeoutExpired as exc:
             raise ImageTestError("--device cuda without a driver still ran after 120 s") from exc
     finally:
-        subprocess.run(["buildah", "rm", ctr], stdout=subprocess.DEVNULL)
+        container.close()
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "exit status" not in ln]
     last = next((ln for ln in reversed(lines) if "libcuda.so.1" in ln), "")
     if proc.returncode == 0 or not last:
@@ -304,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise ImageTestError(
                         f"the GPU image's worker did not ask for CUDA: {entry['provider_line']!r}"
                     )
-                entry["device_cuda_error"] = cuda_without_driver_fails(image, bootstrap)
+                entry["device_cuda_error"] = cuda_without_driver_fails(work, image, bootstrap)
             report["images"][flavour] = entry
             print(f"image-test: {flavour}: {json.dumps(entry)}", flush=True)
     except ImageTestError as exc:
@@ -316,8 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     for flavour, e in report["images"].items():
         print(
             f"image-test: ok: {e['image']} ({e['size_mb']} MB, built in {e['build_s']} s) "
-            f"predicted {e['predicted']}/{e['events']} events as uid {e['uid']}, ready "
-            f"{e['ready_s']} s after start, drained with exit 0 on SIGTERM"
+            f"predicted {e['predicted']}/{e['events']} events as uid {e['uid']} "
+            f"({e['root']} root), ready {e['ready_s']} s after start, drained with exit 0 "
+            "on SIGTERM"
             + (f"; --device cuda: {e['device_cuda_error']}" if flavour == "gpu" else "")
         )
     return 0

@@ -6,6 +6,7 @@ import logging
 
 from worker.backfill.ranges import PartitionRange
 from worker.contract.records import RawRecord
+from worker.core.sources import Checkpoints
 from worker.edge.client import TP, Consumer
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class RangeSource:
             # after an aborted transaction, starts from the range, not from an old run.
             self.consumer.commit({tp: (r.start, "") for tp, r in self.ranges.items()})
         for tp, r in sorted(self.ranges.items()):
-            pos = self._start(tp)
+            pos, _found = self._start(tp)
             if pos > r.start:
                 self.resumed_from[tp[1]] = pos
         if self.resumed_from:
@@ -49,15 +50,17 @@ class RangeSource:
         """Records of the ranges before the checkpoints a resumed run started from."""
         return sum(pos - self.ranges[(self.topic, p)].start for p, pos in self.resumed_from.items())
 
-    def _start(self, tp: TP) -> int:
-        """Seek a partition to its checkpoint (within the range); pause it if it is done."""
+    def _start(self, tp: TP) -> tuple[int, tuple[int | None, str]]:
+        """Seek a partition to its checkpoint (within the range); pause it if it is done.
+        Returns the position and the checkpoint as read (offset, metadata)."""
         r = self.ranges[tp]
-        checkpoint, _meta = self.consumer.committed(tp)
+        found = self.consumer.committed(tp)
+        checkpoint = found[0]
         pos = r.start if checkpoint is None else min(max(checkpoint, r.start), r.end)
         self.consumer.seek(tp, pos)
         if pos >= r.end:
             self._reach(tp)
-        return pos
+        return pos, found
 
     def _reach(self, tp: TP) -> None:
         if tp in self.ranges:
@@ -75,11 +78,10 @@ class RangeSource:
     def owned(self) -> set[TP]:
         return set(self.ranges)
 
-    def rewind(self) -> None:
+    def rewind(self) -> Checkpoints:
         self.reached.clear()
         self.consumer.resume(self.consumer.paused())
-        for tp in self.ranges:
-            self._start(tp)
+        return {tp: self._start(tp)[1] for tp in self.ranges}
 
     def resumable(self) -> set[TP]:
         return self.consumer.paused() - self.reached

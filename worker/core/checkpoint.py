@@ -28,6 +28,7 @@ from enum import Enum
 from worker.contract.errors import BrokerError
 from worker.contract.records import SourceRef
 from worker.core.offsets import OffsetTracker
+from worker.core.sources import Checkpoints
 from worker.edge.client import TP, CommitFailed, Consumer, Fenced, Producer
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,12 @@ class Checkpoint:
         self._last_ms = 0
 
     # ------------------------------------------------------------ records
+
+    def restart_from(self, checkpoints: Checkpoints) -> None:
+        """After a rewind: each partition's bookkeeping starts from the checkpoint its
+        reading restarts at (read once by the source), not from a later reading of it."""
+        for tp, (offset, metadata) in checkpoints.items():
+            self.tracker.seed(tp, offset, metadata)
 
     def track(self, src: SourceRef) -> bool:
         """A record was read; True if the last checkpoint says its work is done (skip it)."""

@@ -81,7 +81,7 @@ from worker.core.sensors import (
     StatsSensor,
     WorkerStats,
 )
-from worker.core.sources import GroupSource, Source
+from worker.core.sources import Checkpoints, GroupSource, Source
 from worker.core.stage import BatchStage
 from worker.core.streamtime import StreamTime
 from worker.core.watchdog import Watchdog
@@ -611,8 +611,22 @@ class Worker:
         self.stream.clear()
         self.batcher.clear()
         self._flushed = False
-        self.source.rewind()
+        self.checkpoint.restart_from(self._rewind())
         log.info("transaction aborted; rewound %d partitions", len(self.consumer.assignment()))
+
+    def _rewind(self) -> Checkpoints:
+        """The source back to its checkpoints. Reading them needs the group coordinator: a
+        cluster still failing over (no quorum, the coordinator moving) is waited out, as
+        a poll is, within --progress-timeout-s; then the worker stops to be restarted."""
+        give_up_ms = self.clock() + int(self.config.progress_timeout_s * 1000)
+        while True:
+            try:
+                return self.source.rewind()
+            except BrokerError as exc:
+                if not exc.retriable or self.clock() >= give_up_ms:
+                    raise
+                log.warning("rewinding to the checkpoints failed, retrying: %s", exc)
+                time.sleep(POLL_RETRY_S)
 
     def _rebuild_producer(self, cause: BrokerError) -> None:
         """The producer can neither commit nor abort (it lost its coordinator): replace it.

@@ -21,6 +21,10 @@ from worker.edge.client import TP, Consumer
 
 log = logging.getLogger(__name__)
 
+#: Per partition, a checkpoint as the consumer read it: the committed offset (None if
+#: none) and its metadata (the offsets finished beyond it, :mod:`worker.core.offsets`).
+Checkpoints = dict[TP, tuple[int | None, str]]
+
 
 class Source(Protocol):
     def join(self) -> None:
@@ -32,8 +36,10 @@ class Source(Protocol):
     def owned(self) -> set[TP]:
         """Partitions whose positions this run may commit."""
 
-    def rewind(self) -> None:
-        """After an aborted transaction: every partition back to its checkpoint."""
+    def rewind(self) -> Checkpoints:
+        """After an aborted transaction: every partition back to its checkpoint. Returns
+        the checkpoints it read (offset, metadata), so that the loop's offset bookkeeping
+        starts from the very checkpoint the reading restarts at."""
 
     def resumable(self) -> set[TP]:
         """Paused partitions that backpressure may resume."""
@@ -78,15 +84,17 @@ class GroupSource:
     def owned(self) -> set[TP]:
         return self.consumer.owned()
 
-    def rewind(self) -> None:
+    def rewind(self) -> Checkpoints:
+        found: Checkpoints = {}
         for tp in self.consumer.assignment():
-            pos, _meta = self.consumer.committed(tp)
+            pos, _meta = found[tp] = self.consumer.committed(tp)
             if pos is not None:
                 self.consumer.seek(tp, pos)
             elif self.auto_offset_reset == "earliest":
                 self.consumer.seek_to_beginning(tp)
             else:
                 self.consumer.seek_to_end(tp)
+        return found
 
     def resumable(self) -> set[TP]:
         return self.consumer.paused()
