@@ -55,9 +55,9 @@ from resilience_tools import ASSIGNED_RE, EventFactory, StreamSender, WorkerProc
 FAULTS = ("leader-kill", "coordinator-kill", "rolling-restart", "two-down")
 GUARANTEES = ("at-least-once", "exactly-once")
 LOG_APPEND_TIME = {"message.timestamp.type": "LogAppendTime"}
-#: Worker log lines worth showing: warnings, errors, and the rebalances around a fault.
 #: While waiting for the live reader, how often (s) a fresh reader checks the topic.
 TOPIC_CHECK_S = 15.0
+#: Worker log lines worth showing: warnings, errors, and the rebalances around a fault.
 _NOTABLE = re.compile(r"WARNING|ERROR|CRITICAL|Traceback|partitions (revoked|assigned|lost)")
 
 
@@ -157,8 +157,8 @@ class LiveReader:
 def _read_all(
     bootstrap: str, topic: str, partitions: int, isolation: str = "read_uncommitted"
 ) -> list[Any]:
-    """Every record of ``topic`` up to its end offsets now (read_committed: up to the
-    last stable offset, the records of committed transactions only)."""
+    """Every record of ``topic`` up to its end offsets now; with ``read_committed``, up to
+    the last stable offset and the records of committed transactions only."""
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap.split(","),
         group_id=None,
@@ -183,8 +183,12 @@ def _read_all(
         consumer.close()
 
 
+def _event_id(record: Any) -> str:
+    return str(json.loads(record.value)["event_id"])
+
+
 def _event_ids(records: Iterable[Any]) -> set[str]:
-    return {json.loads(r.value)["event_id"] for r in records}
+    return {_event_id(r) for r in records}
 
 
 def _diagnose(
@@ -211,7 +215,7 @@ def _diagnose(
     lines = []
     for event_id in lost[:10]:
         parts = [(r.partition, r.offset) for r in inputs if r.key and r.key.decode() == event_id]
-        outs = [r.offset for r in uncommitted if json.loads(r.value)["event_id"] == event_id]
+        outs = [r.offset for r in uncommitted if _event_id(r) == event_id]
         marks = {p: committed.get(p) for p, _ in parts}
         lines.append(
             f"{event_id}: input parts at {parts}, committed offsets {marks}; "
@@ -347,14 +351,14 @@ def run_fault(
         # What a consumer of the output reads once the worker is gone (its last
         # transaction committed or aborted): the figures that count.
         final = _read_all(cluster.bootstrap, t_out, 1, "read_committed")
-        counts = Counter(json.loads(r.value)["event_id"] for r in final)
+        counts = Counter(_event_id(r) for r in final)
         result.predicted = len(set(counts) & want)
         result.lost = len(want - set(counts))
         result.duplicates = sum(n - 1 for n in counts.values() if n > 1)
         result.live_reader_missed = len(set(counts) - live)
         firsts: dict[str, float] = {}
         for at, r in arrivals:
-            firsts.setdefault(json.loads(r.value)["event_id"], at)
+            firsts.setdefault(_event_id(r), at)
         times = sorted(firsts.values())
         if result.lost and times:
             times_with_end = [*times, read_done]
