@@ -92,6 +92,7 @@ class FakeConsumer:
         self._revoked: list[frozenset[TP]] = []
         self._joined = False
         self.closed = False
+        self.out_of_group = False  # test control: the member was lost and does not rejoin
 
     # test controls
     def revoke(self, tps: set[TP]) -> None:
@@ -133,6 +134,9 @@ class FakeConsumer:
 
     def joined(self) -> bool:
         return self._joined
+
+    def in_group(self) -> bool:
+        return self._joined and not self.out_of_group
 
     def owned(self) -> set[TP]:
         return set(self._owned) if self._owned else set(self.positions)

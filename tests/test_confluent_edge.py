@@ -98,6 +98,20 @@ def test_consumer_settings_keep_the_workers_semantics(tmp_path: Path) -> None:
     assert c["heartbeat.interval.ms"] == 1000
     assert c["metadata.recovery.rebootstrap.trigger.ms"] == confluent.REBOOTSTRAP_AFTER_MS
     assert "group.instance.id" not in confluent.consumer_settings(config(tmp_path))
+    # the group's state comes with the statistics: at least every few seconds
+    assert 0 < c["statistics.interval.ms"] == confluent.STATS_INTERVAL_MS <= 5_000
+
+
+def test_the_group_state_is_read_from_librdkafkas_statistics() -> None:
+    # Shapes as librdkafka 2.x writes them (trimmed): in a stable group; lost while the
+    # coordinator is away; a consumer with no group; statistics it cannot read.
+    up = '{"name": "c#1", "cgrp": {"state": "up", "join_state": "steady", "assignment_size": 2}}'
+    lost = '{"cgrp": {"state": "query-coord", "stateage": 5012, "join_state": "init"}}'
+    assert confluent.group_state(up) == confluent.GROUP_UP == ("up", "steady")
+    assert confluent.group_state(lost) == ("query-coord", "init")
+    assert confluent.group_state('{"name": "c#2", "brokers": {}}') is None
+    for unreadable in ("", "not json", "[]", '{"cgrp": {"state": "up"}}'):
+        assert confluent.group_state(unreadable) is None
 
 
 def test_producer_settings(tmp_path: Path) -> None:

@@ -290,6 +290,66 @@ def test_a_rewind_while_the_coordinator_is_away_is_retried_not_fatal(retriable: 
     assert sorted(predicted_ids(broker)) == [f"ev-{i}" for i in range(4)]
 
 
+@pytest.mark.parametrize("retriable", [True, False])
+def test_a_partitions_checkpoint_read_while_the_coordinator_moves_is_retried(
+    monkeypatch: pytest.MonkeyPatch, retriable: bool
+) -> None:
+    # A newly assigned partition's checkpoint is read at its first record; the
+    # coordinator may be failing over just then. Retried within --progress-timeout-s, as
+    # a rewind is; a refusal (not authorized) still stops the worker.
+    monkeypatch.setattr("worker.core.retry.RETRY_PAUSE_S", 0.0)
+    broker = new_broker(1)
+    for i in range(3):
+        put_event(broker, f"ev-{i}")
+    broker.committed["g"] = {(IN, 0): (0, encode_done(0, [0, 1, 2]))}  # ev-0 is finished
+    worker = Worker(config(max_events=2), runner(), broker.clock, clients=FakeClients(broker))
+    real_committed, calls, failures = worker.consumer.committed, [0], [3]
+
+    def committed_with_the_coordinator_away(tp: tuple[str, int]) -> tuple[int | None, str]:
+        calls[0] += 1  # the first is the join's (the fake seeks there); then the tracker's
+        if calls[0] > 1 and failures[0] > 0:
+            failures[0] -= 1
+            raise BrokerError("cannot read the committed offset: timed out", retriable=retriable)
+        return real_committed(tp)
+
+    worker.consumer.committed = committed_with_the_coordinator_away  # type: ignore[method-assign]
+    if not retriable:
+        with pytest.raises(BrokerError, match="cannot read the committed offset"):
+            run(worker)
+        return
+    run(worker)
+    assert failures == [0]
+    assert predicted_ids(broker) == ["ev-1", "ev-2"]  # ev-0 skipped as the checkpoint says
+
+
+def test_retry_calls_again_within_its_budget_and_never_after_a_refusal() -> None:
+    from worker.core.retry import Retry
+
+    now, slept = [0], []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += 1_000
+
+    retry, tries = Retry(3.0, lambda: now[0], sleep=sleep, pause_s=0.5), [0]
+
+    def failing(times: int, retriable: bool = True) -> str:
+        tries[0] += 1
+        if tries[0] <= times:
+            raise BrokerError(f"try {tries[0]} failed", retriable=retriable)
+        return "done"
+
+    assert retry.call("x", lambda: failing(2)) == "done" and slept == [0.5, 0.5]
+    tries[0], slept[:] = 0, []
+    with pytest.raises(BrokerError, match="try 4 failed"):  # 3 s spent: the last failure
+        retry.call("x", lambda: failing(10))
+    assert len(slept) == 3
+    tries[0], slept[:] = 0, []
+    with pytest.raises(BrokerError, match="try 1 failed"):
+        retry.call("x", lambda: failing(1, retriable=False))
+    assert slept == []
+
+
 def test_revoked_partitions_drop_their_pending_work_at_least_once() -> None:
     broker = new_broker(2)
     put_event(broker, "p0", partition=0, skip=("audio",))
@@ -562,6 +622,45 @@ def test_healthz_fails_once_work_waits_past_the_progress_timeout() -> None:
     worker.watchdog.check(now_s - 31, lambda: True)
     ok, reason = _progress(worker)
     assert not ok and reason.startswith("no commit or transaction completed in 31 s")
+
+
+def test_a_member_out_of_its_group_past_the_progress_timeout_stops_the_worker() -> None:
+    # Lost from its group (the coordinator gone for good, a join refused without end)
+    # with no work waiting, a worker used to sit alive and silent: it now says so on
+    # /healthz and stops once it has been out for --progress-timeout-s.
+    from worker.ops.serve import _progress
+
+    broker = new_broker(1)
+    put_event(broker, "ev")
+    broker.clock.tick = 50
+    worker = Worker(
+        config(progress_timeout_s=20), runner(), broker.clock, clients=FakeClients(broker)
+    )
+    worker.source.join()
+    for _ in range(200):
+        worker._step()
+    assert predicted_ids(broker) == ["ev"] and not worker._work_waiting()
+    consumer, clock = worker.consumer, broker.clock
+
+    def steps_for(seconds: float) -> None:
+        until = clock.now_ms + seconds * 1000
+        while clock.now_ms < until:
+            worker._step()
+
+    consumer.out_of_group = True  # type: ignore[attr-defined]
+    steps_for(12)  # out for 12 s, then back: the count starts again
+    consumer.out_of_group = False  # type: ignore[attr-defined]
+    steps_for(12)
+    assert worker.membership.stalled_s(clock.now_ms / 1000) == 0.0
+    consumer.out_of_group = True  # type: ignore[attr-defined]
+    with pytest.raises(BrokerError, match=r"out of consumer group 'g' for 2\d s") as caught:
+        for _ in range(10_000):
+            worker._step()
+            if 10 < worker.membership.stalled_s(clock.now_ms / 1000) < 15:
+                assert _progress(worker) == (True, "ok")
+    assert caught.value.retriable
+    ok, reason = _progress(worker)
+    assert not ok and reason.startswith("out of consumer group 'g' for 2")
 
 
 def test_watchdog_counts_only_while_work_waits_and_restarts_after_progress() -> None:

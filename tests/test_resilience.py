@@ -310,6 +310,15 @@ def test_group_membership_changes_lose_nothing(
 # ------------------------------------------------------------------ 4: broker outage
 
 
+def worker_topics(bootstrap: str, input_partitions: int) -> tuple[str, str, str]:
+    """Fresh input, output and dead-letter topics on a test's own broker."""
+    return (
+        create_topic(bootstrap, input_partitions),
+        create_topic(bootstrap, 1),
+        create_topic(bootstrap, 1),
+    )
+
+
 def test_broker_outage_is_survived(
     tmp_path: Path,
     tiny_model_dir: Path,
@@ -325,11 +334,7 @@ def test_broker_outage_is_survived(
     broker = LocalBroker(tmp_path / "broker")
     broker.start()
     try:
-        topics = (
-            create_topic(broker.bootstrap, 3),
-            create_topic(broker.bootstrap, 1),
-            create_topic(broker.bootstrap, 1),
-        )
+        topics = worker_topics(broker.bootstrap, 3)
         n, seconds = 600, 12
         w = procs.start(
             "worker",
@@ -382,6 +387,44 @@ def test_broker_outage_is_survived(
     finally:
         for p in procs.procs:
             p.kill()  # before the broker goes, so nothing spins against a dead port
+        broker.stop()
+
+
+def test_an_idle_worker_whose_broker_is_gone_for_good_exits_instead_of_sitting_silent(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    procs: ProcessPool,
+    kafka_client: str,
+) -> None:
+    """No work waits, so no commit is missed: only the membership watch sees that the
+    member is out of its group (its coordinator unreachable) and stays out. Past
+    --progress-timeout-s it exits 1, naming the group, so that it is restarted."""
+    broker = LocalBroker(tmp_path / "broker")
+    broker.start()
+    try:
+        topics = worker_topics(broker.bootstrap, 2)
+        group = new_group()
+        w = procs.start(
+            "worker",
+            client_argv(
+                kafka_client, broker.bootstrap, topics, group, tiny_model_dir,
+                "--progress-timeout-s", "8",
+            ),
+        )  # fmt: skip
+        assert w.wait_for_log(ASSIGNED_RE, 60), f"worker got no partitions\n{w.tail()}"
+        time.sleep(10)  # idle in its group past the timeout: membership alone is no stall
+        assert w.alive(), f"an idle worker in its group exited\n{w.tail()}"
+        stopped = time.monotonic()
+        broker.stop()
+        rc = w.wait(90)
+        took = time.monotonic() - stopped
+        print(f"exit {rc} {took:.1f} s after the broker stopped (--progress-timeout-s 8)")
+        assert rc == 1, f"worker exit {rc} 90 s after its broker stopped\n{w.tail()}"
+        assert f"out of consumer group {group!r} for" in w.log(), w.tail()
+        assert took >= 8, f"exited {took:.1f} s after the broker stopped\n{w.tail()}"
+    finally:
+        for p in procs.procs:
+            p.kill()
         broker.stop()
 
 

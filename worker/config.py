@@ -451,7 +451,9 @@ class WorkerConfig(KafkaSecurity, FrozenConfig):
     progress_timeout_s: float = setting(
         120.0,
         help="a worker whose finished work or sent outputs wait this long with no commit or "
-        "transaction completing exits 1 so that it is restarted (/healthz fails first)",
+        "transaction completing, or that is out of its consumer group this long, exits 1 so "
+        "that it is restarted (/healthz fails first); calls it cannot do without are retried "
+        "as long during a failover",
     )
     compression_type: str = compression_setting("the predictions and dead letters written")
 

@@ -28,6 +28,7 @@ from enum import Enum
 from worker.contract.errors import BrokerError
 from worker.contract.records import SourceRef
 from worker.core.offsets import OffsetTracker
+from worker.core.retry import Retry
 from worker.core.sources import Checkpoints
 from worker.edge.client import TP, CommitFailed, Consumer, Fenced, Producer
 
@@ -54,12 +55,15 @@ class Checkpoint:
         exactly_once: bool,
         interval_ms: int,
         owned: Callable[[], set[TP]],
+        retry: Retry | None = None,
     ) -> None:
         self.consumer = consumer
         self.producer = producer
         self.exactly_once = exactly_once
         self.interval_ms = interval_ms
         self._owned = owned
+        #: a partition's checkpoint read at its first record waits out a failover too
+        self._retry = retry or Retry(0.0, lambda: 0)
         self.tracker = OffsetTracker()
         self.generation = 0
         self.in_transaction = False
@@ -77,8 +81,14 @@ class Checkpoint:
         """A record was read; True if the last checkpoint says its work is done (skip it)."""
         tp = (src.topic, src.partition)
         if not self.tracker.known(tp):
-            # Where the source's group last committed (the live group, or a backfill's).
-            self.tracker.seed(tp, *self.consumer.committed(tp))
+            # Where the source's group last committed (the live group, or a backfill's):
+            # it needs the group coordinator, which may be moving (a newly assigned
+            # partition's first record, read during a failover).
+            found = self._retry.call(
+                "reading the checkpoint of a newly read partition",
+                lambda: self.consumer.committed(tp),
+            )
+            self.tracker.seed(tp, *found)
         self.tracker.track(tp, src.offset)
         if self.tracker.finished_before(tp, src.offset):
             self.tracker.done(tp, src.offset)

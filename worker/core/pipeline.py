@@ -72,6 +72,7 @@ from worker.core.decode import Limits, decode_record
 from worker.core.filters import EventFilter, Everything
 from worker.core.inflight import InFlight
 from worker.core.poison import PoisonBudget
+from worker.core.retry import Retry
 from worker.core.sensors import (
     Gauges,
     MetricsSensor,
@@ -173,6 +174,10 @@ class Worker:
         self.in_flight = InFlight()  # outputs sent, not yet acknowledged: held too
         self.poison = PoisonBudget()
         self.watchdog = Watchdog(config.progress_timeout_s)
+        # A member lost from its group that never rejoins (its coordinator gone for good, a
+        # join refused without end) has no work waiting either: it is timed on its own.
+        self.membership = Watchdog(config.progress_timeout_s)
+        self.retry = Retry(config.progress_timeout_s, clock)
         self.events = events or Everything()
         self.clients = clients
         self.consumer = clients.consumer(config)
@@ -188,6 +193,7 @@ class Worker:
             exactly_once=self.eos,
             interval_ms=config.commit_interval_ms,
             owned=self.source.owned,
+            retry=self.retry,
         )
         self.stage: BatchStage[Event] = BatchStage(
             self._infer, inference_depth(config, runner.info.provider), name="mmstream-infer"
@@ -275,13 +281,22 @@ class Worker:
             return []
 
     def _check_progress(self) -> None:
-        now_s = self.clock() / 1000
+        now_s, limit = self.clock() / 1000, self.config.progress_timeout_s
         if self.watchdog.check(now_s, self._work_waiting) and self.watchdog.expired(now_s):
             raise BrokerError(
                 f"no commit or transaction completed in {self.watchdog.stalled_s(now_s):.0f} s "
-                f"while work waited (--progress-timeout-s {self.config.progress_timeout_s:g}): "
+                f"while work waited (--progress-timeout-s {limit:g}): "
                 "the Kafka client is not recovering; stopping so that the worker is restarted"
             )
+        if self.membership.check(now_s, self._out_of_group) and self.membership.expired(now_s):
+            raise BrokerError(
+                f"out of consumer group {self.config.group_id!r} for "
+                f"{self.membership.stalled_s(now_s):.0f} s (--progress-timeout-s {limit:g}): "
+                "the Kafka client is not rejoining; stopping so that the worker is restarted"
+            )
+
+    def _out_of_group(self) -> bool:
+        return not self.consumer.in_group()
 
     def _work_waiting(self) -> bool:
         return self.in_flight.records > 0 or self.checkpoint.waiting()
@@ -618,36 +633,22 @@ class Worker:
         """The source back to its checkpoints. Reading them needs the group coordinator: a
         cluster still failing over (no quorum, the coordinator moving) is waited out, as
         a poll is, within --progress-timeout-s; then the worker stops to be restarted."""
-        give_up_ms = self.clock() + int(self.config.progress_timeout_s * 1000)
-        while True:
-            try:
-                return self.source.rewind()
-            except BrokerError as exc:
-                if not exc.retriable or self.clock() >= give_up_ms:
-                    raise
-                log.warning("rewinding to the checkpoints failed, retrying: %s", exc)
-                time.sleep(POLL_RETRY_S)
+        return self.retry.call("rewinding to the checkpoints", self.source.rewind)
 
     def _rebuild_producer(self, cause: BrokerError) -> None:
         """The producer can neither commit nor abort (it lost its coordinator): replace it.
         The new one's ``init_transactions`` fences the old and has the broker abort its
         transaction; if that fails too, the worker stops (the watchdog bounds repeats)."""
         log.warning("the transactional producer is stuck (%s): replacing it", cause)
-        give_up_ms = self.clock() + int(self.config.progress_timeout_s * 1000)
-        while True:
+
+        def replace() -> None:
+            # Each try closes the one before (the stuck one, then a new one that could not
+            # initialise yet: no controller quorum, no producer id) and makes another.
             self.producer.close(timeout_s=1)
             self.producer = self.clients.producer(self.config)
-            try:
-                self.producer.init_transactions()
-                break
-            except Fenced:
-                raise
-            except BrokerError as exc:
-                # The cluster may still be recovering (no controller quorum: no producer
-                # id yet); try a fresh producer again, within --progress-timeout-s.
-                if not exc.retriable or self.clock() >= give_up_ms:
-                    raise
-                log.warning("the new producer cannot initialise yet (%s): retrying", exc)
+            self.producer.init_transactions()
+
+        self.retry.call("initialising a new transactional producer", replace)
         self.checkpoint.replace_producer(self.producer)
         self.sensor.transaction("rebuilt")
 

@@ -9,6 +9,10 @@ open) without a commit completing; the loop stops the worker with a
 ``--progress-timeout-s``, so that its supervisor (Kubernetes, the ``--processes``
 launcher) restarts it, and ``/healthz`` reports the same stall before that.
 
+A second one times the **membership**: how long the consumer has been out of its
+group (lost and not rejoining, its coordinator unreachable), which an idle worker
+would otherwise sit through alive and silent.
+
 Pure: the caller passes the time (seconds) and what is waiting.
 """
 

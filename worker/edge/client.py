@@ -74,6 +74,12 @@ class Consumer(Protocol):
     def joined(self) -> bool:
         """True once the first assignment arrived (even an empty one)."""
 
+    def in_group(self) -> bool:
+        """True while this member holds its place in a stable group whose coordinator it
+        can reach (always, for partitions assigned directly); False before the first
+        join, during a rebalance, while the coordinator is unknown or unreachable, and
+        once the member was lost, until it has joined again."""
+
     def owned(self) -> set[TP]:
         """Partitions the group assigned to this member and has not revoked."""
 

@@ -27,6 +27,7 @@ What librdkafka does differently, and how it is met here:
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -274,6 +275,24 @@ def _offsets(positions: Positions) -> list[TopicPartition]:
 
 # ------------------------------------------------------------------ the consumer
 
+#: How often librdkafka reports its statistics to a consumer (its group state is read
+#: from them): about 7 KB of JSON a second for a few partitions.
+STATS_INTERVAL_MS = 1000
+
+#: librdkafka's consumer group state and join state of a member in a stable group.
+GROUP_UP = ("up", "steady")
+
+
+def group_state(stats: str) -> tuple[str, str] | None:
+    """The ``cgrp`` state and join state in librdkafka's statistics JSON (e.g. ``("up",
+    "steady")``, ``("query-coord", "init")`` once the member was lost while its
+    coordinator is away); None for a consumer with no group, or statistics it cannot read."""
+    try:
+        group = json.loads(stats).get("cgrp")
+        return (str(group["state"]), str(group["join_state"])) if group else None
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+
 
 def consumer_settings(config: WorkerConfig) -> dict[str, Any]:
     """The worker's consumer settings, as :func:`worker.edge.kafka_io.make_consumer`'s."""
@@ -296,6 +315,8 @@ def consumer_settings(config: WorkerConfig) -> dict[str, Any]:
         # had answered "Not coordinator" out of its group for over a minute, on a loaded
         # machine (test_broker_outage_is_survived, once; cf. confluentinc/librdkafka#2944).
         "coordinator.query.interval.ms": COORDINATOR_QUERY_MS,
+        # The group's state comes with librdkafka's statistics (ConfluentConsumer.in_group).
+        "statistics.interval.ms": STATS_INTERVAL_MS,
         # Prefetched records wait in librdkafka's queue beside what the worker holds:
         # never more than the worker's own byte bound (a larger record still comes alone).
         **FETCH_SETTINGS,
@@ -318,9 +339,11 @@ class ConfluentConsumer:
         self._earliest = earliest  # auto.offset.reset, for a position nothing set yet
         self._errors = _Errors(conf["bootstrap.servers"], security)
         try:
-            self._c = Consumer({**conf, "error_cb": self._errors})
+            self._c = Consumer({**conf, "error_cb": self._errors, "stats_cb": self._stats})
         except KafkaException as exc:
             raise broker_error(what, exc, security) from exc
+        #: the group's state in librdkafka's last statistics (None: none came yet)
+        self._group_up: bool | None = None
         try:
             _connect(self._c, self._errors, what)
         except BaseException:
@@ -354,6 +377,12 @@ class ConfluentConsumer:
         self._paused -= tps
         for tp in tps:
             self._next.pop(tp, None)
+
+    def _stats(self, stats: str) -> None:
+        # Served inside poll(), on the loop's thread, every statistics.interval.ms.
+        state = group_state(stats)
+        if state is not None:
+            self._group_up = state == GROUP_UP
 
     def subscribe(self, topic: str) -> None:
         try:
@@ -424,6 +453,9 @@ class ConfluentConsumer:
 
     def joined(self) -> bool:
         return self._joined
+
+    def in_group(self) -> bool:
+        return self._direct or (self._joined and self._group_up is not False)
 
     def owned(self) -> set[TP]:
         return set(self._assigned)

@@ -182,6 +182,16 @@ class KafkaPythonConsumer:
     def joined(self) -> bool:
         return self._assigned_directly or self._listener.joined
 
+    def in_group(self) -> bool:
+        if self._assigned_directly:
+            return True
+        # kafka-python's own member state, read without side effects (coordinator_unknown()
+        # may mark the coordinator dead): STABLE once a join and its sync succeeded, left
+        # on a rebalance or a lost member; the coordinator's id is dropped when it fails.
+        coordinator = self._c._coordinator
+        reachable = coordinator.coordinator_id is not None
+        return bool(self._listener.joined and coordinator.stable() and reachable)
+
     def owned(self) -> set[TP]:
         if self._assigned_directly:
             return self.assignment()

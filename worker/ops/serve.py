@@ -84,14 +84,18 @@ def _all(*probes: Callable[[], tuple[bool, str]]) -> Callable[[], tuple[bool, st
 
 
 def _progress(worker: Worker | None) -> tuple[bool, str]:
-    """Unhealthy once work has waited longer than --progress-timeout-s for a commit (the
-    loop then stops the worker too; this says so to a probe that asks first)."""
+    """Unhealthy once work has waited longer than --progress-timeout-s for a commit, or
+    the member has been out of its group that long (the loop then stops the worker too;
+    this says so to a probe that asks first)."""
     if worker is None:
         return True, "starting"
-    now_s = worker.clock() / 1000
+    now_s, limit = worker.clock() / 1000, worker.config.progress_timeout_s
     stalled = worker.watchdog.stalled_s(now_s)
-    if stalled > worker.config.progress_timeout_s:
+    if stalled > limit:
         return False, f"no commit or transaction completed in {stalled:.0f} s while work waited"
+    out = worker.membership.stalled_s(now_s)
+    if out > limit:
+        return False, f"out of consumer group {worker.config.group_id!r} for {out:.0f} s"
     return True, "ok"
 
 
