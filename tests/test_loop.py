@@ -652,12 +652,14 @@ def test_a_member_out_of_its_group_past_the_progress_timeout_stops_the_worker() 
     consumer.out_of_group = False  # type: ignore[attr-defined]
     steps_for(12)
     assert worker.membership.stalled_s(clock.now_ms / 1000) == 0.0
+    assert worker.metrics.value("mmstream_out_of_group_seconds") == 0.0
     consumer.out_of_group = True  # type: ignore[attr-defined]
     with pytest.raises(BrokerError, match=r"out of consumer group 'g' for 2\d s") as caught:
         for _ in range(10_000):
             worker._step()
             if 10 < worker.membership.stalled_s(clock.now_ms / 1000) < 15:
                 assert _progress(worker) == (True, "ok")
+                assert 9 < (worker.metrics.value("mmstream_out_of_group_seconds") or 0) < 15
     assert caught.value.retriable
     ok, reason = _progress(worker)
     assert not ok and reason.startswith("out of consumer group 'g' for 2")

@@ -30,6 +30,7 @@ METRIC_NAMES = [
     "mmstream_paused_partitions",
     "mmstream_assigned_partitions",
     "mmstream_uncommitted_records",
+    "mmstream_out_of_group_seconds",
     "mmstream_commits_total",
     "mmstream_transactions_total",
     "mmstream_partitions_revoked_total",

@@ -669,6 +669,7 @@ def test_probes_and_metrics(
         "mmstream_uncommitted_records",
     ):
         assert after.has(name), f"/metrics lacks {name}"
+    assert after.get("mmstream_out_of_group_seconds") == 0, "a member in its group is out"
     assert after.get("mmstream_events_completed_total") >= 5
 
 

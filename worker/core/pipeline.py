@@ -691,6 +691,7 @@ class Worker:
                 paused_partitions=len(self.consumer.paused()),
                 assigned_partitions=len(self.source.owned()),
                 uncommitted_records=self.checkpoint.uncommitted(),
+                out_of_group_s=self.membership.stalled_s(self.clock() / 1000),
             )
         )
 

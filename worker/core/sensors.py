@@ -33,6 +33,7 @@ class Gauges:
     paused_partitions: int
     assigned_partitions: int
     uncommitted_records: int
+    out_of_group_s: float = 0.0  # how long the member has been out of its group
 
 
 class Sensor(Protocol):
@@ -281,6 +282,7 @@ class MetricsSensor:
         self.m.paused_partitions.set(g.paused_partitions)
         self.m.assigned_partitions.set(g.assigned_partitions)
         self.m.uncommitted_records.set(g.uncommitted_records)
+        self.m.out_of_group.set(g.out_of_group_s)
 
 
 class Sensors:

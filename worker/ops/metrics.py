@@ -25,6 +25,10 @@ Consume::
         Assigned partitions paused for back-pressure (pending events/bytes over limit).
     mmstream_partitions_revoked_total             counter
         Rebalances that took partitions away from this worker.
+    mmstream_out_of_group_seconds                 gauge
+        How long this member has been out of its consumer group (lost, rejoining,
+        its coordinator unreachable); 0 while in it. At --progress-timeout-s the
+        worker exits so that it is restarted.
 
 Assemble::
 
@@ -255,6 +259,13 @@ class WorkerMetrics:
             "Records consumed past the committed position",
             registry=reg,
             multiprocess_mode="livesum",
+        )
+        self.out_of_group = Gauge(
+            "mmstream_out_of_group_seconds",
+            "Seconds this member has been out of its consumer group (0 while in it); at "
+            "--progress-timeout-s the worker exits to be restarted",
+            registry=reg,
+            multiprocess_mode="livemax",
         )
         self.commits = Counter(
             "mmstream_commits", "Offset commits, by result", ["result"], registry=reg
