@@ -47,6 +47,11 @@ def free_port() -> int:
     return _free_ports(1)[0]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports."""
+    return _free_ports(n)
+
+
 # ------------------------------------------------------------------------ processes
 
 

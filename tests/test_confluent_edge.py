@@ -154,6 +154,17 @@ def test_retriable_flags_come_from_librdkafka() -> None:
     assert not too_large.retriable
 
 
+def test_a_fatal_error_in_the_consumers_messages_stops_the_poll() -> None:
+    consumer = object.__new__(confluent.ConfluentConsumer)
+    consumer.security = {}
+    # As librdkafka hands it over when a newer member takes this group.instance.id.
+    fenced = KafkaError(KafkaError._FATAL, "Fatal error: Broker: Static consumer fenced")
+    with pytest.raises(BrokerError, match="Static consumer fenced") as err:
+        consumer._message_error(fenced)
+    assert not err.value.retriable
+    consumer._message_error(KafkaError(KafkaError._TRANSPORT, "broker down"))  # logged only
+
+
 def test_an_authorization_failure_names_the_principal() -> None:
     security = {"security_protocol": "SASL_SSL", "sasl_plain_username": "svc"}
     err = confluent.broker_error(

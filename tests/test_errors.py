@@ -193,6 +193,25 @@ def test_broker_error_wrap_without_a_flag_is_retriable() -> None:
     assert not BrokerError.wrap("x", kafka_errors.KafkaError()).retriable
 
 
+def test_kafka_pythons_committed_lookup_is_bounded_and_its_timeout_retriable() -> None:
+    # Without a timeout kafka-python waits for a coordinator without end, inside the loop.
+    from worker.edge.kafka_python import LOOKUP_TIMEOUT_MS, KafkaPythonConsumer
+
+    asked: list[int | None] = []
+
+    class CoordinatorAway:
+        def committed(
+            self, tp: object, metadata: bool = False, timeout_ms: int | None = None
+        ) -> None:
+            asked.append(timeout_ms)
+            raise kafka_errors.KafkaTimeoutError("Failed to fetch committed offsets")
+
+    consumer = KafkaPythonConsumer(CoordinatorAway())
+    with pytest.raises(BrokerError, match="cannot read the committed offset") as err:
+        consumer.committed(("t", 0))
+    assert err.value.retriable and asked == [LOOKUP_TIMEOUT_MS]
+
+
 def test_errors_module_imports_no_kafka_client() -> None:
     code = "import sys, worker.contract.errors; print('kafka' in sys.modules)"
     out = subprocess.run(

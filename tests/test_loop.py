@@ -304,14 +304,23 @@ def test_a_partitions_checkpoint_read_while_the_coordinator_moves_is_retried(
     broker.committed["g"] = {(IN, 0): (0, encode_done(0, [0, 1, 2]))}  # ev-0 is finished
     worker = Worker(config(max_events=2), runner(), broker.clock, clients=FakeClients(broker))
     real_committed, calls, failures = worker.consumer.committed, [0], [3]
+    beats: list[float] = []  # the loop's beats (/healthz) seen at each failed try
+    beats_at_failure: list[int] = []
+    real_beat = worker.sensor.beat
+
+    def beat(now_s: float) -> None:
+        beats.append(now_s)
+        real_beat(now_s)
 
     def committed_with_the_coordinator_away(tp: tuple[str, int]) -> tuple[int | None, str]:
         calls[0] += 1  # the first is the join's (the fake seeks there); then the tracker's
         if calls[0] > 1 and failures[0] > 0:
             failures[0] -= 1
+            beats_at_failure.append(len(beats))
             raise BrokerError("cannot read the committed offset: timed out", retriable=retriable)
         return real_committed(tp)
 
+    worker.sensor.beat = beat  # type: ignore[method-assign]
     worker.consumer.committed = committed_with_the_coordinator_away  # type: ignore[method-assign]
     if not retriable:
         with pytest.raises(BrokerError, match="cannot read the committed offset"):
@@ -319,6 +328,10 @@ def test_a_partitions_checkpoint_read_while_the_coordinator_moves_is_retried(
         return
     run(worker)
     assert failures == [0]
+    # The three tries follow one another inside one turn; each pause between them beats,
+    # so --stall-timeout-s does not restart a loop retrying within its budget.
+    first = beats_at_failure[0]
+    assert beats_at_failure == [first, first + 1, first + 2], beats_at_failure
     assert predicted_ids(broker) == ["ev-1", "ev-2"]  # ev-0 skipped as the checkpoint says
 
 

@@ -31,6 +31,7 @@ from resilience_tools import (
     TopicReader,
     client_argv,
     free_port,
+    free_ports,
     http_get,
     interleave,
     produce_argv,
@@ -428,6 +429,50 @@ def test_an_idle_worker_whose_broker_is_gone_for_good_exits_instead_of_sitting_s
         broker.stop()
 
 
+def test_a_member_given_no_partitions_is_ready_and_stays_in_its_group(
+    kafka_bootstrap: str,
+    topic_factory: Callable[..., str],
+    tiny_model_dir: Path,
+    factory: EventFactory,
+    procs: ProcessPool,
+    kafka_client: str,
+) -> None:
+    """More members than partitions: of two workers on a one-partition topic one gets
+    nothing. It is still a member of the group: ready, counted in, and not stopped by
+    the membership watch past --progress-timeout-s (kafka-python's cooperative protocol
+    never calls the rebalance listener for it). The other predicts every event."""
+    topics = topic_factory(1), topic_factory(1), topic_factory(1)
+    group = new_group()
+    ports = free_ports(2)
+    argv = [kafka_client, kafka_bootstrap, topics, group, tiny_model_dir]
+    workers = [
+        procs.start(
+            f"worker-{i}",
+            client_argv(*argv, "--http-port", str(port), "--progress-timeout-s", "6"),
+        )
+        for i, port in enumerate(ports)
+    ]
+    for w, port in zip(workers, ports, strict=True):
+        wait_http(port, "/readyz", 200, 60, w)
+    time.sleep(9)  # past --progress-timeout-s: a member counted out would have exited
+    owned = []
+    for w, port in zip(workers, ports, strict=True):
+        assert w.alive(), f"{w.name} exited\n{w.tail()}"
+        wait_http(port, "/healthz", 200, 5, w)
+        m = scrape(port)
+        assert m is not None, "GET /metrics failed"
+        assert m.get("mmstream_out_of_group_seconds") == 0, f"{w.name} is counted out"
+        owned.append(m.get("mmstream_assigned_partitions"))
+    assert sorted(owned) == [0, 1], f"assigned partitions per worker: {owned}"
+    ids = event_ids("idle-member", 5)
+    send_records(kafka_bootstrap, topics[0], [r for ev in factory.events(ids) for r in ev])
+    with PredictionReader(kafka_bootstrap, topics[1]) as out:
+        out.wait_all(ids, 60)
+        missing, dups, _ = summarize(out.counts(), ids)
+    assert not missing, f"events not predicted: {missing}"
+    assert not dups, f"events predicted twice: {dups}"
+
+
 # ------------------------------------------------------------------ 5: SIGTERM drains
 
 
@@ -667,6 +712,7 @@ def test_probes_and_metrics(
         "mmstream_pending_bytes",
         "mmstream_paused_partitions",
         "mmstream_uncommitted_records",
+        "mmstream_out_of_group_seconds",
     ):
         assert after.has(name), f"/metrics lacks {name}"
     # Counted from start-up until the first join is seen (checked once a second), then 0.

@@ -177,7 +177,7 @@ class Worker:
         # A member lost from its group that never rejoins (its coordinator gone for good, a
         # join refused without end) has no work waiting either: it is timed on its own.
         self.membership = Watchdog(config.progress_timeout_s)
-        self.retry = Retry(config.progress_timeout_s, clock)
+        self.retry = Retry(config.progress_timeout_s, clock, sleep=self._retry_pause)
         self.events = events or Everything()
         self.clients = clients
         self.consumer = clients.consumer(config)
@@ -294,6 +294,12 @@ class Worker:
                 f"{self.membership.stalled_s(now_s):.0f} s (--progress-timeout-s {limit:g}): "
                 "the Kafka client is not rejoining; stopping so that the worker is restarted"
             )
+
+    def _retry_pause(self, pause_s: float) -> None:
+        # Retrying within --progress-timeout-s is the loop at work, not stuck: /healthz's
+        # --stall-timeout-s must not restart it first.
+        time.sleep(pause_s)
+        self.sensor.beat(time.time())
 
     def _out_of_group(self) -> bool:
         return not self.consumer.in_group()

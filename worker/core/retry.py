@@ -9,7 +9,8 @@ again after a short pause until the call succeeds, the failure is not retriable
 (a refusal, a fenced producer: raised at once), or the budget is spent (the last
 failure is raised: the worker stops so that it is restarted).
 
-Pure but for the pause: the caller passes the clock (ms) and may pass ``sleep``.
+Pure but for the pause: the caller passes the clock (ms) and may pass ``sleep`` (the
+worker's also beats its loop: a loop that retries within its budget is alive).
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ class Retry:
         clock: Callable[[], int],
         *,
         sleep: Callable[[float], None] = time.sleep,
-        pause_s: float = RETRY_PAUSE_S,
+        pause_s: float | None = None,
     ) -> None:
         self.budget_s = budget_s
         self.clock = clock
         self.sleep = sleep
-        self.pause_s = pause_s
+        self.pause_s = RETRY_PAUSE_S if pause_s is None else pause_s
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
         """``fn()``'s result; ``what`` names it in the warning of each failed try."""

@@ -440,7 +440,9 @@ class ConfluentConsumer:
         if err.code() == KafkaError._PARTITION_EOF:
             return
         failure = broker_error("Kafka poll failed", err, self.security)
-        if err.fatal() or err.code() in _AUTHORIZATION:
+        # A fatal error reaches the consumer as a message whose code is _FATAL (its own
+        # fatal flag unset): the instance is unusable (e.g. a static member fenced).
+        if err.fatal() or err.code() == KafkaError._FATAL or err.code() in _AUTHORIZATION:
             raise failure
         log.warning("%s", failure)
 

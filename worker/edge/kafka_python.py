@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: A range reader's poll.
 POLL_MS = 200
+#: Blocking lookups of the consumer (committed offsets): a retriable timeout after this.
+LOOKUP_TIMEOUT_MS = 10_000
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -128,7 +130,11 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self) -> None:
         self.events: queue.SimpleQueue[frozenset[TP]] = queue.SimpleQueue()
         self.assigned: set[TP] = set()
-        self.joined = False  # set at the first assignment, even an empty one
+        # Set at the first assignment the listener hears of. Under the cooperative protocol
+        # kafka-python calls on_partitions_assigned only when partitions are added, so a
+        # member given none never hears of its join here: KafkaPythonConsumer.joined()
+        # also reads the member state.
+        self.joined = False
 
     def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         tps = frozenset((tp.topic, tp.partition) for tp in revoked)
@@ -180,17 +186,25 @@ class KafkaPythonConsumer:
         return not self._listener.events.empty()
 
     def joined(self) -> bool:
-        return self._assigned_directly or self._listener.joined
+        return self._assigned_directly or self._listener.joined or self._stable()
 
     def in_group(self) -> bool:
         if self._assigned_directly:
             return True
-        # kafka-python's own member state, read without side effects (coordinator_unknown()
-        # may mark the coordinator dead): STABLE once a join and its sync succeeded, left
-        # on a rebalance or a lost member; the coordinator's id is dropped when it fails.
+        # The coordinator's id is dropped when it fails; a static member fenced by a newer
+        # one with its group.instance.id stays STABLE with its heartbeat disabled.
         coordinator = self._c._coordinator
-        reachable = coordinator.coordinator_id is not None
-        return bool(self._listener.joined and coordinator.stable() and reachable)
+        return bool(
+            self._stable()
+            and coordinator.coordinator_id is not None
+            and coordinator._heartbeat_enabled
+        )
+
+    def _stable(self) -> bool:
+        # kafka-python's own member state, read without side effects (coordinator_unknown()
+        # may mark the coordinator dead): STABLE once a join and its sync succeeded, even
+        # with no partitions assigned; left on a rebalance or a lost member.
+        return bool(self._c._coordinator.stable())
 
     def owned(self) -> set[TP]:
         if self._assigned_directly:
@@ -241,7 +255,8 @@ class KafkaPythonConsumer:
 
     @_wrapped("cannot read the committed offset")
     def committed(self, tp: TP) -> tuple[int | None, str]:
-        found = self._c.committed(_tp(tp), metadata=True)
+        # Bounded: without a timeout kafka-python waits for a coordinator without end.
+        found = self._c.committed(_tp(tp), metadata=True, timeout_ms=LOOKUP_TIMEOUT_MS)
         if found is None:
             return None, ""
         # A checkpoint committed by confluent-kafka ends in a NUL (worker.edge.confluent).
