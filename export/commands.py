@@ -55,7 +55,9 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
         "--model",
         type=Path,
         default=Path(DEFAULT_REFERENCE_DIR),
-        help="the .keras file, or a directory holding model.keras (default: %(default)s)",
+        help="the model: a .keras file (converted with tf2onnx, parity-checked), an .onnx "
+        "file from any framework (imported as it is, smoke-checked), or a directory holding "
+        "model.keras or model.onnx (default: %(default)s)",
     )
     parser.add_argument(
         "--out",
@@ -68,20 +70,23 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
         "--spec",
         type=Path,
         default=None,
-        help="sidecar with input specs, labels and model card "
-        "(default: mmstream-spec.json beside the model)",
+        help="the spec sidecar: parts, their transforms and the model inputs they fill, "
+        "constants, outputs, labels, model card (default: mmstream-spec.json beside the "
+        "model; docs/byom.md)",
     )
     parser.add_argument(
         "--opset",
         type=int,
         default=DEFAULT_OPSET,
-        help="ONNX opset, at most 18 (default: %(default)s)",
+        help="ONNX opset of a Keras conversion, at most 18 (default: %(default)s; an "
+        ".onnx model keeps its own)",
     )
     parser.add_argument(
         "--tolerance",
         type=float,
         default=DEFAULT_TOLERANCE,
-        help="largest allowed Keras vs ONNX Runtime abs difference (default: %(default)s)",
+        help="largest allowed abs difference: Keras vs ONNX Runtime, or for an .onnx "
+        "model batched vs one-at-a-time runs (default: %(default)s)",
     )
     parser.add_argument(
         "--version",
@@ -128,24 +133,47 @@ def train_reference_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def export_main(args: argparse.Namespace) -> int:
-    """Export ``args.model`` to ``args.out`` and print the parity numbers."""
-    import time
+def _onnx_source(model: Path) -> bool:
+    """Whether ``--model`` names an ONNX graph (a .onnx file, or a directory with
+    model.onnx and no model.keras)."""
+    from export import KERAS_FILE
 
-    from export.convert import export_model
+    if model.suffix == ".onnx":
+        return True
+    return model.is_dir() and (model / MODEL_FILE).is_file() and not (model / KERAS_FILE).exists()
+
+
+def export_main(args: argparse.Namespace) -> int:
+    """Export ``args.model`` to ``args.out`` and print the check's numbers."""
+    import time
 
     if args.out is None:
         raise ConfigError("export needs an output directory: --out DIR")
     started = time.perf_counter()
-    manifest = export_model(
-        args.model,
-        args.out,
-        spec_path=args.spec,
-        opset=args.opset,
-        tolerance=args.tolerance,
-        version=args.version,
-        fp16=args.fp16,
-    )
+    if _onnx_source(args.model):
+        from export.onnx_import import import_onnx
+
+        if args.fp16:
+            raise ConfigError("--fp16 converts a Keras export; an .onnx model is served as it is")
+        manifest = import_onnx(
+            args.model,
+            args.out,
+            spec_path=args.spec,
+            tolerance=args.tolerance,
+            version=args.version,
+        )
+    else:
+        from export.convert import export_model
+
+        manifest = export_model(
+            args.model,
+            args.out,
+            spec_path=args.spec,
+            opset=args.opset,
+            tolerance=args.tolerance,
+            version=args.version,
+            fp16=args.fp16,
+        )
     parity = manifest.parity
     print(f"exported {manifest.name} {manifest.version} to {Path(args.out)}")
     print(
@@ -153,9 +181,14 @@ def export_main(args: argparse.Namespace) -> int:
         f"{time.perf_counter() - started:.1f} s"
     )
     print(
-        f"  parity Keras vs ONNX Runtime: max abs diff {parity['max_abs_diff']:.3g} "
-        f"(tolerance {parity['tolerance']:.3g}), argmax agreement "
-        f"{parity['argmax_agreement']:.4f}, batch sizes {parity['batch_sizes']}"
+        f"  parity ({parity.get('reference', 'keras')}): max abs diff "
+        f"{parity['max_abs_diff']:.3g} (tolerance {parity['tolerance']:.3g}), batch sizes "
+        f"{parity['batch_sizes']}"
+        + (
+            f", argmax agreement {parity['argmax_agreement']:.4f}"
+            if "argmax_agreement" in parity
+            else ""
+        )
     )
     if manifest.fp16_parity:
         fp16 = manifest.fp16_parity
@@ -166,5 +199,9 @@ def export_main(args: argparse.Namespace) -> int:
             f"(min {fp16['min_agreement']:.4f}), max abs diff {fp16['max_abs_diff']:.3g}; "
             f"{MODEL_FILE} {size / 1024:.0f} KiB"
         )
-    print(f"  inputs: {', '.join(f'{i.name} {i.dtype}{list(i.shape)}' for i in manifest.inputs)}")
+    for part in manifest.parts:
+        fills = ", ".join(f"{i.name} {i.dtype}{list(i.shape)}" for i, _ in part.fills)
+        print(f"  part {part.name} ({part.transform.kind}) -> {fills}")
+    for const in manifest.constants:
+        print(f"  constant {const.input.name} = {const.value!r}")
     return 0

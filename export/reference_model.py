@@ -12,9 +12,9 @@ A small Keras functional model with one input per modality (named ``image``,
   time, dense;
 * concatenation, a hidden layer, dropout and the 10-way softmax ``probabilities``.
 
-Features are made only with :mod:`worker.contract.preprocess`, the code the worker
+Features are made only with :mod:`worker.contract.transforms`, the code the worker
 serves with. :func:`train_reference` writes ``model.keras`` and the sidecar
-``mmstream-spec.json`` (input specs, labels, model card) that
+``mmstream-spec.json`` (parts and their transforms, labels, model card) that
 :func:`export.convert.export_model` turns into the ONNX model directory.
 """
 
@@ -31,21 +31,20 @@ import keras  # ``export/__init__`` has already set the TF environment variables
 import numpy as np
 from keras import layers, ops
 from numpy.typing import NDArray
+from PIL import Image as PILImage
 
 from export import KERAS_FILE, SIDECAR_FILE
 from worker.contract.errors import ConfigError, os_error
-from worker.contract.preprocess import (
-    AudioSpec,
-    ImageSpec,
-    Spec,
-    TextSpec,
-    blank_input,
-    image_from_pixels,
+from worker.contract.reference_data import LABELS, MODALITIES, VOCABULARY, Sample, samples
+from worker.contract.transforms import (
+    ImageTransform,
+    LogMelTransform,
+    Transform,
+    WordsTransform,
     log_mel,
     prepare_image,
     tokenize,
 )
-from worker.contract.reference_data import LABELS, MODALITIES, VOCABULARY, Sample, samples
 
 log = logging.getLogger(__name__)
 
@@ -60,28 +59,34 @@ _EVAL_CHUNK = 256
 MAX_IN_MEMORY_BYTES = 1 << 30
 
 
-def reference_specs(image_size: int = 64) -> dict[str, Spec]:
-    """Preprocessing of the reference model's inputs, keyed by input name (= modality)."""
+#: The transform output each reference input takes (part, input and modality share a name).
+REFERENCE_OUTPUTS = {"image": "pixels", "text": "input_ids", "audio": "features"}
+
+
+def reference_specs(image_size: int = 64) -> dict[str, Transform]:
+    """Transforms of the reference model's parts, keyed by part name (= input = modality)."""
     if image_size < 1:
         raise ConfigError(f"image size must be a positive number of pixels, not {image_size}")
     return {
-        "image": ImageSpec(image_size, image_size, 3),
-        "text": TextSpec(VOCABULARY, max_length=TEXT_MAX_LENGTH),
-        "audio": AudioSpec(),
+        "image": ImageTransform(image_size, image_size, 3),
+        "text": WordsTransform(VOCABULARY, max_length=TEXT_MAX_LENGTH),
+        "audio": LogMelTransform(),
     }
 
 
-def _typed_specs(specs: Mapping[str, Spec]) -> tuple[ImageSpec, TextSpec, AudioSpec]:
+def _typed_specs(
+    specs: Mapping[str, Transform],
+) -> tuple[ImageTransform, WordsTransform, LogMelTransform]:
     image, text, audio = specs.get("image"), specs.get("text"), specs.get("audio")
     if (
-        not isinstance(image, ImageSpec)
-        or not isinstance(text, TextSpec)
-        or not isinstance(audio, AudioSpec)
+        not isinstance(image, ImageTransform)
+        or not isinstance(text, WordsTransform)
+        or not isinstance(audio, LogMelTransform)
     ):
         got = ", ".join(f"{k}: {type(v).__name__}" for k, v in specs.items())
         raise ConfigError(
-            "the reference model needs an ImageSpec 'image', a TextSpec 'text' and an "
-            f"AudioSpec 'audio'; got {{{got}}}"
+            "the reference model needs an ImageTransform 'image', a WordsTransform 'text' "
+            f"and a LogMelTransform 'audio'; got {{{got}}}"
         )
     return image, text, audio
 
@@ -89,18 +94,18 @@ def _typed_specs(specs: Mapping[str, Spec]) -> tuple[ImageSpec, TextSpec, AudioS
 # ---------------------------------------------------------------- features
 
 
-def featurize(samples: Sequence[Sample], specs: Mapping[str, Spec]) -> dict[str, NDArray[Any]]:
+def featurize(samples: Sequence[Sample], specs: Mapping[str, Transform]) -> dict[str, NDArray[Any]]:
     """Batch tensors of ``samples``: image float32 ``[n, H, W, C]``, text int32
     ``[n, max_length]``, audio float32 ``[n, frames, n_mels]``.
 
-    Uses only :mod:`worker.contract.preprocess`, i.e. exactly what the worker does.
+    Uses only :mod:`worker.contract.transforms`, i.e. exactly what the worker does.
     """
     image_spec, text_spec, audio_spec = _typed_specs(specs)
     n = len(samples)
     images = np.empty((n, *image_spec.shape()), dtype=np.float32)
     texts = np.empty((n, *text_spec.shape()), dtype=np.int32)
     for i, s in enumerate(samples):
-        images[i] = prepare_image(image_from_pixels(s.image), image_spec)
+        images[i] = prepare_image(PILImage.fromarray(s.image), image_spec)
         texts[i] = tokenize(s.text, text_spec)
     audio = np.empty((n, *audio_spec.shape()), dtype=np.float32)
     for start in range(0, n, _AUDIO_CHUNK):  # bounded memory for the STFT frames
@@ -110,20 +115,21 @@ def featurize(samples: Sequence[Sample], specs: Mapping[str, Spec]) -> dict[str,
     return {"image": images, "text": texts, "audio": audio}
 
 
-def blank_features(n: int, specs: Mapping[str, Spec]) -> dict[str, NDArray[Any]]:
+def blank_features(n: int, specs: Mapping[str, Transform]) -> dict[str, NDArray[Any]]:
     """What ``n`` absent modalities look like: zero image, empty text, silent audio.
 
-    The same :func:`worker.contract.preprocess.blank_input` the worker uses to fill missing inputs.
+    The same blank media through the same transform as the worker uses to fill a
+    missing part (:meth:`worker.contract.manifest.PartInfo.blank`).
     """
     out = {}
     for name, spec in specs.items():
-        blank = blank_input(spec)
+        blank = spec.apply(spec.blank_media())[REFERENCE_OUTPUTS[name]]
         out[name] = np.broadcast_to(blank, (n, *blank.shape)).copy()
     return out
 
 
 def only(
-    features: Mapping[str, NDArray[Any]], keep: str, specs: Mapping[str, Spec]
+    features: Mapping[str, NDArray[Any]], keep: str, specs: Mapping[str, Transform]
 ) -> dict[str, NDArray[Any]]:
     """``features`` with every modality but ``keep`` blanked."""
     n = len(features[keep])
@@ -163,7 +169,7 @@ class MaskedMean(layers.Layer):  # type: ignore[misc]
         return config
 
 
-def build_model(specs: Mapping[str, Spec], num_classes: int = 10, *, width: int = 1) -> Any:
+def build_model(specs: Mapping[str, Transform], num_classes: int = 10, *, width: int = 1) -> Any:
     """The fused model (a ``keras.Model``) with dict inputs ``image``, ``text``, ``audio``.
 
     ``width`` multiplies the number of filters and units of every branch.
@@ -227,7 +233,7 @@ def accuracy(model: Any, features: Mapping[str, NDArray[Any]], labels: NDArray[A
 
 
 def evaluate(
-    model: Any, sample_list: Sequence[Sample], specs: Mapping[str, Spec]
+    model: Any, sample_list: Sequence[Sample], specs: Mapping[str, Transform]
 ) -> dict[str, float]:
     """Accuracy of the fused model and of each modality alone (the others blanked).
 
@@ -254,7 +260,7 @@ class SampleBatches(keras.utils.PyDataset):  # type: ignore[misc]
     def __init__(
         self,
         sample_list: Sequence[Sample],
-        specs: Mapping[str, Spec],
+        specs: Mapping[str, Transform],
         batch_size: int,
         seed: int,
     ) -> None:
@@ -279,16 +285,17 @@ class SampleBatches(keras.utils.PyDataset):  # type: ignore[misc]
 
 
 def sidecar(
-    specs: Mapping[str, Spec], *, version: str, model_card: Mapping[str, Any]
+    specs: Mapping[str, Transform], *, version: str, model_card: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The ``mmstream-spec.json`` content that :func:`export.convert.export_model` reads."""
     return {
         "name": MODEL_NAME,
         "version": version,
-        "inputs": {
-            name: {"modality": spec.kind, "preprocessing": spec.to_dict()}
+        "parts": {
+            name: {"transform": spec.to_dict(), "inputs": {name: REFERENCE_OUTPUTS[name]}}
             for name, spec in specs.items()
         },
+        "outputs": {LABEL_OUTPUT: {"kind": "probabilities"}},
         "labels": list(LABELS),
         "label_output": LABEL_OUTPUT,
         "model_card": dict(model_card),
@@ -346,7 +353,7 @@ def train_reference(
 
     t0 = time.perf_counter()
     train = samples(n_train, np.random.default_rng(seed), split="train", corrupt_p=corrupt_p)
-    image_bytes = n_train * int(np.prod(specs["image"].shape())) * 4
+    image_bytes = n_train * int(np.prod(_typed_specs(specs)[0].shape())) * 4
     if image_bytes <= MAX_IN_MEMORY_BYTES:
         x_train: Any = featurize(train, specs)
         y_train: Any = np.array([s.label for s in train], dtype=np.int64)

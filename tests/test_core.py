@@ -40,7 +40,7 @@ def test_duplicate_part_later_wins_and_is_kept_for_its_offset() -> None:
     asm.add(part("e", "a", 0, value=1.0), 0)
     asm.add(part("e", "a", 1, value=2.0), 0)
     ev = asm.add(part("e", "b", 2), 0)
-    assert ev is not None and float(ev.parts["a"].tensor[0]) == 2.0
+    assert ev is not None and float(ev.parts["a"].tensors["a"][0]) == 2.0
     assert [s.offset for s in ev.duplicates] == [0]
     assert sorted(s.offset for s in ev.sources) == [0, 1, 2]
     assert asm.duplicate_parts == 1
@@ -148,7 +148,7 @@ def full_event(event_id: str, fill: float = 0.0) -> Any:
 
     m = small_manifest()
     parts = {
-        i.name: Part(event_id, i.name, np.full(i.shape, fill, dtype=i.dtype), source(n))
+        i.name: Part(event_id, i.name, {i.name: np.full(i.shape, fill, dtype=i.dtype)}, source(n))
         for n, i in enumerate(m.inputs)
     }
     return Event(event_id, 0, parts, first_seen_ms=1, completed_ms=2)

@@ -29,8 +29,8 @@ def reason_of(record) -> Reason:  # type: ignore[no-untyped-def]
 def test_npy_part_is_taken_as_is() -> None:
     arr = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
     part = decode_record(raw(npy_bytes(arr), modality="image", ctype=CONTENT_NPY), M, LIMITS)
-    assert part.event_id == "ev-1" and part.input_name == "image"
-    assert np.array_equal(part.tensor, arr)
+    assert part.event_id == "ev-1" and part.name == "image"
+    assert np.array_equal(part.tensors["image"], arr)
 
 
 @pytest.mark.parametrize(
@@ -58,7 +58,7 @@ def test_the_largest_finite_values_are_taken() -> None:
     arr = np.full((16, 16, 3), np.finfo(np.float32).max, dtype=np.float32)
     arr[0, 0, 0] = -np.finfo(np.float32).max
     part = decode_record(raw(npy_bytes(arr), modality="image", ctype=CONTENT_NPY), M, LIMITS)
-    assert np.array_equal(part.tensor, arr)
+    assert np.array_equal(part.tensors["image"], arr)
 
 
 def test_pickled_npy_is_refused_without_unpickling() -> None:
@@ -87,18 +87,19 @@ def test_forged_npy_header_cannot_make_the_worker_allocate() -> None:
 def test_png_jpeg_text_and_wav_decode_to_model_tensors() -> None:
     digit = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
     png = decode_record(raw(png_bytes(digit), modality="image", ctype="image/png"), M, LIMITS)
-    assert png.tensor.shape == (16, 16, 3) and png.tensor.dtype == np.float32
+    assert png.tensors["image"].shape == (16, 16, 3) and png.tensors["image"].dtype == np.float32
     buf = io.BytesIO()
     Image.new("RGB", (40, 30), (0, 128, 255)).save(buf, format="JPEG")
     jpg = decode_record(raw(buf.getvalue(), modality="image", ctype="image/jpeg"), M, LIMITS)
-    assert abs(float(jpg.tensor[..., 2].mean()) - 1.0) < 0.02
-    text = decode_record(raw(b"the number 7"), M, LIMITS)
-    assert text.tensor.dtype == np.int32 and text.tensor.shape == (16,)
+    assert abs(float(jpg.tensors["image"][..., 2].mean()) - 1.0) < 0.02
+    text = decode_record(raw(b"the number 7"), M, LIMITS).tensors["text"]
+    assert text.dtype == np.int32 and text.shape == (16,)
     tone = np.sin(np.arange(4000) / 8000 * 2 * np.pi * 697).astype(np.float32) * 0.5
     audio = decode_record(
         raw(wav_bytes(tone, 8000), modality="audio", ctype="audio/wav"), M, LIMITS
     )
-    assert audio.tensor.shape == (48, 40) and np.isfinite(audio.tensor).all()
+    feats = audio.tensors["audio"]
+    assert feats.shape == (48, 40) and np.isfinite(feats).all()
 
 
 def test_stereo_wav_is_downmixed() -> None:
@@ -109,7 +110,7 @@ def test_stereo_wav_is_downmixed() -> None:
         w.setframerate(16000)
         w.writeframes((np.ones((8000, 2)) * 1000).astype("<i2").tobytes())
     part = decode_record(raw(buf.getvalue(), modality="audio", ctype="audio/x-wav"), M, LIMITS)
-    assert part.tensor.shape == (48, 40)
+    assert part.tensors["audio"].shape == (48, 40)
 
 
 @pytest.mark.parametrize(
@@ -144,14 +145,20 @@ def test_image_bomb_is_refused_from_its_header() -> None:
     assert reason_of(record) == Reason.PAYLOAD_TOO_LARGE
 
 
-def test_8bit_wav_is_unsupported() -> None:
+def test_8bit_wav_is_decoded_and_an_aiff_is_unsupported() -> None:
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(1)
         w.setframerate(8000)
-        w.writeframes(bytes(800))
-    record = raw(buf.getvalue(), modality="audio", ctype="audio/wav")
+        w.writeframes(bytes([128, 200, 56, 128] * 200))
+    part = decode_record(raw(buf.getvalue(), modality="audio", ctype="audio/wav"), M, LIMITS)
+    assert part.tensors["audio"].shape == (48, 40)
+    import soundfile as sf
+
+    aiff = io.BytesIO()
+    sf.write(aiff, np.zeros(800, np.float32), 8000, format="AIFF")
+    record = raw(aiff.getvalue(), modality="audio", ctype="audio/wav")
     assert reason_of(record) == Reason.UNSUPPORTED_CONTENT_TYPE
 
 
@@ -172,8 +179,9 @@ def test_random_records_decode_or_fail_with_a_reason(value, key, modality, ctype
     except RecordError as err:
         assert isinstance(err.reason, Reason)
     else:
-        info = M.input(part.input_name)
-        assert info is not None and part.tensor.shape == info.shape
+        for name, tensor in part.tensors.items():
+            info = M.input(name)
+            assert info is not None and tensor.shape == info.shape
 
 
 def test_cached_npy_header_still_checks_each_payload() -> None:
@@ -181,7 +189,8 @@ def test_cached_npy_header_still_checks_each_payload() -> None:
     b = np.ones((16, 16, 3), dtype=np.float32)
     first = decode_record(raw(npy_bytes(a), modality="image", ctype=CONTENT_NPY), M, LIMITS)
     second = decode_record(raw(npy_bytes(b), modality="image", ctype=CONTENT_NPY), M, LIMITS)
-    assert float(first.tensor.sum()) == 0.0 and float(second.tensor.mean()) == 1.0
+    assert float(first.tensors["image"].sum()) == 0.0
+    assert float(second.tensors["image"].mean()) == 1.0
     short = npy_bytes(b)[:-8]  # same (cached) header, truncated data
     assert reason_of(raw(short, modality="image", ctype=CONTENT_NPY)) == Reason.DECODE_ERROR
 
@@ -206,3 +215,80 @@ def test_empty_wav_and_non_png_images_are_refused_not_crashes() -> None:
         Reason.UNSUPPORTED_CONTENT_TYPE,
         Reason.DECODE_ERROR,
     )
+
+
+# ---------------------------------------------------------------- a part that fills two inputs
+
+
+def _two_input_manifest():  # type: ignore[no-untyped-def]
+    from worker.contract.manifest import InputInfo, Manifest, OutputInfo, PartInfo
+    from worker.contract.reference_data import VOCABULARY
+    from worker.contract.transforms import WordsTransform
+
+    ids, mask = InputInfo("ids", "int64", (6,)), InputInfo("mask", "int32", (6,))
+    words = WordsTransform(VOCABULARY, max_length=6)
+    return Manifest(
+        name="two",
+        version="1",
+        sha256="0" * 64,
+        opset=17,
+        inputs=(ids, mask),
+        parts=(PartInfo("text", words, ((ids, "input_ids"), (mask, "attention_mask"))),),
+        outputs=(OutputInfo("o", "float32", (2,)),),
+    )
+
+
+TWO = _two_input_manifest()
+
+
+def _npz(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, allow_pickle=False, **arrays)
+    return buf.getvalue()
+
+
+def test_raw_text_fills_both_inputs_each_in_its_dtype() -> None:
+    part = decode_record(raw(b"the number seven"), TWO, LIMITS)
+    assert part.name == "text" and set(part.tensors) == {"ids", "mask"}
+    assert part.tensors["ids"].dtype == np.int64 and part.tensors["mask"].dtype == np.int32
+    assert part.tensors["mask"].tolist() == [1, 1, 1, 0, 0, 0]
+
+
+def test_an_npz_part_fills_every_input_and_is_checked_like_npy() -> None:
+    ids, mask = np.arange(6, dtype=np.int64), np.ones(6, dtype=np.int32)
+    npz = "application/x-npz"
+    part = decode_record(raw(_npz(ids=ids, mask=mask), ctype=npz), TWO, LIMITS)
+    assert part.tensors["ids"].tolist() == ids.tolist()
+    assert part.tensors["mask"].tolist() == mask.tolist()
+    compressed = io.BytesIO()
+    np.savez_compressed(compressed, ids=ids, mask=mask)
+    assert decode_record(raw(compressed.getvalue(), ctype=npz), TWO, LIMITS).tensors["ids"][5] == 5
+
+    def reason(value: bytes, ctype: str = npz) -> Reason:
+        with pytest.raises(RecordError) as info:
+            decode_record(raw(value, ctype=ctype), TWO, LIMITS)
+        return info.value.reason
+
+    assert reason(_npz(ids=ids)) == Reason.SHAPE_MISMATCH  # a member missing
+    assert reason(_npz(ids=ids, mask=mask, extra=ids)) == Reason.SHAPE_MISMATCH
+    assert reason(_npz(ids=ids.astype(np.int32), mask=mask)) == Reason.SHAPE_MISMATCH
+    assert reason(_npz(ids=ids, mask=mask)[:-30]) == Reason.DECODE_ERROR
+    assert reason(b"PK\x03\x04 not a zip") == Reason.DECODE_ERROR
+    with pytest.raises(RecordError, match="x-npz") as info:
+        decode_record(raw(npy_bytes(ids), ctype=CONTENT_NPY), TWO, LIMITS)
+    assert info.value.reason == Reason.UNSUPPORTED_CONTENT_TYPE
+
+
+def test_an_npz_member_that_declares_too_much_is_refused_before_it_is_read() -> None:
+    """A deflated member of 50 MB of zeros is a few KB on the wire: its declared size
+    is checked against what the input can take before a byte is inflated."""
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("ids.npy", npy_bytes(np.zeros(6, np.int64)) + bytes(50_000_000))
+        zf.writestr("mask.npy", npy_bytes(np.zeros(6, np.int32)))
+    assert len(buf.getvalue()) < 200_000
+    with pytest.raises(RecordError, match="declares") as info:
+        decode_record(raw(buf.getvalue(), ctype="application/x-npz"), TWO, LIMITS)
+    assert info.value.reason == Reason.PAYLOAD_TOO_LARGE

@@ -377,7 +377,7 @@ def _onnx_bytes(weights: np.ndarray) -> bytes:
 def fake_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """A model.keras + sidecar whose 'conversion' writes ``state["onnx"]`` (a real ONNX)."""
     from export import convert
-    from worker.contract.preprocess import ImageSpec
+    from worker.contract.transforms import ImageTransform
 
     weights = np.random.default_rng(0).standard_normal((16, 2))
     state: dict[str, Any] = {"onnx": _onnx_bytes(weights)}
@@ -387,7 +387,7 @@ def fake_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, An
     sidecar = {
         "name": "fake",
         "version": "0.1",
-        "inputs": {"image": {"modality": "image", "preprocessing": ImageSpec(4, 4, 1).to_dict()}},
+        "parts": {"image": {"transform": ImageTransform(4, 4, 1).to_dict(), "inputs": ["image"]}},
         "labels": ["a", "b"],
         "label_output": "probs",
         "model_card": {},

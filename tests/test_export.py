@@ -115,14 +115,19 @@ def test_manifest_facts(exported: Path) -> None:
     assert manifest.version == "0.0.1-test"
     assert manifest.opset == 17
     assert set(manifest.producer) == {"tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime"}
-    assert [(i.name, i.modality, i.dtype) for i in manifest.inputs] == [
-        ("image", "image", "float32"),
-        ("text", "text", "int32"),
-        ("audio", "audio", "float32"),
+    assert sorted((i.name, i.dtype) for i in manifest.inputs) == [
+        ("audio", "float32"),
+        ("image", "float32"),
+        ("text", "int32"),
     ]
-    assert manifest.inputs[0].shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
-    assert [(o.name, o.dtype, o.shape) for o in manifest.outputs] == [
-        ("probabilities", "float32", (10,))
+    assert [(p.name, p.transform.kind, p.input_names) for p in manifest.parts] == [
+        ("image", "image", ("image",)),
+        ("text", "words", ("text",)),
+        ("audio", "log_mel", ("audio",)),
+    ]
+    assert manifest.input("image").shape == (IMAGE_SIZE, IMAGE_SIZE, 3)  # type: ignore[union-attr]
+    assert [(o.name, o.dtype, o.shape, o.kind) for o in manifest.outputs] == [
+        ("probabilities", "float32", (10,), "probabilities")
     ]
     assert manifest.labels == tuple(str(d) for d in range(10))
     assert manifest.label_output == "probabilities"
@@ -146,7 +151,7 @@ def test_ort_equals_keras_on_real_features(
     from export.reference_model import featurize
 
     manifest = load_manifest(exported)
-    specs = {i.name: i.preprocessing for i in manifest.inputs}
+    specs = {p.name: p.transform for p in manifest.parts}
     batch = samples(12, np.random.default_rng(5), split="test", corrupt_p=0.3)
     features = featurize(batch, specs)
     for name, arr in features.items():  # through .npy files, as a client would send them
@@ -168,7 +173,7 @@ def test_all_padding_text_is_finite(exported: Path, keras_model: Any) -> None:
     from export.reference_model import blank_features
 
     manifest = load_manifest(exported)
-    specs = {i.name: i.preprocessing for i in manifest.inputs}
+    specs = {p.name: p.transform for p in manifest.parts}
     feed = blank_features(3, specs)
     assert (feed["text"] == 0).all()
     got = _run(_session(exported), feed)
@@ -218,7 +223,7 @@ def test_fp16_model_runs_in_the_worker(exported_fp16: Path, exported: Path) -> N
 
     runner = ModelRunner.load(exported_fp16, device="cpu")
     assert runner.manifest.precision == "fp16"
-    specs = {i.name: i.preprocessing for i in runner.manifest.inputs}
+    specs = {p.name: p.transform for p in runner.manifest.parts}
     features = featurize(samples(24, np.random.default_rng(7), split="test"), specs)
     feed = {i.name: features[i.name].astype(i.dtype) for i in runner.manifest.inputs}
     (got,) = runner.run(feed)
@@ -444,7 +449,8 @@ def test_train_reference_writes_model_and_sidecar(
     )
     assert (tmp_path / "ref" / KERAS_FILE).is_file()
     side = json.loads((tmp_path / "ref" / SIDECAR_FILE).read_text())
-    assert list(side["inputs"]) == ["image", "text", "audio"]
+    assert list(side["parts"]) == ["image", "text", "audio"]
+    assert side["parts"]["text"]["transform"]["kind"] == "words"
     assert side["label_output"] == "probabilities"
     card = side["model_card"]
     assert card == result["model_card"]
@@ -496,8 +502,8 @@ def test_featurize_and_256_model_shapes() -> None:
 @pytest.mark.parametrize(
     "modules",
     [
-        "worker.contract.manifest, worker.contract.preprocess, worker.contract.reference_data",
-        "export.commands",
+        "worker.contract.manifest, worker.contract.transforms, worker.contract.reference_data",
+        "export.commands, export.onnx_import, export.spec",
     ],
 )
 def test_no_tensorflow_import(modules: str) -> None:

@@ -96,9 +96,10 @@ def test_every_record_ends_up_in_exactly_one_place(
             assert isinstance(err.reason, Reason)
             placed[rec.source.offset] += 1
             continue
-        info = M.input(part.input_name)
-        assert info is not None and part.tensor.shape == info.shape
-        assert part.tensor.dtype == np.dtype(info.dtype)
+        for name, tensor in part.tensors.items():
+            info = M.input(name)
+            assert info is not None and tensor.shape == info.shape
+            assert tensor.dtype == np.dtype(info.dtype)
         event = asm.add(part, now)
         if event is not None:
             assert set(event.parts) == asm.required

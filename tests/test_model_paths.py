@@ -18,8 +18,8 @@ from numpy.typing import NDArray
 import worker.inference.model
 from worker.contract.errors import ConfigError, InferenceError, ModelError
 from worker.contract.manifest import MODEL_FILE, Manifest, load_manifest
-from worker.contract.preprocess import TextSpec
 from worker.contract.records import Event, Part
+from worker.contract.transforms import WordsTransform
 from worker.inference.model import (
     DEFAULT_BATCH_BUCKETS,
     ModelRunner,
@@ -39,8 +39,9 @@ def random_rows(manifest: Manifest, n: int, rng: np.random.Generator) -> dict[st
     """``n`` random but valid examples per input (token ids within the vocabulary)."""
     rows: dict[str, NDArray[Any]] = {}
     for i in manifest.inputs:
-        if isinstance(i.preprocessing, TextSpec):
-            vocab = len(i.preprocessing.vocabulary)
+        part = manifest.part_of(i.name)
+        if part is not None and isinstance(part.transform, WordsTransform):
+            vocab = len(part.transform.vocabulary)
             rows[i.name] = rng.integers(0, vocab, size=(n, *i.shape)).astype(i.dtype)
         else:
             rows[i.name] = rng.random((n, *i.shape), dtype=np.float32).astype(i.dtype)
@@ -111,7 +112,7 @@ def test_bound_predict_equals_plain_predict(runners: tuple[ModelRunner, ModelRun
         Event(
             f"e{k}",
             0,
-            {name: Part(f"e{k}", name, arr[k], source(k)) for name, arr in rows.items()},
+            {name: Part(f"e{k}", name, {name: arr[k]}, source(k)) for name, arr in rows.items()},
             first_seen_ms=1,
             completed_ms=2,
         )

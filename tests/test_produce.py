@@ -59,7 +59,7 @@ def by_event(plan: ProducePlan) -> dict[str, list[OutRecord]]:
 def assert_poison_refused_with_its_reason(plan: ProducePlan, manifest: Manifest) -> None:
     """Each poisoned event: its bad record fails decoding with the promised reason, its
     other parts decode, and together they cover every input but ``poison_part``."""
-    inputs = {i.name for i in manifest.inputs}
+    inputs = set(manifest.part_names)
     records = by_event(plan)
     seen: set[Reason] = set()
     for event in plan.events:
@@ -73,7 +73,7 @@ def assert_poison_refused_with_its_reason(plan: ProducePlan, manifest: Manifest)
         with pytest.raises(RecordError) as info:
             decode_record(as_raw(bad[0]), manifest, LIMITS)
         assert info.value.reason == event.poison, info.value
-        good = {decode_record(as_raw(r), manifest, LIMITS).input_name for r in recs if r not in bad}
+        good = {decode_record(as_raw(r), manifest, LIMITS).name for r in recs if r not in bad}
         assert good == inputs - {event.poison_part}
         seen.add(event.poison)
     assert seen == set(POISON_KINDS)
@@ -227,7 +227,7 @@ def test_produced_topic_matches_labels_file_and_summary(
         refused: list[Reason] = []
         for rec in recs:
             try:
-                good.add(decode_record(rec, manifest, LIMITS).input_name)
+                good.add(decode_record(rec, manifest, LIMITS).name)
             except RecordError as exc:
                 refused.append(exc.reason)
         if "missing" in d:

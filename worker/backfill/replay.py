@@ -374,7 +374,7 @@ def run_replay(
         security=config.kafka_security(),
     )
     runner = ModelRunner.load(config.model, config.device, max_batch_size=config.max_batch_size)
-    parts_per_event = max(1, len(manifest.inputs))
+    parts_per_event = max(1, len(manifest.parts))
     progress = Progress(plan["records"], config.progress, parts_per_event)
     worker, source = replay_worker(
         _worker_config(config, backfill_id),

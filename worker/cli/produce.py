@@ -22,4 +22,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMAND = Command("produce", "produce reference events to the input topic", add_arguments, run)
+COMMAND = Command(
+    "produce", "produce events (reference, random or from files) to the input topic", add_arguments, run
+)

@@ -1,8 +1,9 @@
 """The message contract's records: parts in, events assembled, predictions out.
 
-Input topic: one Kafka record per modality part. Key = event id (UTF-8);
-header ``mm-modality`` = the manifest input name; header ``content-type`` =
-``application/x-npy`` or a raw media type; optional ``mm-event-time`` (ms).
+Input topic: one Kafka record per part. Key = event id (UTF-8); header
+``mm-modality`` = the manifest part name; header ``content-type`` = a raw media
+type, ``application/x-npy`` (a part that fills one input) or ``application/x-npz``
+(one array per input the part fills); optional ``mm-event-time`` (ms).
 Parts of one event share a key, hence a partition, so assembly is local to the
 consumer that owns it.
 """
@@ -22,6 +23,7 @@ HEADER_ERROR_DETAIL = "mm-error-detail"
 HEADER_SOURCE = "mm-source"
 
 CONTENT_NPY = "application/x-npy"
+CONTENT_NPZ = "application/x-npz"
 
 
 @dataclass(frozen=True)
@@ -131,44 +133,45 @@ class LogRecord:
 
 @dataclass(frozen=True)
 class Part:
-    """One decoded modality part of an event.
+    """One decoded part of an event.
 
     Attributes:
         event_id: the record key, decoded as UTF-8.
-        input_name: the model input this part feeds (``mm-modality``).
-        tensor: per-example tensor in the model's dtype and shape.
+        name: the manifest part it is (``mm-modality``).
+        tensors: model input name -> per-example tensor in that input's dtype and shape
+            (every input the part fills).
         source: where the record came from.
         event_time_ms: ``mm-event-time`` if sent, else None.
         raw: the original record (dead-letter records carry its key, value and headers).
     """
 
     event_id: str
-    input_name: str
-    tensor: NDArray[Any]
+    name: str
+    tensors: dict[str, NDArray[Any]]
     source: SourceRef
     event_time_ms: int | None = None
     raw: RawRecord | None = None
 
     @property
     def nbytes(self) -> int:
-        """Memory held for this part: tensor plus original value."""
+        """Memory held for this part: its tensors plus the original value."""
         raw_len = len(self.raw.value or b"") if self.raw is not None else 0
-        return int(self.tensor.nbytes) + raw_len
+        return sum(int(t.nbytes) for t in self.tensors.values()) + raw_len
 
 
 @dataclass(frozen=True)
 class Event:
-    """A complete event: one part per model input.
+    """A complete event: one part per manifest part.
 
     Attributes:
         event_id: the shared key of the parts.
         partition: the partition its parts came from.
-        parts: input name -> part.
+        parts: part name -> part.
         first_seen_ms, completed_ms: worker clock when the first part arrived
             and when the last one completed the event.
         duplicates: parts for an input that already had one (the later replaced it).
-        missing: inputs absent when an incomplete event is inferred anyway
-            (``--on-incomplete infer``); they are filled with the model's blank input.
+        missing: parts absent when an incomplete event is inferred anyway
+            (``--on-incomplete infer``); their inputs are filled with the part's blank.
     """
 
     event_id: str
@@ -195,22 +198,25 @@ class Prediction:
 
     Attributes:
         event_id: the event's key.
-        outputs: output name -> values of this event (lists of floats).
+        outputs: output name -> values of this event (a list of floats; nested lists for
+            an output of more than one axis per example).
         label, score: argmax class name and its probability, when the manifest has labels.
-        modalities: inputs that were present.
-        missing: inputs that were absent and blanked (``--on-incomplete infer``).
+        modalities: parts that were present.
+        missing: parts that were absent and blanked (``--on-incomplete infer``).
+        tags: multi-label output name -> the labels at or over their thresholds.
         timing: ms since epoch: ``last_part_ms`` (newest part record),
             ``completed_ms`` (event assembled), ``inferred_ms`` (batch returned);
             and ``batch_size``.
     """
 
     event_id: str
-    outputs: dict[str, list[float]]
+    outputs: dict[str, list[Any]]
     label: str | None
     score: float | None
     modalities: tuple[str, ...]
     timing: dict[str, int]
     missing: tuple[str, ...] = ()
+    tags: dict[str, list[str]] | None = None
 
     def to_json_dict(self, model: dict[str, str]) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -222,6 +228,8 @@ class Prediction:
         }
         if self.missing:
             out["missing"] = list(self.missing)
+        if self.tags is not None:
+            out["tags"] = self.tags
         if self.label is not None:
             out["label"] = self.label
             out["score"] = self.score

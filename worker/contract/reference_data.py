@@ -24,14 +24,7 @@ from numpy.typing import NDArray
 
 from worker.contract.errors import ModelError
 from worker.contract.manifest import Manifest
-from worker.contract.preprocess import (
-    AudioSpec,
-    ImageSpec,
-    TextSpec,
-    log_mel,
-    prepare_image,
-    tokenize,
-)
+from worker.contract.transforms import Waveform
 
 LABELS: tuple[str, ...] = tuple(str(d) for d in range(10))
 MODALITIES: tuple[str, ...] = ("image", "text", "audio")
@@ -216,22 +209,25 @@ def samples(
     return out
 
 
-def sample_tensors(sample: Sample, manifest: Manifest) -> dict[str, NDArray[Any]]:
-    """One sample as the model's input tensors (input name -> array of the input's dtype),
-    through the one preprocessing (the producer's npy parts, the raw-ORT benchmarks)."""
+def sample_media(sample: Sample, family: str) -> Any:
+    """The sample's media of one family: a PIL image, a str, or a 16 kHz waveform."""
     from PIL import Image
 
+    if family == "image":
+        return Image.fromarray(sample.image)
+    if family == "text":
+        return sample.text
+    if family == "audio":
+        return Waveform(np.asarray(sample.audio, dtype=np.float32), SAMPLE_RATE)
+    raise ModelError(f"the reference data has no {family!r} media")
+
+
+def sample_tensors(sample: Sample, manifest: Manifest) -> dict[str, NDArray[Any]]:
+    """One sample as the model's input tensors (input name -> array of the input's dtype),
+    each part's media through its transform (the producer's npy parts, the raw-ORT
+    benchmarks)."""
     out: dict[str, NDArray[Any]] = {}
-    for info in manifest.inputs:
-        spec = info.preprocessing
-        tensor: NDArray[Any]
-        if isinstance(spec, ImageSpec):
-            tensor = prepare_image(Image.fromarray(sample.image), spec)
-        elif isinstance(spec, TextSpec):
-            tensor = tokenize(sample.text, spec)
-        elif isinstance(spec, AudioSpec):
-            tensor = log_mel(sample.audio, spec)
-        else:
-            raise ModelError(f"input {info.name}: no preprocessing for {type(spec).__name__}")
-        out[info.name] = tensor.astype(info.dtype, copy=False)
+    for part in manifest.parts:
+        media = sample_media(sample, part.transform.family)
+        out.update(part.fill(part.transform.apply(media)))
     return out

@@ -1,7 +1,7 @@
 """Assemble stage: parts -> complete events, keyed by (partition, event id).
 
 Pure: the caller passes the clock (``now_ms``) and the stream time. An event is
-complete when every model input has a part. Parts of one event share a key,
+complete when every part of the manifest has arrived. Parts of one event share a key,
 hence a partition, so state is per partition and can be dropped when a
 partition is revoked (its new owner re-reads the parts from the committed offset).
 
@@ -38,11 +38,11 @@ class Incomplete:
 
     Attributes:
         event_id, partition: its key and partition.
-        parts: the parts that did arrive, by input name.
+        parts: the parts that did arrive, by part name.
         duplicates: earlier parts replaced by later ones (their offsets settle with it).
         first_seen_ms: worker clock when its first part arrived.
         first_ts_ms: its first part's record timestamp (where its timeout starts).
-        missing: required inputs that never arrived.
+        missing: required parts that never arrived.
     """
 
     event_id: str
@@ -71,7 +71,7 @@ class Incomplete:
 
 
 class Assembler:
-    """Collects parts by (partition, event id) until every required input is present."""
+    """Collects parts by (partition, event id) until every required part is present."""
 
     def __init__(self, required: frozenset[str]) -> None:
         self.required = required
@@ -99,16 +99,14 @@ class Assembler:
                 first_seen_ms=now_ms, first_ts_ms=ts if ts >= 0 else now_ms
             )
             self._count += 1
-        old = pending.parts.get(part.input_name)
+        old = pending.parts.get(part.name)
         if old is not None:
             # Deterministic: the later record replaces the earlier one; the earlier
             # is kept as a duplicate so its offset is settled with the event.
             self.duplicate_parts += 1
             pending.duplicates.append(old)
-            log.debug(
-                "duplicate %s part for event %r at %s", part.input_name, part.event_id, part.source
-            )
-        pending.parts[part.input_name] = part
+            log.debug("duplicate %s part for event %r at %s", part.name, part.event_id, part.source)
+        pending.parts[part.name] = part
         pending.nbytes += part.nbytes
         self.pending_bytes += part.nbytes
         if not self.required.issubset(pending.parts):

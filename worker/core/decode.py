@@ -1,16 +1,18 @@
-"""Decode stage: a raw Kafka record -> a :class:`Part` holding the model's tensor.
+"""Decode stage: a raw Kafka record -> a :class:`Part` holding the model's tensors.
 
 Pure: no broker, no clock. Every way a record can be unusable raises
 :class:`RecordError` with a stable reason code, which the pipeline turns into
 a dead-letter record; nothing here crashes the worker or drops silently.
 
-Supported ``content-type`` per modality:
+A record's ``mm-modality`` names a part of the manifest; its ``content-type`` is one of:
 
-* any input: ``application/x-npy`` -- ``numpy.save`` of one example, already in
-  the input's dtype and per-example shape (no pickles);
-* image: ``image/png``, ``image/jpeg`` (any size, grayscale or RGB);
-* text: ``text/plain`` (``charset=utf-8``, the default);
-* audio: ``audio/wav`` (``audio/x-wav``, ``audio/wave``): PCM16 mono or stereo, any rate.
+* raw media the part's transform takes (:mod:`worker.contract.transforms`): images
+  (PNG, JPEG, WebP, HEIC), ``text/plain`` (UTF-8), audio (WAV, FLAC, OGG/Vorbis,
+  OGG/Opus, MP3);
+* ``application/x-npy``: ``numpy.save`` of one example of the one input the part fills,
+  already in the input's dtype and shape (no pickles);
+* ``application/x-npz``: ``numpy.savez`` with one such array per input the part fills,
+  each named as its input.
 """
 
 from __future__ import annotations
@@ -18,59 +20,33 @@ from __future__ import annotations
 import functools
 import io
 import math
-import wave
-from collections.abc import Callable
-from dataclasses import dataclass
+import zipfile
+import zlib
+from pathlib import Path
 from tokenize import TokenError
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image, UnidentifiedImageError
 
 from worker.contract.errors import Reason, RecordError
-from worker.contract.manifest import InputInfo, Manifest
-from worker.contract.preprocess import (
-    AudioSpec,
-    ImageSpec,
-    TextSpec,
-    log_mel,
-    prepare_image,
-    resample,
-    tokenize,
-)
+from worker.contract.manifest import InputInfo, Manifest, PartInfo
 from worker.contract.records import (
     CONTENT_NPY,
+    CONTENT_NPZ,
     HEADER_CONTENT_TYPE,
     HEADER_EVENT_TIME,
     HEADER_MODALITY,
     Part,
     RawRecord,
 )
+from worker.contract.transforms.media import Limits, media_type
 
+__all__ = ["Limits", "decode_media", "decode_npy", "decode_npz", "decode_record"]
 
-@dataclass(frozen=True)
-class Limits:
-    """Refusal thresholds for input records.
-
-    Attributes:
-        max_part_bytes: largest record value accepted.
-        max_image_pixels: largest declared width*height accepted, checked from the
-            image header before the pixels are decoded (decompression bombs).
-    """
-
-    max_part_bytes: int = 16 * 1024 * 1024
-    max_image_pixels: int = 4096 * 4096
-
-
-def _media_type(content_type: str) -> tuple[str, dict[str, str]]:
-    main, *params = [p.strip() for p in content_type.split(";")]
-    parsed = {}
-    for p in params:
-        if "=" in p:
-            k, v = p.split("=", 1)
-            parsed[k.strip().lower()] = v.strip().strip('"').lower()
-    return main.lower(), parsed
+_ARRAY_TYPES = (CONTENT_NPY, CONTENT_NPZ)
+#: Room for an npy header inside an npz member (numpy writes 128 bytes; 64 KiB is generous).
+_NPY_HEADER_MAX = 65536
 
 
 #: Parsed .npy headers by their exact bytes: producers send the same few headers
@@ -136,111 +112,60 @@ def _dtype(name: str) -> np.dtype[Any]:
     return np.dtype(name)
 
 
-def decode_image(value: bytes, spec: ImageSpec, limits: Limits) -> NDArray[np.float32]:
+def decode_npz(value: bytes, part: PartInfo, limits: Limits) -> dict[str, NDArray[Any]]:
+    """One example of every input ``part`` fills, saved with ``numpy.savez`` (or
+    ``savez_compressed``): one array per input, named as the input. Each member's
+    declared size is checked before it is read, and each is checked as an npy part."""
     try:
-        img = Image.open(io.BytesIO(value))
-        width, height = img.size
-        if width * height > limits.max_image_pixels:
-            raise RecordError(
-                Reason.PAYLOAD_TOO_LARGE,
-                f"image declares {width}x{height} pixels, over the limit of "
-                f"{limits.max_image_pixels}",
-            )
-        if img.format not in ("PNG", "JPEG"):
-            raise RecordError(
-                Reason.UNSUPPORTED_CONTENT_TYPE,
-                f"image bytes are {img.format or 'unknown'}, not PNG or JPEG",
-            )
-        img.load()
-        return prepare_image(img, spec)
+        with zipfile.ZipFile(io.BytesIO(value)) as zf:
+            members = {Path(i.filename).stem: i for i in zf.infolist()}
+            wanted = set(part.input_names)
+            if set(members) != wanted:
+                raise RecordError(
+                    Reason.SHAPE_MISMATCH,
+                    f"npz holds arrays {sorted(members)} but part {part.name!r} fills "
+                    f"{sorted(wanted)}",
+                )
+            out = {}
+            for info, _ in part.fills:
+                member = members[info.name]
+                expected = _dtype(info.dtype).itemsize * math.prod(info.shape)
+                if member.file_size > expected + _NPY_HEADER_MAX:
+                    raise RecordError(
+                        Reason.PAYLOAD_TOO_LARGE,
+                        f"npz array {info.name!r} declares {member.file_size} bytes; "
+                        f"{info.dtype}{list(info.shape)} needs {expected}",
+                    )
+                out[info.name] = decode_npy(zf.read(member), info)
+            return out
     except RecordError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise RecordError(Reason.PAYLOAD_TOO_LARGE, f"image too large: {exc}") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, TypeError) as exc:
-        raise RecordError(Reason.DECODE_ERROR, f"cannot decode image: {exc}") from exc
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError,
+            NotImplementedError, zlib.error) as exc:  # fmt: skip
+        raise RecordError(Reason.DECODE_ERROR, f"not a valid .npz archive: {exc}") from exc
 
 
-def decode_text(value: bytes, charset: str, spec: TextSpec) -> NDArray[np.int32]:
-    if charset not in ("utf-8", "utf8", "us-ascii", "ascii"):
-        raise RecordError(Reason.UNSUPPORTED_CONTENT_TYPE, f"text charset {charset!r}: use utf-8")
-    if len(value) > 4 * spec.max_chars:
-        raise RecordError(
-            Reason.PAYLOAD_TOO_LARGE, f"text of {len(value)} bytes, over {spec.max_chars} chars"
-        )
-    try:
-        text = value.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RecordError(Reason.DECODE_ERROR, f"text is not valid UTF-8: {exc}") from exc
-    if len(text) > spec.max_chars:
-        raise RecordError(
-            Reason.PAYLOAD_TOO_LARGE, f"text of {len(text)} chars, over the limit {spec.max_chars}"
-        )
-    return tokenize(text, spec)
-
-
-def decode_wav(value: bytes, spec: AudioSpec) -> NDArray[np.float32]:
-    try:
-        with wave.open(io.BytesIO(value), "rb") as w:
-            channels, width, rate, frames = (
-                w.getnchannels(),
-                w.getsampwidth(),
-                w.getframerate(),
-                w.getnframes(),
-            )
-            if width != 2:
-                raise RecordError(
-                    Reason.UNSUPPORTED_CONTENT_TYPE,
-                    f"WAV sample width {8 * width} bits: only PCM16 is supported",
-                )
-            if channels not in (1, 2) or rate <= 0:
-                raise RecordError(Reason.DECODE_ERROR, f"WAV with {channels} channels at {rate} Hz")
-            if frames > spec.max_seconds * rate:
-                raise RecordError(
-                    Reason.PAYLOAD_TOO_LARGE,
-                    f"audio of {frames / rate:.1f} s, over the limit {spec.max_seconds} s",
-                )
-            raw = w.readframes(frames)
-    except RecordError:
-        raise
-    except (wave.Error, EOFError, ValueError) as exc:
-        raise RecordError(Reason.DECODE_ERROR, f"cannot decode WAV: {exc}") from exc
-    usable = len(raw) - len(raw) % (2 * channels)
-    if usable == 0:
-        raise RecordError(Reason.DECODE_ERROR, "WAV holds no audio frames")
-    pcm = np.frombuffer(raw[:usable], dtype="<i2").astype(np.float32) / 32768.0
-    mono = pcm.reshape(-1, channels).mean(axis=1)
-    try:
-        return log_mel(resample(mono, rate, spec.sample_rate), spec)
-    except (ValueError, MemoryError) as exc:
-        raise RecordError(Reason.DECODE_ERROR, f"cannot resample WAV at {rate} Hz: {exc}") from exc
-
-
-def _decode_raw(
-    media: str, params: dict[str, str], value: bytes, info: InputInfo, limits: Limits
-) -> NDArray[Any]:
-    spec = info.preprocessing
-    handlers: dict[str, Callable[[], NDArray[Any]]] = {}
-    if isinstance(spec, ImageSpec):
-        handlers = dict.fromkeys(
-            ("image/png", "image/jpeg", "image/jpg"), lambda: decode_image(value, spec, limits)
-        )
-    elif isinstance(spec, TextSpec):
-        handlers = {"text/plain": lambda: decode_text(value, params.get("charset", "utf-8"), spec)}
-    elif isinstance(spec, AudioSpec):
-        handlers = dict.fromkeys(
-            ("audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"),
-            lambda: decode_wav(value, spec),
-        )
-    handler = handlers.get(media)
-    if handler is None:
-        accepted = sorted([*handlers, CONTENT_NPY])
+def decode_media(
+    part: PartInfo, media: str, params: dict[str, str], value: bytes, limits: Limits
+) -> dict[str, NDArray[Any]]:
+    """Raw media through the part's transform: the tensors of every input it fills."""
+    transform = part.transform
+    if media not in transform.content_types():
+        accepted = sorted([*transform.content_types(), *_ARRAY_TYPES])
         raise RecordError(
             Reason.UNSUPPORTED_CONTENT_TYPE,
-            f"{info.name} ({info.modality}) does not take {media!r}; accepted: {accepted}",
+            f"part {part.name!r} ({transform.kind}) does not take {media!r}; accepted: {accepted}",
         )
-    tensor = handler()
-    return tensor.astype(info.dtype, copy=False)
+    decoded = transform.decode(value, media, params, limits)
+    try:
+        outputs = transform.apply(decoded)
+    except RecordError:
+        raise
+    except (ValueError, OSError, TypeError, MemoryError) as exc:
+        raise RecordError(
+            Reason.DECODE_ERROR, f"part {part.name!r}: {transform.kind} cannot use it: {exc}"
+        ) from exc
+    return part.fill(outputs)
 
 
 def decode_record(record: RawRecord, manifest: Manifest, limits: Limits) -> Part:
@@ -253,12 +178,12 @@ def decode_record(record: RawRecord, manifest: Manifest, limits: Limits) -> Part
         raise RecordError(Reason.MISSING_KEY, f"key is not UTF-8: {exc}") from exc
     modality_raw = record.header(HEADER_MODALITY)
     modality = modality_raw.decode("utf-8", "replace") if modality_raw is not None else None
-    info = manifest.input(modality) if modality is not None else None
-    if info is None:
-        names = [i.name for i in manifest.inputs]
+    part = manifest.part(modality) if modality is not None else None
+    if part is None:
         raise RecordError(
             Reason.UNKNOWN_MODALITY,
-            f"header {HEADER_MODALITY}={modality!r} names no model input; expected one of {names}",
+            f"header {HEADER_MODALITY}={modality!r} names no part of the model; expected one "
+            f"of {list(manifest.part_names)}",
         )
     value = record.value
     if value is None or len(value) == 0:
@@ -271,15 +196,24 @@ def decode_record(record: RawRecord, manifest: Manifest, limits: Limits) -> Part
     ctype_raw = record.header(HEADER_CONTENT_TYPE)
     if ctype_raw is None:
         raise RecordError(Reason.UNSUPPORTED_CONTENT_TYPE, f"no {HEADER_CONTENT_TYPE} header")
-    media, params = _media_type(ctype_raw.decode("utf-8", "replace"))
+    media, params = media_type(ctype_raw.decode("utf-8", "replace"))
     if media == CONTENT_NPY:
-        tensor = decode_npy(value, info)
+        if len(part.fills) != 1:
+            raise RecordError(
+                Reason.UNSUPPORTED_CONTENT_TYPE,
+                f"part {part.name!r} fills {list(part.input_names)}: send them as one "
+                f"{CONTENT_NPZ} (numpy.savez, one array per input), not {CONTENT_NPY}",
+            )
+        info = part.fills[0][0]
+        tensors = {info.name: decode_npy(value, info)}
+    elif media == CONTENT_NPZ:
+        tensors = decode_npz(value, part, limits)
     else:
-        tensor = _decode_raw(media, params, value, info, limits)
+        tensors = decode_media(part, media, params, value, limits)
     return Part(
         event_id=event_id,
-        input_name=info.name,
-        tensor=tensor,
+        name=part.name,
+        tensors=tensors,
         source=record.source,
         event_time_ms=_event_time(record),
         raw=record,

@@ -166,8 +166,8 @@ class Worker:
         # Exactly-once, outcomes count once their transaction commits (dropped on abort).
         self.outcomes = Outcomes(self.sensor, held=self.eos)
         self.limits = Limits(config.max_part_bytes, config.max_image_pixels)
-        self.input_names = frozenset(i.name for i in runner.manifest.inputs)
-        self.assembler = Assembler(runner.required_inputs)
+        self.part_names = runner.required_parts
+        self.assembler = Assembler(runner.required_parts)
         self.stream = StreamTime()
         self.batcher = Batcher(config.max_batch_size, config.max_batch_delay_ms)
         self.backpressure = Backpressure(config.max_pending_events, config.max_pending_bytes)
@@ -366,10 +366,10 @@ class Worker:
         return timeout
 
     def _consume(self, raw: RawRecord) -> None:
-        # Label only with the model's input names: header values are producer-controlled,
+        # Label only with the model's part names: header values are producer-controlled,
         # and a label per arbitrary value would grow the metric series without bound.
         modality = (raw.header(HEADER_MODALITY) or b"").decode("utf-8", "replace")
-        self.sensor.consumed(modality if modality in self.input_names else "unknown")
+        self.sensor.consumed(modality if modality in self.part_names else "unknown")
         src = raw.source
         if self.config.assembly_timeout_ms > 0:
             stream_ms = self.stream.observe(src.partition, src.timestamp_ms, self.clock())

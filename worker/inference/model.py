@@ -38,8 +38,7 @@ from numpy.typing import NDArray
 
 from worker.config import DEVICES
 from worker.contract.errors import ConfigError, InferenceError, ModelError
-from worker.contract.manifest import MODEL_FILE, Manifest, load_manifest
-from worker.contract.preprocess import blank_input
+from worker.contract.manifest import MODEL_FILE, InputInfo, Manifest, load_manifest
 from worker.contract.records import Event, Prediction
 
 log = logging.getLogger(__name__)
@@ -255,6 +254,8 @@ class _Bucket:
     device: dict[str, Any]
     pinned: bool
     runs: int = field(default=0)
+    #: Constant inputs' device tensors, copied and bound once.
+    fixed: dict[str, Any] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -293,7 +294,12 @@ class ModelRunner:
             "version": manifest.version,
             "sha256": manifest.sha256,
         }
-        self._blanks: dict[str, NDArray[Any]] = {}
+        self._blanks: dict[str, dict[str, NDArray[Any]]] = {}
+        # Each batched input's part; constant inputs are fed their value.
+        self._part_of = {name: p.name for p in manifest.parts for name in p.input_names}
+        self._constants = {c.input.name: c for c in manifest.constants}
+        self._stacked = [i for i in manifest.inputs if i.name in self._part_of]
+        self._tagged = [(k, o) for k, o in enumerate(manifest.outputs) if o.kind == "multilabel"]
         self._label_index = (
             self.output_names.index(manifest.label_output)
             if manifest.labels and manifest.label_output in self.output_names
@@ -356,8 +362,9 @@ class ModelRunner:
         )
 
     @property
-    def required_inputs(self) -> frozenset[str]:
-        return frozenset(i.name for i in self.manifest.inputs)
+    def required_parts(self) -> frozenset[str]:
+        """The parts an event needs to be complete."""
+        return frozenset(self.manifest.part_names)
 
     @property
     def pinned(self) -> bool:
@@ -365,25 +372,45 @@ class ModelRunner:
         return bool(self._buckets) and all(b.pinned for b in self._buckets.values())
 
     def feed(self, events: Sequence[Event]) -> dict[str, NDArray[Any]]:
-        """Stack each input over the batch; inputs an incomplete event lacks are blanked."""
+        """Stack each input over the batch (parts an incomplete event lacks are blanked),
+        and the constants."""
         feed = {}
-        for i in self.manifest.inputs:
+        for i in self._stacked:
             feed[i.name] = np.stack(self._rows(events, i.name)).astype(i.dtype, copy=False)
+        return self.with_constants(feed, len(events))
+
+    def with_constants(self, feed: dict[str, NDArray[Any]], n: int) -> dict[str, NDArray[Any]]:
+        """``feed`` plus every constant input it lacks, for a batch of ``n``."""
+        for name, const in self._constants.items():
+            if name not in feed:
+                feed[name] = self._constant(const.input, n)
         return feed
 
-    def _rows(self, events: Sequence[Event], name: str) -> list[NDArray[Any]]:
-        return [e.parts[name].tensor if name in e.parts else self._blank(name) for e in events]
+    def _constant(self, info: InputInfo, n: int) -> NDArray[Any]:
+        value = self._constants[info.name].array
+        if not info.batched:
+            return value
+        return np.ascontiguousarray(np.broadcast_to(value, (n, *info.shape)))
 
-    def _blank(self, name: str) -> NDArray[Any]:
-        if name not in self._blanks:
-            info = self.manifest.input(name)
-            if info is None:
-                raise InferenceError(f"no model input {name!r}")
-            self._blanks[name] = blank_input(info.preprocessing).astype(info.dtype)
-        return self._blanks[name]
+    def _rows(self, events: Sequence[Event], name: str) -> list[NDArray[Any]]:
+        part = self._part_of[name]
+        return [
+            e.parts[part].tensors[name] if part in e.parts else self._blank(part)[name]
+            for e in events
+        ]
+
+    def _blank(self, part_name: str) -> dict[str, NDArray[Any]]:
+        if part_name not in self._blanks:
+            part = self.manifest.part(part_name)
+            if part is None:
+                raise InferenceError(f"no part {part_name!r}")
+            self._blanks[part_name] = part.blank()
+        return self._blanks[part_name]
 
     def run(self, feed: dict[str, NDArray[Any]]) -> list[NDArray[Any]]:
         """The outputs (in ``output_names`` order) of one stacked batch."""
+        n = next((len(feed[i.name]) for i in self._stacked if i.name in feed), 0)
+        feed = self.with_constants(dict(feed), n)
         if self.io_binding:
             return self._run_feed_bound(feed)
         try:
@@ -417,7 +444,12 @@ class ModelRunner:
         pinned = True
         try:
             binding = self.session.io_binding()  # type: ignore[attr-defined]
-            for i in self.manifest.inputs:
+            fixed = {}
+            for name, const in self._constants.items():
+                value = self._constant(const.input, size)
+                fixed[name] = ort.OrtValue.ortvalue_from_numpy(value, self.binding_device, 0)
+                binding.bind_ortvalue_input(name, fixed[name])
+            for i in self._stacked:
                 shape = (size, *i.shape)
                 host[i.name], ok = host_buffer(shape, i.dtype, self._cudart)
                 pinned = pinned and ok
@@ -432,14 +464,14 @@ class ModelRunner:
                 f"ONNX Runtime cannot bind a batch of {size} on {self.binding_device}: {exc}"
             ) from exc
         log.debug("bound batch bucket %d on %s (pinned %s)", size, self.binding_device, pinned)
-        return _Bucket(size, binding, host, device, pinned)
+        return _Bucket(size, binding, host, device, pinned, fixed=fixed)
 
     def _run_feed_bound(self, feed: dict[str, NDArray[Any]]) -> list[NDArray[Any]]:
         names = {i.name for i in self.manifest.inputs}
         if set(feed) != names:
             raise InferenceError(f"the feed has inputs {sorted(feed)}; the model {sorted(names)}")
         n = -1
-        for i in self.manifest.inputs:
+        for i in self._stacked:
             arr = feed[i.name]
             if arr.ndim != len(i.shape) + 1 or tuple(arr.shape[1:]) != i.shape:
                 raise InferenceError(
@@ -452,7 +484,7 @@ class ModelRunner:
             raise InferenceError("an empty batch")
         bucket = self._bucket(n)
         sources = {}
-        for i in self.manifest.inputs:
+        for i in self._stacked:
             arr = feed[i.name]
             if (
                 n == bucket.size
@@ -471,7 +503,7 @@ class ModelRunner:
         if n == 0:
             raise InferenceError("an empty batch")
         bucket = self._bucket(n)
-        for i in self.manifest.inputs:
+        for i in self._stacked:
             np.stack(self._rows(events, i.name), out=bucket.host[i.name][:n])
         return self._run_bound(bucket, n, bucket.host)
 
@@ -502,21 +534,26 @@ class ModelRunner:
         now_ms = clock()
         labels = self.manifest.labels
         n = len(events)
-        # The whole batch at once: one conversion to Python floats per output (by way of
-        # float64, so float32 values print exactly), one argmax.
-        rows = [np.asarray(out[:n], dtype=np.float64).reshape(n, -1).tolist() for out in outputs]
+        # The whole batch at once: one conversion to Python values per output (floats by
+        # way of float64, so float32 values print exactly), one argmax.
+        rows = [_rows_of(out, n) for out in outputs]
         tops: list[int] = []
+        top_scores: list[float] = []
         if self._label_index is not None:
-            scores = np.asarray(outputs[self._label_index][:n]).reshape(n, -1)
-            tops = np.argmax(scores, axis=1).tolist()
+            scores = np.asarray(outputs[self._label_index][:n], dtype=np.float64).reshape(n, -1)
+            top = np.argmax(scores, axis=1)
+            tops = top.tolist()
+            if self.manifest.outputs[self._label_index].kind == "logits":
+                scores = _softmax(scores)
+            top_scores = scores[np.arange(n), top].tolist()
+        tags = self._tags(outputs, n)
         preds = []
         for row, event in enumerate(events):
             values = {name: out[row] for name, out in zip(self.output_names, rows, strict=True)}
             label = score = None
             if self._label_index is not None:
                 top = tops[row]
-                probs = rows[self._label_index][row]
-                label, score = labels[top] if top < len(labels) else str(top), probs[top]
+                label, score = labels[top] if top < len(labels) else str(top), top_scores[row]
             preds.append(
                 Prediction(
                     event_id=event.event_id,
@@ -525,6 +562,7 @@ class ModelRunner:
                     score=score,
                     modalities=tuple(sorted(event.parts)),
                     missing=event.missing,
+                    tags=None if tags is None else {k: v[row] for k, v in tags.items()},
                     timing={
                         "last_part_ms": event.last_part_ms,
                         "completed_ms": event.completed_ms,
@@ -534,3 +572,34 @@ class ModelRunner:
                 )
             )
         return preds
+
+    def _tags(self, outputs: Sequence[NDArray[Any]], n: int) -> dict[str, list[list[str]]] | None:
+        """Per multi-label output, each row's labels at or over their thresholds."""
+        if not self._tagged:
+            return None
+        tags = {}
+        for k, info in self._tagged:
+            scores = np.asarray(outputs[k][:n], dtype=np.float64).reshape(n, -1)
+            if info.from_logits:
+                scores = 1.0 / (1.0 + np.exp(-scores))
+            over = scores >= np.asarray(info.thresholds, dtype=np.float64)
+            tags[info.name] = [[info.labels[j] for j in np.flatnonzero(r)] for r in over]
+        return tags
+
+
+def _rows_of(out: NDArray[Any], n: int) -> list[Any]:
+    """One output's values per row: a flat list, or nested lists for more than one axis
+    per example; integers stay integers."""
+    arr = np.asarray(out[:n])
+    if arr.dtype.kind not in "iub":
+        arr = arr.astype(np.float64)
+    if arr.ndim <= 2:
+        arr = arr.reshape(n, -1)
+    rows: list[Any] = arr.tolist()
+    return rows
+
+
+def _softmax(x: NDArray[np.float64]) -> NDArray[np.float64]:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    out: NDArray[np.float64] = e / e.sum(axis=1, keepdims=True)
+    return out

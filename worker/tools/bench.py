@@ -313,17 +313,20 @@ def bench_naive(
     limits = Limits()
 
     def decode(modality: str, content_type: str, value: bytes) -> Any:
-        if content_type == CONTENT_NPY:
-            return np.load(io.BytesIO(value))
+        part = manifest.part(modality)
+        if content_type == CONTENT_NPY and part is not None and len(part.fills) == 1:
+            return {part.input_names[0]: np.load(io.BytesIO(value))}
         headers = (
             (HEADER_MODALITY, modality.encode()),
             (HEADER_CONTENT_TYPE, content_type.encode()),
         )
         record = RawRecord(SourceRef(topic_in, 0, 0, 0), b"k", value, headers)
-        return decode_record(record, manifest, limits).tensor
+        return decode_record(record, manifest, limits).tensors
 
     def score(ids: list[str], feeds: dict[str, list[Any]]) -> list[bytes]:
-        outputs = runner.run({k: np.stack(v) for k, v in feeds.items()})
+        # Part name -> each event's tensors of that part (input name -> array).
+        stacked = {i: np.stack([t[i] for t in rows]) for rows in feeds.values() for i in rows[0]}
+        outputs = runner.run(stacked)
         probs = outputs[label_at]
         out = []
         for i, event_id in enumerate(ids):
@@ -339,7 +342,7 @@ def bench_naive(
         topic_in,
         topic_out,
         f"mm-bench-naive-{uuid.uuid4().hex[:8]}",
-        [i.name for i in manifest.inputs],
+        list(manifest.part_names),
         decode,
         score,
         config.events,

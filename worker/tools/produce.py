@@ -1,10 +1,17 @@
-"""``mmstream produce``: reference-model events to the input topic, per the contract.
+"""``mmstream produce``: events to the input topic, per the contract, for any served model.
 
-Each event is three records (image, text, audio) sharing a key. Parts are
-shuffled within windows of ``shuffle_window`` events, so the parts of
-different events interleave and arrive in any order. With ``--content raw``
-parts are PNG / UTF-8 text / PCM16 WAV; with ``--content npy`` they are the
-model's own tensors (``numpy.save``), preprocessed with the manifest's specs.
+Each event is one record per part of the model (without ``--model``: the reference
+model's image, text and audio) sharing a key. Parts are shuffled within windows of
+``shuffle_window`` events, so the parts of different events interleave and arrive in
+any order. What the parts hold (``--media``): ``reference``, the reference task's digits
+(each part gets the sample's image, phrase or tone, whatever its transform; true labels
+known); ``random``, random valid media from each part's transform (random pixels at a
+random size, random words, noise); or the files of ``--media-dir`` (one directory per
+event, one file per part, named after the part: ``DIR/ev-1/photo.jpg``). With
+``--content raw`` the media are encoded as ``--image-type`` / UTF-8 text /
+``--audio-type``; with ``--content npy`` they go through the model's transforms and are
+sent as its tensors (``numpy.save``, or ``numpy.savez`` for a part that fills several
+inputs).
 
 As a load and fault generator: ``--missing-fraction`` of the events never send
 one of their parts, and ``--poison-fraction`` of them send one bad record in
@@ -24,30 +31,39 @@ import itertools
 import json
 import logging
 import time
-import wave
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from PIL import Image
 
 from worker.config import CONTENTS, FrozenConfig, KafkaSecurity, compression_setting, setting
 from worker.contract.errors import BrokerError, ConfigError, Reason
-from worker.contract.manifest import InputInfo, Manifest, load_manifest
+from worker.contract.manifest import Manifest, PartInfo, load_manifest
 from worker.contract.records import (
     CONTENT_NPY,
+    CONTENT_NPZ,
     HEADER_CONTENT_TYPE,
     HEADER_EVENT_TIME,
     HEADER_MODALITY,
 )
 from worker.contract.records import OutRecord as Outgoing
-from worker.contract.reference_data import SAMPLE_RATE, Sample, sample_tensors, samples
+from worker.contract.reference_data import (
+    MODALITIES,
+    SAMPLE_RATE,
+    Sample,
+    sample_media,
+    samples,
+)
+from worker.contract.transforms.media import ENCODINGS, audio_bytes, encode_media, image_bytes
 from worker.core.pacing import Pacer
 from worker.edge.client import Deliveries, clients_for
 
 log = logging.getLogger(__name__)
+
+#: What ``--media`` the parts hold.
+MEDIA_SOURCES = ("reference", "random", "files")
 
 Record = tuple[str, str, bytes, str]  # event id, modality, value, content type
 T = TypeVar("T")
@@ -83,9 +99,31 @@ class ProduceConfig(KafkaSecurity, FrozenConfig):
     count: int = setting(300, help="events to produce")
     rate: float = setting(0.0, help="events/s (0 = as fast as possible)")
     content: str = setting(
-        "raw", choices=CONTENTS, help="raw media (PNG, text, WAV) or the model's tensors as .npy"
+        "raw",
+        choices=CONTENTS,
+        help="raw media (see --image-type, --audio-type) or the model's tensors (.npy, or "
+        ".npz for a part that fills several inputs)",
     )
-    model: Path | None = setting(None, help="model directory (needed for npy)")
+    model: Path | None = setting(
+        None, help="model directory: its parts are sent (needed for npy and --media random)"
+    )
+    media: str = setting(
+        "reference",
+        choices=MEDIA_SOURCES,
+        help="what the parts hold: the reference task's digits (labels known), random media "
+        "made by each part's transform, or the files of --media-dir",
+    )
+    media_dir: Path | None = setting(
+        None,
+        help="with --media files: one directory per event, one file per part named after "
+        "the part (DIR/ev-1/photo.jpg; content type from the extension)",
+    )
+    image_type: str = setting(
+        "image/png", choices=ENCODINGS["image"], help="how raw images are encoded"
+    )
+    audio_type: str = setting(
+        "audio/wav", choices=ENCODINGS["audio"], help="how raw audio is encoded"
+    )
     seed: int = setting(0, help="random seed (same seed, same events)")
     corrupt_p: float = setting(
         0.0, help="probability that each modality of an event is replaced by noise"
@@ -124,6 +162,12 @@ class ProduceConfig(KafkaSecurity, FrozenConfig):
             raise ConfigError("--seed must be >= 0")
         if self.content == "npy" and self.model is None:
             raise ConfigError("--content npy needs --model (the tensors follow its manifest)")
+        if self.media == "random" and self.model is None:
+            raise ConfigError("--media random needs --model (its transforms make the media)")
+        if (self.media == "files") != (self.media_dir is not None):
+            raise ConfigError("--media files and --media-dir DIR go together")
+        if self.media == "files" and self.content != "raw":
+            raise ConfigError("--media files sends the files as they are: --content raw")
         for name in ("corrupt_p", "missing_fraction", "poison_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be within [0, 1]")
@@ -229,20 +273,11 @@ class ProducePlan:
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
+    return image_bytes(pixels, "PNG")
 
 
 def wav_bytes(wave_f32: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
-    pcm = (np.clip(wave_f32, -1.0, 1.0) * 32767.0).astype("<i2")
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sample_rate)
-        w.writeframes(pcm.tobytes())
-    return buf.getvalue()
+    return audio_bytes(wave_f32, sample_rate, "audio/wav")
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
@@ -251,30 +286,105 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def encode_sample(
-    event_id: str, sample: Sample, content: str, manifest: Manifest | None
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """The multi-array form of a part that fills several inputs: one array per input."""
+    buf = io.BytesIO()
+    np.savez(buf, allow_pickle=False, **arrays)
+    return buf.getvalue()
+
+
+def part_families(manifest: Manifest | None) -> list[tuple[str, str]]:
+    """(part name, media family) of every part; without a model, the reference's."""
+    if manifest is None:
+        return [(m, m) for m in MODALITIES]
+    return [(p.name, p.transform.family) for p in manifest.parts]
+
+
+def encode_parts(
+    event_id: str,
+    media: dict[str, Any],
+    content: str,
+    manifest: Manifest | None,
+    *,
+    image_type: str = "image/png",
+    audio_type: str = "audio/wav",
 ) -> list[Record]:
-    """The three part records of one sample."""
+    """The part records of one event from its media (part name -> media): raw media
+    encoded as the content types say, or (npy) the model's tensors of them."""
     if content == "raw":
+        types = {"image": image_type, "text": ENCODINGS["text"][0], "audio": audio_type}
         return [
-            (event_id, "image", png_bytes(sample.image), "image/png"),
-            (event_id, "text", sample.text.encode(), "text/plain; charset=utf-8"),
-            (event_id, "audio", wav_bytes(sample.audio), "audio/wav"),
+            (event_id, name, encode_media(media[name], types[family]), types[family])
+            for name, family in part_families(manifest)
         ]
     if manifest is None:
         raise ConfigError("npy content needs a manifest")
-    return [
-        (event_id, name, npy_bytes(tensor), CONTENT_NPY)
-        for name, tensor in sample_tensors(sample, manifest).items()
-    ]
+    out = []
+    for part in manifest.parts:
+        tensors = part.fill(part.transform.apply(media[part.name]))
+        if len(tensors) == 1:
+            out.append((event_id, part.name, npy_bytes(next(iter(tensors.values()))), CONTENT_NPY))
+        else:
+            out.append((event_id, part.name, npz_bytes(tensors), CONTENT_NPZ))
+    return out
 
 
-def poison_record(good: Record, kind: Reason, info: InputInfo | None) -> OutRecord:
+def encode_sample(
+    event_id: str, sample: Sample, content: str, manifest: Manifest | None, **types: str
+) -> list[Record]:
+    """The part records of one reference sample (each part gets its family's media)."""
+    media = {name: sample_media(sample, family) for name, family in part_families(manifest)}
+    return encode_parts(event_id, media, content, manifest, **types)
+
+
+#: Content type by file extension (``--media files``).
+EXTENSIONS = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
+    ".heic": "image/heic",
+    ".heif": "image/heif",
+    ".txt": "text/plain; charset=utf-8",
+    ".wav": "audio/wav",
+    ".flac": "audio/flac",
+    ".ogg": "audio/ogg",
+    ".opus": "audio/opus",
+    ".mp3": "audio/mpeg",
+    ".npy": CONTENT_NPY,
+    ".npz": CONTENT_NPZ,
+}
+
+
+def file_events(media_dir: Path, prefix: str) -> list[tuple[str, list[Record]]]:
+    """``--media files``: one event per directory of ``media_dir`` (sorted), one part per
+    file (the part is the file name without its extension)."""
+    if not media_dir.is_dir():
+        raise ConfigError(f"--media-dir {str(media_dir)!r} is not a directory")
+    events = []
+    for event_dir in sorted(p for p in media_dir.iterdir() if p.is_dir()):
+        event_id = f"{prefix}{event_dir.name}"
+        records = []
+        for f in sorted(event_dir.iterdir()):
+            ctype = EXTENSIONS.get(f.suffix.lower())
+            if ctype is None:
+                raise ConfigError(
+                    f"{f}: unknown extension {f.suffix!r}; known: {sorted(EXTENSIONS)}"
+                )
+            records.append((event_id, f.stem, f.read_bytes(), ctype))
+        if records:
+            events.append((event_id, records))
+    if not events:
+        raise ConfigError(f"--media-dir {str(media_dir)!r} holds no event directories")
+    return events
+
+
+def poison_record(good: Record, kind: Reason, part: PartInfo | None) -> OutRecord:
     """The bad record of ``kind`` sent in place of the good part ``good``.
 
-    ``info`` is the model input the part feeds (None without a manifest); the
-    shape_mismatch poison uses it to send the input's dtype with a wrong shape
-    (a batch of two examples), else an empty float32 array, which fits no input.
+    ``part`` is the manifest part (None without a manifest); the shape_mismatch poison
+    sends its inputs' dtypes with a wrong shape (a batch of two examples: npy for a part
+    that fills one input, npz for more), else an empty float32 array, which fits no input.
     """
     event_id, modality, value, ctype = good
     key: bytes | None = event_id.encode()
@@ -287,12 +397,17 @@ def poison_record(good: Record, kind: Reason, info: InputInfo | None) -> OutReco
     elif kind == Reason.DECODE_ERROR:
         value = POISON_BYTES
     elif kind == Reason.SHAPE_MISMATCH:
-        wrong = (
-            np.zeros((2, *info.shape), dtype=info.dtype)
-            if info is not None
-            else np.zeros((0,), dtype=np.float32)
-        )
-        value, ctype = npy_bytes(wrong), CONTENT_NPY
+        if part is not None and len(part.fills) > 1:
+            wrong = {i.name: np.zeros((2, *i.shape), dtype=i.dtype) for i, _ in part.fills}
+            value, ctype = npz_bytes(wrong), CONTENT_NPZ
+        else:
+            info = part.fills[0][0] if part is not None else None
+            arr = (
+                np.zeros((2, *info.shape), dtype=info.dtype)
+                if info is not None
+                else np.zeros((0,), dtype=np.float32)
+            )
+            value, ctype = npy_bytes(arr), CONTENT_NPY
     else:
         raise ConfigError(f"no poison record for reason {kind!s}")
     return OutRecord(event_id, key, modality, value, ctype, poison=kind)
@@ -312,6 +427,10 @@ def _share(fraction: float, count: int) -> int:
     return min(count, int(fraction * count + 0.5))
 
 
+def _random_media(manifest: Manifest, rng: np.random.Generator) -> dict[str, Any]:
+    return {p.name: p.transform.sample_media(rng) for p in manifest.parts}
+
+
 def build_plan(config: ProduceConfig) -> ProducePlan:
     """The events and records :func:`produce` sends: a function of the config alone.
 
@@ -325,23 +444,39 @@ def build_plan(config: ProduceConfig) -> ProducePlan:
     faults = np.random.default_rng([config.seed, _FAULT_STREAM])
     manifest = load_manifest(config.model, verify=False) if config.model else None
     prefix = config.key_prefix or f"ev-{config.seed}-"
-    batch = samples(config.count, rng, split="test", corrupt_p=config.corrupt_p)
-    ids = [f"{prefix}{i:06d}" for i in range(config.count)]
-    encoded = [
-        encode_sample(i, s, config.content, manifest) for i, s in zip(ids, batch, strict=True)
-    ]
-    n_missing = _share(config.missing_fraction, config.count)
-    n_poison = min(_share(config.poison_fraction, config.count), config.count - n_missing)
-    order = faults.permutation(config.count)
+    types = {"image_type": config.image_type, "audio_type": config.audio_type}
+    if config.media == "files" and config.media_dir is not None:
+        found = file_events(config.media_dir, prefix)
+        ids = [event_id for event_id, _ in found]
+        encoded = [records for _, records in found]
+        labels = [""] * len(ids)
+    elif config.media == "random" and manifest is not None:
+        ids = [f"{prefix}{i:06d}" for i in range(config.count)]
+        encoded = [
+            encode_parts(i, _random_media(manifest, rng), config.content, manifest, **types)
+            for i in ids
+        ]
+        labels = [""] * len(ids)
+    else:
+        batch = samples(config.count, rng, split="test", corrupt_p=config.corrupt_p)
+        ids = [f"{prefix}{i:06d}" for i in range(config.count)]
+        encoded = [
+            encode_sample(i, s, config.content, manifest, **types)
+            for i, s in zip(ids, batch, strict=True)
+        ]
+        labels = [str(s.label) for s in batch]
+    count = len(ids)
+    n_missing = _share(config.missing_fraction, count)
+    n_poison = min(_share(config.poison_fraction, count), count - n_missing)
+    order = faults.permutation(count)
     missing = {int(i) for i in order[:n_missing]}
     poisoned = {int(i) for i in order[n_missing : n_missing + n_poison]}
 
     events: list[EventPlan] = []
     out: list[list[OutRecord]] = []
     kinds = itertools.cycle(POISON_KINDS)
-    for idx, (event_id, sample, parts) in enumerate(zip(ids, batch, encoded, strict=True)):
+    for idx, (event_id, label, parts) in enumerate(zip(ids, labels, encoded, strict=True)):
         records = [OutRecord(e, e.encode(), m, v, c) for e, m, v, c in parts]
-        label = str(sample.label)
         if idx in missing:
             j = int(faults.integers(len(parts)))
             events.append(EventPlan(event_id, label, missing=parts[j][1]))
@@ -350,8 +485,8 @@ def build_plan(config: ProduceConfig) -> ProducePlan:
             j = int(faults.integers(len(parts)))
             name = parts[j][1]
             kind = next(kinds)
-            info = manifest.input(name) if manifest is not None else None
-            records[j] = poison_record(parts[j], kind, info)
+            part = manifest.part(name) if manifest is not None else None
+            records[j] = poison_record(parts[j], kind, part)
             events.append(EventPlan(event_id, label, poison=kind, poison_part=name))
         else:
             events.append(EventPlan(event_id, label))
@@ -403,14 +538,15 @@ def produce(config: ProduceConfig) -> dict[str, Any]:
     )
     log.info(
         "producing %d events (%d parts each; %d missing a part, %d poisoned) to %s at %s",
-        config.count,
+        len(plan.events),
         plan.parts_per_event,
         summary["missing"],
         sum(summary["poison"].values()),
         config.topic,
         f"{config.rate:g} events/s" if config.rate > 0 else "full speed",
     )
-    per_s = config.rate * len(plan.records) / config.count if config.rate > 0 else 0.0
+    count = len(plan.events)
+    per_s = config.rate * len(plan.records) / count if config.rate > 0 else 0.0
     # Bursts of up to 100 ms of records only to catch up after a slow send.
     pacer = Pacer(per_s, burst=max(1.0, per_s / 10)) if per_s > 0 else None
     start = time.monotonic()
@@ -438,11 +574,11 @@ def produce(config: ProduceConfig) -> dict[str, Any]:
         producer.close(5)
     elapsed = time.monotonic() - start
     seconds = max(elapsed, 1e-6)
-    log.info("produced %d events (%d parts) in %.2f s", config.count, sent, elapsed)
+    log.info("produced %d events (%d parts) in %.2f s", count, sent, elapsed)
     summary.update(
         parts=sent,
         ms=int(elapsed * 1000),
-        events_per_s=round(config.count / seconds, 1),
+        events_per_s=round(count / seconds, 1),
         parts_per_s=round(sent / seconds, 1),
     )
     return summary
