@@ -23,5 +23,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 COMMAND = Command(
-    "produce", "produce events (reference, random or from files) to the input topic", add_arguments, run
+    "produce",
+    "produce events (reference, random or from files) to the input topic",
+    add_arguments,
+    run,
 )

@@ -10,7 +10,8 @@ Three families, each decoded by a well-kept library and nothing hand-written:
 * text (:func:`read_text`): UTF-8 (or ASCII), its length checked before decoding.
 * audio (:func:`read_audio`): WAV (PCM 8-32 bit, float), FLAC, OGG/Vorbis, OGG/Opus and
   MP3 through ``soundfile`` (libsndfile); channels and duration are checked from the
-  header, and no more than the allowed duration is ever read.
+  header, and no more than the allowed duration is ever read; samples are averaged over
+  the channels and clipped to full scale, [-1, 1].
 
 Every way a payload can be unusable raises :class:`RecordError` with its dead-letter
 reason. The encoders (:func:`image_bytes`, :func:`audio_bytes`) are the producer's and the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -116,23 +118,11 @@ def open_image(
     a reduced scale (1/2, 1/4 or 1/8, never below it), a fraction of the full decode.
     """
     try:
-        img: Image.Image = Image.open(io.BytesIO(value), formats=IMAGE_FORMATS)
-        width, height = img.size
-        if width * height > limits.max_image_pixels:
-            raise RecordError(
-                Reason.PAYLOAD_TOO_LARGE,
-                f"image declares {width}x{height} pixels, over the limit of "
-                f"{limits.max_image_pixels}",
-            )
-        orientation = img.getexif().get(0x0112, 1) if exif else 1
-        if draft is not None and img.format == "JPEG":
-            turned = orientation in (5, 6, 7, 8)  # these swap the axes
-            w, h = draft(height, width) if turned else draft(width, height)
-            img.draft(img.mode if img.mode in ("L", "RGB") else "RGB", (h, w) if turned else (w, h))
-        img.load()
-        if orientation != 1:
-            img = ImageOps.exif_transpose(img)
-        return img
+        # Pillow warns about corrupt metadata (an EXIF block cut short) and decodes the
+        # picture anyway: the part is decoded or refused, the warning tells nobody anything.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _open(value, limits, draft, exif)
     except RecordError:
         raise
     except Image.DecompressionBombError as exc:
@@ -147,8 +137,36 @@ def open_image(
         raise RecordError(
             Reason.DECODE_ERROR, f"not a {', '.join(IMAGE_FORMATS)} image: {exc}"
         ) from exc
+    except RuntimeError as exc:  # libheif's errors, through pillow-heif
+        reason = Reason.PAYLOAD_TOO_LARGE if "limit exceeded" in str(exc) else Reason.DECODE_ERROR
+        raise RecordError(reason, f"cannot decode image: {exc}") from exc
     except (OSError, ValueError, SyntaxError, TypeError, EOFError, KeyError) as exc:
         raise RecordError(Reason.DECODE_ERROR, f"cannot decode image: {exc}") from exc
+
+
+def _open(
+    value: bytes,
+    limits: Limits,
+    draft: Callable[[int, int], tuple[int, int]] | None,
+    exif: bool,
+) -> Image.Image:
+    """:func:`open_image`'s steps: header, limits, orientation, draft, decode, transpose."""
+    img: Image.Image = Image.open(io.BytesIO(value), formats=IMAGE_FORMATS)
+    width, height = img.size
+    if width * height > limits.max_image_pixels:
+        raise RecordError(
+            Reason.PAYLOAD_TOO_LARGE,
+            f"image declares {width}x{height} pixels, over the limit of {limits.max_image_pixels}",
+        )
+    orientation = img.getexif().get(0x0112, 1) if exif else 1
+    if draft is not None and img.format == "JPEG":
+        turned = orientation in (5, 6, 7, 8)  # these swap the axes
+        w, h = draft(height, width) if turned else draft(width, height)
+        img.draft(img.mode if img.mode in ("L", "RGB") else "RGB", (h, w) if turned else (w, h))
+    img.load()
+    if orientation != 1:
+        img = ImageOps.exif_transpose(img)
+    return img
 
 
 def image_bytes(img: Image.Image | NDArray[np.uint8], fmt: str = "PNG", **save: Any) -> bytes:
@@ -236,6 +254,8 @@ def read_audio(value: bytes, limits: Limits, max_seconds: float) -> Waveform:
         mono = mono.astype(np.float32) * np.float32(1.0 / 32768.0)
     if not np.isfinite(mono).all():
         raise RecordError(Reason.DECODE_ERROR, "audio holds NaN or infinity")
+    if not pcm16:  # float files may hold any value: full scale is [-1, 1], as PCM's
+        mono = np.clip(mono, -1.0, 1.0)
     return Waveform(np.ascontiguousarray(mono, dtype=np.float32), rate)
 
 
