@@ -213,7 +213,7 @@ def independent_b(records: list[Rec], tokenizer: Path) -> dict[str, dict[str, np
             feed["attention_mask"] = np.array([enc.attention_mask], np.int64)
         else:
             data, rate = sf.read(io.BytesIO(value), dtype="float32", always_2d=True)
-            wave = data.mean(axis=1)
+            wave = np.clip(data.mean(axis=1), -1.0, 1.0)  # full scale, as documented
             if rate != 16000:
                 wave = soxr.resample(wave, rate, 16000)
             wave = wave[:16000]

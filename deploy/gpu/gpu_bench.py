@@ -2,7 +2,7 @@
 
 Run by ``deploy/gpu/bench-gpu.sh`` (see README.md beside it) from the repository root
 with ``PYTHONPATH=.``. It imports only ``worker.inference.model``,
-``worker.contract.manifest``, ``worker.contract.preprocess``,
+``worker.contract.manifest``, ``worker.contract.transforms``,
 ``worker.contract.reference_data`` and ``worker.inference.rawort`` (numpy, Pillow,
 ONNX Runtime), so it runs where kafka-python is missing; the raw-ORT loop is
 ``worker.inference.rawort.bench_ort``, the one ``mmstream bench`` uses.

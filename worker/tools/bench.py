@@ -100,6 +100,18 @@ class BenchConfig(FrozenConfig):
         help="raw-ORT batch sizes, comma-separated (--max-batch-size is always added)",
     )
     content: str = setting("npy", choices=CONTENTS, help="part encoding")
+    media: str = setting_from(
+        ProduceConfig,
+        "media",
+        help="what the parts hold: the reference task's digits, or random media made by each "
+        "part's transform (any model)",
+    )
+    image_type: str = setting_from(
+        ProduceConfig, "image_type", help="how raw images are encoded (--content raw)"
+    )
+    audio_type: str = setting_from(
+        ProduceConfig, "audio_type", help="how raw audio is encoded (--content raw)"
+    )
     device: str = setting_from(WorkerConfig, "device", help="ORT device")
     partitions: int = setting(3, help="partitions of the bench topics")
     open_loop_fraction: float = setting(
@@ -149,6 +161,8 @@ class BenchConfig(FrozenConfig):
             raise ConfigError("--open-loop-fraction must be within (0, 1]")
         if self.seconds_per_ort_point <= 0 or self.timeout_s <= 0:
             raise ConfigError("--seconds-per-ort-point and --timeout-s must be > 0")
+        if self.media == "files":
+            raise ConfigError("--media: the bench makes its events (reference or random)")
         self.batch_size_list()  # validates
 
     def batch_size_list(self) -> list[int]:
@@ -679,6 +693,9 @@ def bench_open_loop(
         "--rate", f"{rate:.3f}",
         "--content", config.content,
         "--model", str(config.model),
+        "--media", config.media,
+        "--image-type", config.image_type,
+        "--audio-type", config.audio_type,
         "--seed", str(config.seed + 1),
         "--key-prefix", f"bench-open-{uuid.uuid4().hex[:6]}-",
     ]  # fmt: skip
@@ -756,6 +773,9 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                 count=config.events,
                 content=config.content,
                 model=config.model,
+                media=config.media,
+                image_type=config.image_type,
+                audio_type=config.audio_type,
                 seed=config.seed,
                 key_prefix=f"bench-{run}-",
                 client_id="mmstream-bench",
