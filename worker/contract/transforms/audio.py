@@ -29,14 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from worker.contract.errors import Reason, RecordError
-from worker.contract.transforms.base import (
-    TensorOut,
-    check,
-    fields_dict,
-    from_dict,
-    one_of,
-    stack_outputs,
-)
+from worker.contract.transforms.base import Parameters, TensorOut, check, one_of
 from worker.contract.transforms.media import (
     AUDIO_TYPES,
     ENCODINGS,
@@ -96,13 +89,34 @@ def _sample_wave(rate: int, num_samples: int, rng: np.random.Generator) -> Wavef
     return Waveform((rng.standard_normal(n) * level).clip(-1, 1).astype(np.float32), rate)
 
 
-def _encode(media: Waveform, content_type: str | None) -> tuple[bytes, str]:
-    ctype = content_type or ENCODINGS["audio"][0]
-    return encode_media(media, ctype), ctype
+class _Clip(Parameters):
+    """The audio family: a clip decoded (limits from its header), resampled to the
+    transform's ``sample_rate``; silence is blank; noise is a sample."""
+
+    sample_rate: int
+    num_samples: int
+    max_seconds: float
+
+    def content_types(self) -> tuple[str, ...]:
+        return AUDIO_TYPES
+
+    def decode(self, value: bytes, media: str, params: dict[str, str], limits: Limits) -> Waveform:
+        wave = _decode(value, limits, self.max_seconds, self.sample_rate)
+        return Waveform(wave, self.sample_rate)
+
+    def blank_media(self) -> Waveform:
+        return Waveform(np.zeros(self.num_samples, np.float32), self.sample_rate)
+
+    def sample_media(self, rng: np.random.Generator) -> Waveform:
+        return _sample_wave(self.sample_rate, self.num_samples, rng)
+
+    def encode(self, media: Waveform, content_type: str | None = None) -> tuple[bytes, str]:
+        ctype = content_type or ENCODINGS["audio"][0]
+        return encode_media(media, ctype), ctype
 
 
 @dataclass(frozen=True)
-class LogMelTransform:
+class LogMelTransform(_Clip):
     """How a clip becomes ``[frames, n_mels]`` (or ``[n_mels, frames]``) log-mel features.
 
     Attributes:
@@ -181,14 +195,6 @@ class LogMelTransform:
     def outputs(self) -> dict[str, TensorOut]:
         return {FEATURES: TensorOut(self.shape(), "float")}
 
-    def content_types(self) -> tuple[str, ...]:
-        return AUDIO_TYPES
-
-    def decode(self, value: bytes, media: str, params: dict[str, str], limits: Limits) -> Waveform:
-        return Waveform(
-            _decode(value, limits, self.max_seconds, self.sample_rate), self.sample_rate
-        )
-
     def apply(self, media: Waveform) -> dict[str, NDArray[Any]]:
         return {FEATURES: log_mel(_at_rate(media, self.sample_rate), self)}
 
@@ -197,28 +203,6 @@ class LogMelTransform:
             [fit_length(_at_rate(m, self.sample_rate), self.num_samples) for m in media]
         )
         return {FEATURES: log_mel(waves, self)}
-
-    def blank_media(self) -> Waveform:
-        return Waveform(np.zeros(self.num_samples, np.float32), self.sample_rate)
-
-    def sample_media(self, rng: np.random.Generator) -> Waveform:
-        return _sample_wave(self.sample_rate, self.num_samples, rng)
-
-    def encode(self, media: Waveform, content_type: str | None = None) -> tuple[bytes, str]:
-        return _encode(media, content_type)
-
-    def files(self) -> tuple[str, ...]:
-        return ()
-
-    def load(self) -> None:
-        """Nothing to load: the transform is its parameters."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return fields_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LogMelTransform:
-        return from_dict(cls, data)
 
 
 def _at_rate(media: Waveform, rate: int) -> F32:
@@ -309,7 +293,7 @@ def log_mel(wave: F32, spec: LogMelTransform) -> F32:
 
 
 @dataclass(frozen=True)
-class WaveformTransform:
+class WaveformTransform(_Clip):
     """How a clip becomes the raw ``[num_samples]`` waveform a wav2vec-style model takes.
 
     Attributes:
@@ -344,14 +328,6 @@ class WaveformTransform:
             ATTENTION_MASK: TensorOut(self.shape(), "int"),
         }
 
-    def content_types(self) -> tuple[str, ...]:
-        return AUDIO_TYPES
-
-    def decode(self, value: bytes, media: str, params: dict[str, str], limits: Limits) -> Waveform:
-        return Waveform(
-            _decode(value, limits, self.max_seconds, self.sample_rate), self.sample_rate
-        )
-
     def apply(self, media: Waveform) -> dict[str, NDArray[Any]]:
         wave = _at_rate(media, self.sample_rate)[: self.num_samples]
         n = len(wave)
@@ -366,28 +342,3 @@ class WaveformTransform:
             WAVEFORM: fit_length(np.asarray(wave, np.float32), self.num_samples),
             ATTENTION_MASK: mask,
         }
-
-    def apply_batch(self, media: Sequence[Waveform]) -> dict[str, NDArray[Any]]:
-        return stack_outputs([self.apply(m) for m in media])
-
-    def blank_media(self) -> Waveform:
-        return Waveform(np.zeros(self.num_samples, np.float32), self.sample_rate)
-
-    def sample_media(self, rng: np.random.Generator) -> Waveform:
-        return _sample_wave(self.sample_rate, self.num_samples, rng)
-
-    def encode(self, media: Waveform, content_type: str | None = None) -> tuple[bytes, str]:
-        return _encode(media, content_type)
-
-    def files(self) -> tuple[str, ...]:
-        return ()
-
-    def load(self) -> None:
-        """Nothing to load: the transform is its parameters."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return fields_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> WaveformTransform:
-        return from_dict(cls, data)

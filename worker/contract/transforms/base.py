@@ -15,7 +15,7 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -82,6 +82,30 @@ class Transform(Protocol):
     def load(self) -> None: ...
 
     def to_dict(self) -> dict[str, Any]: ...
+
+
+class Parameters:
+    """What a transform that is only its parameters shares: no files to read, its
+    dataclass fields as its manifest entry, a batch as its examples stacked."""
+
+    def apply(self, media: Any) -> dict[str, NDArray[Any]]:
+        raise NotImplementedError  # each transform's own
+
+    def apply_batch(self, media: Sequence[Any]) -> dict[str, NDArray[Any]]:
+        return stack_outputs([self.apply(m) for m in media])
+
+    def files(self) -> tuple[str, ...]:
+        return ()
+
+    def load(self) -> None:
+        """Nothing to load: the transform is its parameters."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return fields_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        return from_dict(cls, data)
 
 
 def stack_outputs(rows: Sequence[dict[str, NDArray[Any]]]) -> dict[str, NDArray[Any]]:

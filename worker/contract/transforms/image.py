@@ -12,7 +12,6 @@ one the model was trained with); pixel values times ``scale``, minus ``mean``, o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,14 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from worker.contract.transforms.base import (
-    TensorOut,
-    check,
-    fields_dict,
-    from_dict,
-    one_of,
-    stack_outputs,
-)
+from worker.contract.transforms.base import Parameters, TensorOut, check, one_of
 from worker.contract.transforms.media import (
     ENCODINGS,
     IMAGE_TYPES,
@@ -57,7 +49,7 @@ PIXELS = "pixels"
 
 
 @dataclass(frozen=True)
-class ImageTransform:
+class ImageTransform(Parameters):
     """How an image becomes the model's pixel tensor (see the module doc for the order).
 
     Attributes:
@@ -159,9 +151,6 @@ class ImageTransform:
     def apply(self, media: Image.Image) -> dict[str, NDArray[Any]]:
         return {PIXELS: prepare_image(media, self)}
 
-    def apply_batch(self, media: Sequence[Image.Image]) -> dict[str, NDArray[Any]]:
-        return stack_outputs([self.apply(m) for m in media])
-
     def blank_media(self) -> Image.Image:
         return Image.new("RGB" if self.channels == 3 else "L", (self.width, self.height))
 
@@ -174,21 +163,6 @@ class ImageTransform:
     def encode(self, media: Image.Image, content_type: str | None = None) -> tuple[bytes, str]:
         ctype = content_type or ENCODINGS["image"][0]
         return encode_media(media, ctype), ctype
-
-    def files(self) -> tuple[str, ...]:
-        return ()
-
-    def load(self) -> None:
-        """Nothing to load: the transform is its parameters."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return fields_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ImageTransform:
-        return from_dict(cls, data)
-
-    # ---- sizes
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """The (width, height) a ``width`` x ``height`` source is resized to, before the

@@ -21,7 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from worker.contract.errors import ModelError
-from worker.contract.transforms.base import TensorOut, check, fields_dict, from_dict
+from worker.contract.transforms.base import Parameters, TensorOut, check, from_dict
 from worker.contract.transforms.media import TEXT_TYPES, Limits, read_text
 
 INPUT_IDS = "input_ids"
@@ -66,8 +66,26 @@ def _sample_text(words: Sequence[str], rng: np.random.Generator) -> str:
     return " ".join(words[int(i)] for i in rng.integers(0, len(words), n))
 
 
+class _Text(Parameters):
+    """The text family: UTF-8 (its length checked first); the empty text is blank."""
+
+    max_chars: int
+
+    def content_types(self) -> tuple[str, ...]:
+        return TEXT_TYPES
+
+    def decode(self, value: bytes, media: str, params: dict[str, str], limits: Limits) -> str:
+        return read_text(value, params.get("charset", "utf-8"), self.max_chars)
+
+    def blank_media(self) -> str:
+        return ""
+
+    def encode(self, media: str, content_type: str | None = None) -> tuple[bytes, str]:
+        return media.encode("utf-8"), "text/plain; charset=utf-8"
+
+
 @dataclass(frozen=True)
-class WordsTransform:
+class WordsTransform(_Text):
     """The reference word tokenizer: a string -> ``[max_length]`` ids.
 
     Attributes:
@@ -103,12 +121,6 @@ class WordsTransform:
             ATTENTION_MASK: TensorOut(self.shape(), "int"),
         }
 
-    def content_types(self) -> tuple[str, ...]:
-        return TEXT_TYPES
-
-    def decode(self, value: bytes, media: str, params: dict[str, str], limits: Limits) -> str:
-        return read_text(value, params.get("charset", "utf-8"), self.max_chars)
-
     def apply(self, media: str) -> dict[str, NDArray[Any]]:
         ids = tokenize(media, self)
         return {INPUT_IDS: ids, ATTENTION_MASK: (ids != self.pad_id).astype(np.int32)}
@@ -117,28 +129,9 @@ class WordsTransform:
         ids = np.stack([tokenize(m, self) for m in media])
         return {INPUT_IDS: ids, ATTENTION_MASK: (ids != self.pad_id).astype(np.int32)}
 
-    def blank_media(self) -> str:
-        return ""
-
     def sample_media(self, rng: np.random.Generator) -> str:
         words = [w for w in self.vocabulary if _WORD.fullmatch(w)] or _SAMPLE_WORDS
         return _sample_text(words, rng)
-
-    def encode(self, media: str, content_type: str | None = None) -> tuple[bytes, str]:
-        return media.encode("utf-8"), "text/plain; charset=utf-8"
-
-    def files(self) -> tuple[str, ...]:
-        return ()
-
-    def load(self) -> None:
-        """Nothing to load: the transform is its parameters."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return fields_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> WordsTransform:
-        return from_dict(cls, data)
 
     @functools.cached_property
     def index(self) -> dict[str, int]:
@@ -156,7 +149,7 @@ def tokenize(text: str, spec: WordsTransform) -> NDArray[np.int32]:
 
 
 @dataclass(frozen=True)
-class TokenizerTransform:
+class TokenizerTransform(_Text):
     """A Hugging Face tokenizer: a string -> ``[max_length]`` ids, mask and token types.
 
     Attributes:
@@ -199,12 +192,6 @@ class TokenizerTransform:
         out = TensorOut(self.shape(), "int")
         return {INPUT_IDS: out, ATTENTION_MASK: out, TOKEN_TYPE_IDS: out}
 
-    def content_types(self) -> tuple[str, ...]:
-        return TEXT_TYPES
-
-    def decode(self, value: bytes, media: str, params: dict[str, str], limits: Limits) -> str:
-        return read_text(value, params.get("charset", "utf-8"), self.max_chars)
-
     def apply(self, media: str) -> dict[str, NDArray[Any]]:
         enc = self.tokenizer.encode(media, add_special_tokens=self.add_special_tokens)
         return {
@@ -221,21 +208,12 @@ class TokenizerTransform:
             TOKEN_TYPE_IDS: np.asarray([e.type_ids for e in encs], dtype=np.int64),
         }
 
-    def blank_media(self) -> str:
-        return ""
-
     def sample_media(self, rng: np.random.Generator) -> str:
         words = [w for w in self.tokenizer.get_vocab() if w.isalpha() and w.islower()]
         return _sample_text(sorted(words) or _SAMPLE_WORDS, rng)
 
-    def encode(self, media: str, content_type: str | None = None) -> tuple[bytes, str]:
-        return media.encode("utf-8"), "text/plain; charset=utf-8"
-
     def files(self) -> tuple[str, ...]:
         return (self.file,)
-
-    def to_dict(self) -> dict[str, Any]:
-        return fields_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None) -> TokenizerTransform:
