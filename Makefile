@@ -12,12 +12,14 @@ MODEL_ONNX := .cache/reference-onnx$(MODEL_SUFFIX)
 # make bench: two worker processes (one per core here) over four partitions.
 BENCH_ARGS ?= --processes 2 --partitions 4
 
-.PHONY: help install lint test test-fast demo bench soak model gpu-kit wheelhouse image-test kafka kafka-stop clean
+.PHONY: help install lint test test-fast demo bench soak model byom-models gpu-kit wheelhouse image-test kafka kafka-stop clean
 help:
 	@echo "make demo        train+export the reference model (cached), start Kafka, run the demo"
 	@echo "make test        lint, type-check and run the full test suite (real Kafka broker)"
 	@echo "make kafka       start the local broker on 127.0.0.1:9092; make kafka-stop stops it"
 	@echo "make model       train and export the reference model only (IMAGE_SIZE=256 for the big one)"
+	@echo "make byom-models the test suite's bring-your-own-model examples in .cache (docs/byom.md):"
+	@echo "                 an ONNX graph (image crop, tokenizer, waveform) and a Keras WordPiece model"
 	@echo "make bench       benchmark raw ORT, raw consume and the worker (writes .cache/bench)"
 	@echo "                 e.g. make bench IMAGE_SIZE=256 BENCH_ARGS='--content raw --events 1500'"
 	@echo "make soak        20 min per guarantee on a 3-broker cluster, a fault a minute (not in CI)"
@@ -53,6 +55,11 @@ $(MODEL_ONNX)/manifest.json: $(MODEL_KERAS)
 	$(BIN)/mmstream export --model $< --out $(MODEL_ONNX)
 
 model: $(MODEL_ONNX)/manifest.json
+
+# The examples tests/test_byom.py serves, exported into .cache/byom-onnx and .cache/byom-keras
+# (e.g. for `mmstream bench --model .cache/byom-onnx --content raw`).
+byom-models: install
+	$(BIN)/python tests/byom_models.py .cache
 
 demo: model kafka
 	$(BIN)/mmstream demo --model $(MODEL_ONNX) --bootstrap-servers 127.0.0.1:$(KAFKA_PORT)

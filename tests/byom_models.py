@@ -254,3 +254,25 @@ def keras_wordpiece(out: Path, *, seed: int = 0, epochs: int = 1) -> Path:
     }
     (out / "mmstream-spec.json").write_text(json.dumps(spec, indent=2))
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python tests/byom_models.py OUT``: build (a) and (b) and export them to
+    ``OUT/byom-keras`` and ``OUT/byom-onnx`` (their sources beside, ``*-src``)."""
+    import argparse
+
+    from export.onnx_import import import_onnx
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    import_onnx(onnx_multimodal(args.out / "byom-onnx-src"), args.out / "byom-onnx")
+    from export.convert import export_model
+
+    export_model(keras_wordpiece(args.out / "byom-keras-src"), args.out / "byom-keras")
+    print(f"wrote {args.out / 'byom-onnx'} and {args.out / 'byom-keras'}")
+    return 0
+
+
+if __name__ == "__main__":  # run as a script, tests/ is first on sys.path
+    raise SystemExit(main())
