@@ -242,3 +242,64 @@ def test_produced_topic_matches_labels_file_and_summary(
         with pytest.raises(RecordError) as info:
             decode_record(rec, manifest, LIMITS)
         assert info.value.reason == Reason.MISSING_KEY
+
+
+# ------------------------------------------------------------------ any model's parts
+
+
+@pytest.fixture(scope="module")
+def byom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ONNX example (b): parts photo, caption (two inputs), voice (a waveform)."""
+    from export.onnx_import import import_onnx
+
+    from byom_models import onnx_multimodal
+
+    d = tmp_path_factory.mktemp("byom")
+    import_onnx(onnx_multimodal(d / "src"), d / "model")
+    return d / "model"
+
+
+@pytest.mark.parametrize("content", ["raw", "npy"])
+def test_random_media_of_any_model_decode_in_the_worker(byom_dir: Path, content: str) -> None:
+    plan = build_plan(
+        config(
+            model=byom_dir, media="random", content=content, count=6, poison_fraction=0.5,
+            image_type="image/webp", audio_type="audio/flac",
+        )
+    )  # fmt: skip
+    manifest = load_manifest(byom_dir)
+    types: Counter[str] = Counter()
+    for event in plan.events:
+        assert event.label == ""  # random media: no true label
+        for rec in by_event(plan)[event.event_id]:
+            if rec.poison is not None:
+                with pytest.raises(RecordError) as info:
+                    decode_record(as_raw(rec), manifest, LIMITS)
+                assert info.value.reason == rec.poison
+                continue
+            types[rec.content_type] += 1
+            part = decode_record(as_raw(rec), manifest, LIMITS)
+            assert set(part.tensors) == set(manifest.part(rec.modality).input_names)  # type: ignore[union-attr]
+    if content == "raw":
+        assert {"image/webp", "audio/flac", "text/plain; charset=utf-8"} == set(types)
+    else:  # the caption fills two inputs: its tensors go as one npz
+        assert {"application/x-npy", "application/x-npz"} == set(types)
+
+
+def test_files_are_sent_as_they_are_one_directory_per_event(tmp_path: Path) -> None:
+    for event in ("ev-b", "ev-a"):
+        (tmp_path / event).mkdir()
+        (tmp_path / event / "photo.JPG").write_bytes(b"\xff\xd8 jpeg bytes")
+        (tmp_path / event / "caption.txt").write_text("a desk")
+    plan = build_plan(config(media="files", media_dir=tmp_path, key_prefix="x-"))
+    assert [e.event_id for e in plan.events] == ["x-ev-a", "x-ev-b"]
+    recs = sorted((r.event_id, r.modality, r.content_type, r.value) for r in plan.records)
+    assert recs[0] == ("x-ev-a", "caption", "text/plain; charset=utf-8", b"a desk")
+    assert recs[1] == ("x-ev-a", "photo", "image/jpeg", b"\xff\xd8 jpeg bytes")
+    (tmp_path / "ev-a" / "notes.docx").write_bytes(b"?")
+    with pytest.raises(ConfigError, match=r"unknown extension '\.docx'"):
+        build_plan(config(media="files", media_dir=tmp_path))
+    with pytest.raises(ConfigError, match="go together"):
+        config(media="files")
+    with pytest.raises(ConfigError, match="needs --model"):
+        config(media="random")

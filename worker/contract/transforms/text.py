@@ -62,7 +62,7 @@ _SAMPLE_WORDS = (
 
 
 def _sample_text(words: Sequence[str], rng: np.random.Generator) -> str:
-    n = int(rng.integers(0, 12))
+    n = int(rng.integers(1, 12))  # an empty record is refused: at least one word
     return " ".join(words[int(i)] for i in rng.integers(0, len(words), n))
 
 
