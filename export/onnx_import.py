@@ -152,6 +152,7 @@ def import_onnx(
     started = time.perf_counter()
     session = ort_session(src, f"{src.name}")
     fitted = Fitted(*fit_inputs(spec, graph_tensors(session.get_inputs())))
+    graph_outputs = graph_tensors(session.get_outputs())  # refuses types it cannot publish
     parity, shapes = smoke_check(session, fitted, batch_sizes, tolerance)
     if not parity["passed"]:
         raise ExportError(
@@ -160,7 +161,7 @@ def import_onnx(
             "events, so the model must treat each row alone (batch statistics? a fixed "
             f"batch inside?); nothing was written to {out}"
         )
-    outputs = output_infos(spec, graph_tensors(session.get_outputs()), shapes)
+    outputs = output_infos(spec, graph_outputs, shapes)
     with model_dir_writer(out) as tmp:
         shutil.copyfile(src, tmp / MODEL_FILE)
         manifest = build_manifest(

@@ -363,11 +363,16 @@ def _fit_constant(g: GraphTensor, v: Any) -> InputInfo:
     batched = bool(g.dims) and not isinstance(g.dims[0], int)
     rest = g.dims[1:] if batched else g.dims
     if given is not None:
-        if not isinstance(given, list) or len(given) != len(rest):
+        if (
+            not isinstance(given, list)
+            or len(given) != len(rest)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in given)
+        ):
             raise ExportError(
-                f"constant {g.name!r}: shape {given} does not match the graph's {_show(g)}"
+                f"constant {g.name!r}: shape {given} is not positive ints matching the "
+                f"graph's {_show(g)}"
             )
-        shape = tuple(int(d) for d in given)
+        shape = tuple(given)
     else:
         if not all(isinstance(d, int) for d in rest):
             raise ExportError(

@@ -200,9 +200,8 @@ def independent_b(records: list[Rec], tokenizer: Path) -> dict[str, dict[str, np
             feed.update({k: v[None] for k, v in np.load(io.BytesIO(value)).items()})
         elif part == "photo":
             img = ImageOps.exif_transpose(Image.open(io.BytesIO(value))).convert("RGB")
-            w, h = img.size
-            s = 36 / min(w, h)
-            size = (max(32, round(w * s)), max(32, round(h * s)))
+            w, h = img.size  # torchvision's Resize(36): the longer side truncated
+            size = (36, int(36 * h / w)) if w <= h else (int(36 * w / h), 36)
             arr = np.asarray(img.resize(size, Image.Resampling.BILINEAR), np.float32)
             top, left = round((size[1] - 32) / 2), round((size[0] - 32) / 2)
             crop = arr[top : top + 32, left : left + 32] / 255.0

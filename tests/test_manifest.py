@@ -220,3 +220,17 @@ def test_every_file_of_the_model_directory_is_hash_checked(tmp_path: Path) -> No
         load_manifest(tmp_path)
     with pytest.raises(ModelError, match=r"files \['tokenizer.json'\] are read by a transform"):
         Manifest.from_dict({**m.to_dict(), "files": {}}, tmp_path)
+
+
+def test_a_label_or_multilabel_output_has_one_axis_per_example_and_labels_are_optional() -> None:
+    with pytest.raises(ModelError, match="multilabel output needs one axis per example"):
+        OutputInfo("t", "float32", (2, 3), kind="multilabel", labels=("a", "b", "c"),
+                   thresholds=(0.5,))  # fmt: skip
+    with pytest.raises(ModelError, match="logits output needs one axis per example"):
+        OutputInfo("t", "float32", (4, 3), kind="logits")
+    m = text_model(labels=())  # a label output without names: the index is the label
+    runner = ModelRunner(m, FeedSession(), SessionInfo("CPUExecutionProvider", ()))
+    cap = Part("e", "caption", m.part("caption").fill(WORDS.apply("seven")), source(0))  # type: ignore[union-attr]
+    photo = Part("e", "photo", {"pixels": np.zeros((3, 4, 4), np.float32)}, source(1))
+    (pred,) = runner.predict([Event("e", 0, {"caption": cap, "photo": photo}, 0, 0)], lambda: 0)
+    assert pred.label == "1" and pred.score is not None

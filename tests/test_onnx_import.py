@@ -230,3 +230,27 @@ def test_the_smoke_feed_is_what_the_worker_would_feed(source: Path, tmp_path: Pa
     assert feed["input_ids"][0].tolist()[:2] == [2, 3]  # row 0: the blank (empty) text
     assert feed["pixel_values"].shape == (3, 3, 32, 32) and feed["sample_rate"].shape == ()
     assert not feed["audio"][0].any() and feed["audio"][1].any()
+
+
+def test_fit_takes_a_float_mask_and_refuses_a_constant_shape_that_is_not_ints(
+    source: Path,
+) -> None:
+    from export.spec import GraphTensor, fit_inputs, parse_spec
+
+    graph = [
+        GraphTensor("pixel_values", "float32", (None, 3, 32, 32)),
+        GraphTensor("input_ids", "int64", ("batch", "seq")),
+        GraphTensor("attention_mask", "float32", ("batch", "seq")),  # as many exports take it
+        GraphTensor("audio", "float32", ("batch", "samples")),
+        GraphTensor("sample_rate", "int64", ()),
+    ]
+    spec = parse_spec(onnx_spec(), source.parent)
+    inputs, parts, _ = fit_inputs(spec, graph)
+    assert {i.name: i.dtype for i in inputs}["attention_mask"] == "float32"
+    caption = next(p for p in parts if p.name == "caption")
+    assert caption.fill(caption.transform.apply("seven"))["attention_mask"].dtype == np.float32
+    bad = parse_spec(
+        {**onnx_spec(), "constants": {"sample_rate": {"value": 1, "shape": [None]}}}, source.parent
+    )
+    with pytest.raises(ExportError, match=r"shape \[None\] is not positive ints"):
+        fit_inputs(bad, graph)

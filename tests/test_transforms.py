@@ -505,3 +505,69 @@ def test_format_1_preprocessing_is_read_as_today_s_transforms() -> None:
     assert isinstance(text, WordsTransform) and text.max_length == 4
     audio = transform_from_dict({**LogMelTransform().to_dict(), "kind": "audio"}, legacy=True)
     assert audio == LogMelTransform()
+
+
+# ---------------------------------------------------------------- hostile media, found by review
+
+
+def test_a_jpeg_whose_exif_value_is_corrupt_is_a_decode_error() -> None:
+    """A mutated EXIF block makes Pillow's exif_transpose raise struct.error (found by a
+    fuzz run); the part is dead-lettered, the worker goes on."""
+    data = (Path(__file__).parent / "data" / "corrupt-exif.jpg").read_bytes()
+    with pytest.raises(RecordError) as info:
+        ImageTransform(16, 16).decode(data, "image/jpeg", {}, LIMITS)
+    assert info.value.reason == Reason.DECODE_ERROR
+
+
+def test_a_thin_picture_is_not_blown_up_by_a_center_crop() -> None:
+    """20 000 x 2 pixels is little (under the pixel limit), but its shorter side to 256
+    would make a 2 560 000 x 256 picture before the crop: refused before resizing."""
+    thin = image_bytes(Image.new("L", (20000, 2)), "PNG")
+    crop = ImageTransform(224, 224, resize="shorter_side_crop", shorter_side=256)
+    with pytest.raises(RecordError, match="would be resized to 2560000x256") as info:
+        crop.decode(thin, "image/png", {}, Limits(max_image_pixels=4096 * 4096))
+    assert info.value.reason == Reason.PAYLOAD_TOO_LARGE
+    assert ImageTransform(224, 224).decode(thin, "image/png", {}, LIMITS).size == (20000, 2)
+
+
+def test_a_16_bit_gray_png_is_scaled_not_clipped() -> None:
+    half = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))
+    assert half.mode.startswith("I")
+    got = ImageTransform(4, 4).apply(open_image(image_bytes(half, "PNG"), LIMITS))["pixels"]
+    np.testing.assert_allclose(got, 128 / 255, atol=1e-6)
+
+
+def test_audio_that_does_not_declare_its_length_or_declares_a_silly_rate_is_refused() -> None:
+    flac = bytearray(audio_bytes(TONE, 16000, "audio/flac"))
+    flac[21] &= 0xF0  # STREAMINFO's total samples: 0, "unknown" (a FLAC written as a stream)
+    flac[22:26] = b"\x00\x00\x00\x00"
+    with pytest.raises(RecordError, match="does not declare its length") as info:
+        read_audio(bytes(flac), LIMITS, 30.0)
+    assert info.value.reason == Reason.DECODE_ERROR
+    wav = bytearray(audio_bytes(TONE, 16000))
+    wav[24:28] = struct.pack("<I", 655_350)
+    with pytest.raises(RecordError, match="655350 Hz") as info:
+        read_audio(bytes(wav), LIMITS, 30.0)
+    assert info.value.reason == Reason.DECODE_ERROR
+
+
+def test_a_long_clip_is_read_in_blocks_and_stops_past_the_limit() -> None:
+    """A WAV whose header says 20 s but that holds 40: reading stops past 30 s."""
+    data = bytearray(audio_bytes(np.zeros(40 * 8000, np.float32), 8000))
+    declared = 20 * 8000 * 2
+    data[40:44] = struct.pack("<I", declared)
+    clip = read_audio(bytes(data), LIMITS, 30.0)
+    assert len(clip.samples) == 20 * 8000  # what the header declares, no more
+    stereo = np.stack([TONE, TONE], axis=1)
+    long = io.BytesIO()
+    sf.write(long, np.tile(stereo, (5, 1)), 16000, format="WAV", subtype="PCM_16")
+    assert len(read_audio(long.getvalue(), LIMITS, 30.0).samples) == 80000
+
+
+def test_a_tokenizer_with_no_room_for_text_or_a_bad_pad_id_is_refused(tokenizer_dir: Path) -> None:
+    with pytest.raises(ModelError, match="leaves no room for text beside its 2 special"):
+        TokenizerTransform(max_length=2, base_dir=tokenizer_dir).load()
+    with pytest.raises(ModelError, match="pad_id -1 is outside"):
+        TokenizerTransform(pad_id=-1, base_dir=tokenizer_dir).load()
+    with pytest.raises(ModelError, match="kind must be a string"):
+        transform_from_dict({"kind": ["image"]})

@@ -185,6 +185,11 @@ class OutputInfo:
             raise ModelError(
                 f"output {self.name!r}: kind {self.kind!r} is not one of {OUTPUT_KINDS}"
             )
+        if self.kind in ("multilabel", "probabilities", "logits") and len(self.shape) != 1:
+            raise ModelError(
+                f"output {self.name!r}: a {self.kind} output needs one axis per example, not "
+                f"{[None, *self.shape]}"
+            )
         if self.kind == "multilabel":
             if not self.labels:
                 raise ModelError(f"output {self.name!r}: a multilabel output needs its labels")

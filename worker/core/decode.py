@@ -21,7 +21,6 @@ import functools
 import io
 import math
 import zipfile
-import zlib
 from pathlib import Path
 from tokenize import TokenError
 from typing import Any
@@ -47,6 +46,10 @@ __all__ = ["Limits", "decode_media", "decode_npy", "decode_npz", "decode_record"
 _ARRAY_TYPES = (CONTENT_NPY, CONTENT_NPZ)
 #: Room for an npy header inside an npz member (numpy writes 128 bytes; 64 KiB is generous).
 _NPY_HEADER_MAX = 65536
+#: How an npz member may be stored: as numpy.savez and numpy.savez_compressed write them.
+_NPZ_COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+#: Entries an npz may hold beyond one per input (none are read; a few are tolerated).
+_NPZ_SPARE_ENTRIES = 4
 
 
 #: Parsed .npy headers by their exact bytes: producers send the same few headers
@@ -114,8 +117,18 @@ def _dtype(name: str) -> np.dtype[Any]:
 
 def decode_npz(value: bytes, part: PartInfo, limits: Limits) -> dict[str, NDArray[Any]]:
     """One example of every input ``part`` fills, saved with ``numpy.savez`` (or
-    ``savez_compressed``): one array per input, named as the input. Each member's
-    declared size is checked before it is read, and each is checked as an npy part."""
+    ``savez_compressed``): one array per input, named as the input, each checked as an
+    npy part. The archive's entry count is read from its end record before it is
+    parsed; a member must be stored or deflated, unencrypted, and no more than its
+    input's size is ever inflated, whatever its header declares."""
+    count = _zip_entries(value)
+    if count is None or count > len(part.fills) + _NPZ_SPARE_ENTRIES:
+        raise RecordError(
+            Reason.DECODE_ERROR if count is None else Reason.SHAPE_MISMATCH,
+            "not a valid .npz archive (no end record)"
+            if count is None
+            else f"npz holds {count} entries; part {part.name!r} fills {len(part.fills)}",
+        )
     try:
         with zipfile.ZipFile(io.BytesIO(value)) as zf:
             members = {Path(i.filename).stem: i for i in zf.infolist()}
@@ -129,20 +142,40 @@ def decode_npz(value: bytes, part: PartInfo, limits: Limits) -> dict[str, NDArra
             out = {}
             for info, _ in part.fills:
                 member = members[info.name]
-                expected = _dtype(info.dtype).itemsize * math.prod(info.shape)
-                if member.file_size > expected + _NPY_HEADER_MAX:
+                if member.flag_bits & 0x1 or member.compress_type not in _NPZ_COMPRESSIONS:
+                    raise RecordError(
+                        Reason.DECODE_ERROR,
+                        f"npz array {info.name!r} is encrypted or compressed other than "
+                        "with deflate (numpy.savez and savez_compressed write neither)",
+                    )
+                limit = _dtype(info.dtype).itemsize * math.prod(info.shape) + _NPY_HEADER_MAX
+                with zf.open(member) as f:
+                    data = f.read(limit + 1)
+                if len(data) > limit:
                     raise RecordError(
                         Reason.PAYLOAD_TOO_LARGE,
-                        f"npz array {info.name!r} declares {member.file_size} bytes; "
-                        f"{info.dtype}{list(info.shape)} needs {expected}",
+                        f"npz array {info.name!r} holds more than the {limit} bytes "
+                        f"{info.dtype}{list(info.shape)} needs",
                     )
-                out[info.name] = decode_npy(zf.read(member), info)
+                out[info.name] = decode_npy(data, info)
             return out
     except RecordError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError,
-            NotImplementedError, zlib.error) as exc:  # fmt: skip
-        raise RecordError(Reason.DECODE_ERROR, f"not a valid .npz archive: {exc}") from exc
+    except MemoryError as exc:
+        raise RecordError(Reason.PAYLOAD_TOO_LARGE, "npz archive too large to read") from exc
+    except Exception as exc:  # zipfile and zlib raise many types on a forged archive
+        raise RecordError(
+            Reason.DECODE_ERROR, f"not a valid .npz archive: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _zip_entries(value: bytes) -> int | None:
+    """The entry count of a zip archive's end-of-central-directory record (None: none
+    found), read before ``zipfile`` builds an object for every entry."""
+    end = value.rfind(b"PK\x05\x06", max(0, len(value) - 65557))
+    if end < 0 or end + 22 > len(value):
+        return None
+    return int.from_bytes(value[end + 10 : end + 12], "little")
 
 
 def decode_media(
@@ -161,11 +194,24 @@ def decode_media(
         outputs = transform.apply(decoded)
     except RecordError:
         raise
-    except (ValueError, OSError, TypeError, MemoryError) as exc:
+    except MemoryError as exc:
         raise RecordError(
-            Reason.DECODE_ERROR, f"part {part.name!r}: {transform.kind} cannot use it: {exc}"
+            Reason.PAYLOAD_TOO_LARGE, f"part {part.name!r}: too large for {transform.kind}"
         ) from exc
-    return part.fill(outputs)
+    except Exception as exc:  # the libraries under a transform promise no exception types
+        raise RecordError(
+            Reason.DECODE_ERROR,
+            f"part {part.name!r}: {transform.kind} cannot use it: {type(exc).__name__}: {exc}",
+        ) from exc
+    tensors = part.fill(outputs)
+    for info, _ in part.fills:
+        if tensors[info.name].shape != info.shape:  # a transform's promise, checked
+            raise RecordError(
+                Reason.DECODE_ERROR,
+                f"part {part.name!r}: {transform.kind} made {info.name} of "
+                f"{list(tensors[info.name].shape)}, not {list(info.shape)}",
+            )
+    return tensors
 
 
 def decode_record(record: RawRecord, manifest: Manifest, limits: Limits) -> Part:

@@ -302,7 +302,7 @@ class ModelRunner:
         self._tagged = [(k, o) for k, o in enumerate(manifest.outputs) if o.kind == "multilabel"]
         self._label_index = (
             self.output_names.index(manifest.label_output)
-            if manifest.labels and manifest.label_output in self.output_names
+            if manifest.label_output in self.output_names
             else None
         )
         on_cuda = info.provider == "CUDAExecutionProvider"

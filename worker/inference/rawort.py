@@ -28,12 +28,12 @@ ORT_POOL = 64
 
 
 def example_pool(manifest: Manifest, n: int, seed: int) -> dict[str, NDArray[Any]]:
-    """``n`` real examples per input, preprocessed as the producer's npy parts are:
-    input name -> array ``(n, *shape)``."""
-    rows: dict[str, list[NDArray[Any]]] = {i.name: [] for i in manifest.inputs}
+    """``n`` real examples per input a part fills, preprocessed as the producer's npy
+    parts are: input name -> array ``(n, *shape)`` (the runner adds the constants)."""
+    rows: dict[str, list[NDArray[Any]]] = {}
     for sample in samples(n, np.random.default_rng(seed), split="test"):
         for name, tensor in sample_tensors(sample, manifest).items():
-            rows[name].append(tensor)
+            rows.setdefault(name, []).append(tensor)
     return {name: np.stack(r) for name, r in rows.items()}
 
 

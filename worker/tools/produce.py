@@ -289,7 +289,7 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """The multi-array form of a part that fills several inputs: one array per input."""
     buf = io.BytesIO()
-    np.savez(buf, allow_pickle=False, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # (numpy >= 2.2 types an allow_pickle)
     return buf.getvalue()
 
 

@@ -73,6 +73,8 @@ def transform_from_dict(
     if not isinstance(data, dict):
         raise ModelError(f"a transform must be an object, not {data!r}")
     kind = data.get("kind")
+    if not isinstance(kind, str):
+        raise ModelError(f"a transform's kind must be a string, not {kind!r}")
     if legacy:
         if kind not in _LEGACY:
             raise ModelError(

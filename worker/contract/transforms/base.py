@@ -26,7 +26,8 @@ from worker.contract.transforms.media import Limits
 #: The kinds of tensor a transform output may be, and the dtypes each may be cast to.
 DTYPES_OF_KIND: dict[str, tuple[str, ...]] = {
     "float": ("float32", "float16", "float64"),
-    "int": ("int64", "int32"),
+    # Ids and masks: many graphs take an attention mask as float or bool.
+    "int": ("int64", "int32", "float32", "float16", "bool"),
     "uint8": ("uint8",),
 }
 

@@ -19,6 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from worker.contract.errors import Reason, RecordError
 from worker.contract.transforms.base import Parameters, TensorOut, check, one_of
 from worker.contract.transforms.media import (
     ENCODINGS,
@@ -58,14 +59,15 @@ class ImageTransform(Parameters):
         resize: ``stretch``, ``shorter_side_crop`` or ``letterbox``.
         shorter_side: ``shorter_side_crop``: the shorter side's length before the crop
             (0: just enough for the crop, ``max(height, width)``; 256 for a 224 crop is
-            the torchvision recipe).
+            the torchvision recipe; the longer side is truncated, as torchvision does).
         pad_value: ``letterbox``: the padding's pixel value on the 0..255 scale.
         pad_position: ``letterbox``: ``center`` (YOLO) or ``end`` (right/bottom, OCR).
         interpolation: ``nearest``, ``bilinear``, ``bicubic``, ``lanczos``, and ``box``,
             ``hamming`` (Pillow) or ``area`` (OpenCV).
         library: whose resize semantics: ``pillow`` (antialiased) or ``opencv``.
         scale: multiplies 0..255 pixel values (1/255 gives [0, 1]).
-        mean, std: per channel (one value each, or ``channels`` values), after ``scale``;
+        mean, std: per channel (one value each, or ``channels`` values), after ``scale``,
+            in R, G, B order (applied before ``channel_order`` turns the channels round);
             empty: none.
         layout: ``HWC`` or ``CHW`` (NHWC or NCHW batches).
         channel_order: ``RGB`` or ``BGR``.
@@ -146,7 +148,15 @@ class ImageTransform(Parameters):
         self, value: bytes, media: str, params: dict[str, str], limits: Limits
     ) -> Image.Image:
         draft = self.resized_size if self.jpeg_draft else None
-        return open_image(value, limits, draft=draft, exif=self.exif_orientation)
+        img = open_image(value, limits, draft=draft, exif=self.exif_orientation)
+        w, h = self.resized_size(*img.size)
+        if w * h > limits.max_image_pixels:  # a very thin picture, its long side scaled up
+            raise RecordError(
+                Reason.PAYLOAD_TOO_LARGE,
+                f"a {img.width}x{img.height} image would be resized to {w}x{h} before the "
+                f"crop, over the limit of {limits.max_image_pixels} pixels",
+            )
+        return img
 
     def apply(self, media: Image.Image) -> dict[str, NDArray[Any]]:
         return {PIXELS: prepare_image(media, self)}
@@ -170,10 +180,13 @@ class ImageTransform(Parameters):
         if self.resize == "stretch":
             return self.width, self.height
         if self.resize == "shorter_side_crop":
+            # torchvision's Resize(side): the shorter side to side, the longer truncated.
             side = self.shorter_side or max(self.height, self.width)
-            s = side / min(width, height)
-            # At least the crop: rounding must not leave a side a pixel short.
-            return max(self.width, round(width * s)), max(self.height, round(height * s))
+            if width <= height:
+                w, h = side, int(side * height / width)
+            else:
+                w, h = int(side * width / height), side
+            return max(self.width, w), max(self.height, h)  # never short of the crop
         s = min(self.width / width, self.height / height)
         return (
             min(self.width, max(1, round(width * s))),
@@ -181,23 +194,44 @@ class ImageTransform(Parameters):
         )
 
 
-def _resize(arr_img: Image.Image, size: tuple[int, int], spec: ImageTransform) -> NDArray[Any]:
-    """Resize to ``size`` (width, height) with the spec's library; uint8 ``[h, w(, c)]``."""
+def _crop_box(size: tuple[int, int], spec: ImageTransform) -> tuple[int, int]:
+    """(left, top) of the center crop in an image of ``size`` (torchvision's rounding)."""
+    return round((size[0] - spec.width) / 2.0), round((size[1] - spec.height) / 2.0)
+
+
+def _resize(img: Image.Image, size: tuple[int, int], spec: ImageTransform) -> NDArray[Any]:
+    """Resize to ``size`` (width, height) with the spec's library, center-cropped for
+    ``shorter_side_crop``; uint8 ``[h, w(, c)]``. The whole picture is resized, then
+    cropped, as the training pipelines do (resizing only the cropped box differs by a
+    gray level here and there); :meth:`ImageTransform.decode` bounds ``size``."""
     if spec.library == "opencv":
         import cv2
 
-        arr = np.asarray(arr_img)
+        arr = np.asarray(img)
         if (arr.shape[1], arr.shape[0]) != size:
             arr = cv2.resize(arr, size, interpolation=_OPENCV_FLAGS[spec.interpolation])
-        return np.asarray(arr)
-    if arr_img.size != size:
-        arr_img = arr_img.resize(size, _PILLOW_FILTERS[spec.interpolation])
-    return np.asarray(arr_img)
+    else:
+        if img.size != size:
+            img = img.resize(size, _PILLOW_FILTERS[spec.interpolation])
+        arr = np.asarray(img)
+    if spec.resize == "shorter_side_crop":
+        left, top = _crop_box(size, spec)
+        arr = arr[top : top + spec.height, left : left + spec.width]
+    return np.asarray(arr)
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """A 16-bit gray picture (PNG) scaled to 8 bits; Pillow's convert would clip it."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.clip(np.asarray(img), 0, 65535).astype(np.uint32) >> 8
+        return Image.fromarray(arr.astype(np.uint8), "L")
+    return img
 
 
 def prepare_image(img: Image.Image, spec: ImageTransform) -> NDArray[Any]:
     """A decoded image (any size and mode) -> the model's pixel tensor
     (:meth:`ImageTransform.shape`)."""
+    img = _eight_bit(img)
     gray_source = img.mode == "L"
     mode = "L" if spec.channels == 1 or gray_source else "RGB"
     if img.mode != mode:
@@ -209,11 +243,7 @@ def prepare_image(img: Image.Image, spec: ImageTransform) -> NDArray[Any]:
     arr = _resize(img, size, spec)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    if spec.resize == "shorter_side_crop":
-        top = round((arr.shape[0] - spec.height) / 2.0)
-        left = round((arr.shape[1] - spec.width) / 2.0)
-        arr = arr[top : top + spec.height, left : left + spec.width]
-    elif spec.resize == "letterbox" and arr.shape[:2] != (spec.height, spec.width):
+    if spec.resize == "letterbox" and arr.shape[:2] != (spec.height, spec.width):
         canvas = np.full((spec.height, spec.width, arr.shape[2]), spec.pad_value, np.float32)
         top = (spec.height - arr.shape[0]) // 2 if spec.pad_position == "center" else 0
         left = (spec.width - arr.shape[1]) // 2 if spec.pad_position == "center" else 0

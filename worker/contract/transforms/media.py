@@ -76,6 +76,10 @@ AUDIO_TYPES: tuple[str, ...] = (
     "audio/mp3",
 )
 _CHARSETS = ("utf-8", "utf8", "us-ascii", "ascii")
+#: The highest sample rate an audio part may declare (DXD's 352.8 kHz is the highest in use).
+MAX_AUDIO_RATE = 384_000
+#: Audio is read and mixed down this many frames at a time (about 4 s at 16 kHz).
+AUDIO_BLOCK = 65536
 
 
 @dataclass(frozen=True)
@@ -140,8 +144,12 @@ def open_image(
     except RuntimeError as exc:  # libheif's errors, through pillow-heif
         reason = Reason.PAYLOAD_TOO_LARGE if "limit exceeded" in str(exc) else Reason.DECODE_ERROR
         raise RecordError(reason, f"cannot decode image: {exc}") from exc
-    except (OSError, ValueError, SyntaxError, TypeError, EOFError, KeyError) as exc:
-        raise RecordError(Reason.DECODE_ERROR, f"cannot decode image: {exc}") from exc
+    except MemoryError as exc:
+        raise RecordError(Reason.PAYLOAD_TOO_LARGE, "image too large to decode") from exc
+    except Exception as exc:  # Pillow and its plugins promise no exception types
+        raise RecordError(
+            Reason.DECODE_ERROR, f"cannot decode image: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _open(
@@ -206,9 +214,10 @@ def read_text(value: bytes, charset: str, max_chars: int) -> str:
 def read_audio(value: bytes, limits: Limits, max_seconds: float) -> Waveform:
     """Any supported audio file -> mono float32 (channels averaged) at its own rate.
 
-    Channels and duration come from the header and are checked before the samples
-    are read; at most ``max_seconds`` (plus one frame) are ever read, so a header
-    that lies about its length cannot make the worker decode more.
+    Rate, channels and duration come from the header and are checked before any sample
+    is read; the samples are then read in blocks of at most :data:`AUDIO_BLOCK` frames
+    and mixed down block by block, and reading stops past ``max_seconds``, so a header
+    that lies about (or does not know) the length cannot make the worker hold more.
     """
     import soundfile as sf
 
@@ -223,15 +232,24 @@ def read_audio(value: bytes, limits: Limits, max_seconds: float) -> Waveform:
                 f"audio in {f.format} format; accepted: {', '.join(AUDIO_FORMATS)}",
             )
         rate, channels = int(f.samplerate), int(f.channels)
-        if rate <= 0 or channels <= 0:
-            raise RecordError(Reason.DECODE_ERROR, f"audio with {channels} channels at {rate} Hz")
+        if not 0 < rate <= MAX_AUDIO_RATE or channels <= 0:
+            raise RecordError(
+                Reason.DECODE_ERROR,
+                f"audio with {channels} channels at {rate} Hz (rates up to {MAX_AUDIO_RATE})",
+            )
         if channels > limits.max_audio_channels:
             raise RecordError(
                 Reason.PAYLOAD_TOO_LARGE,
                 f"audio with {channels} channels, over the limit of {limits.max_audio_channels}",
             )
+        if f.frames >= 2**62:  # libsndfile's "unknown": it then cannot read it either
+            raise RecordError(
+                Reason.DECODE_ERROR,
+                "audio that does not declare its length (a FLAC written as a stream?): "
+                "encode it as a file",
+            )
         allowed = math.floor(max_seconds * rate)
-        if 0 < f.frames < 2**62 and f.frames > allowed:
+        if f.frames > allowed:
             raise RecordError(
                 Reason.PAYLOAD_TOO_LARGE,
                 f"audio of {f.frames / rate:.1f} s, over the limit {max_seconds} s",
@@ -239,17 +257,29 @@ def read_audio(value: bytes, limits: Limits, max_seconds: float) -> Waveform:
         # 16-bit PCM (the common case) is read as int16 and scaled here: libsndfile's own
         # conversion to float takes about three times as long.
         pcm16 = f.subtype == "PCM_16"
+        blocks, total = [], 0
         try:
-            data = f.read(frames=allowed + 1, dtype="int16" if pcm16 else "float32", always_2d=True)
+            while total <= allowed:
+                block = f.read(
+                    frames=min(AUDIO_BLOCK, allowed + 1 - total),
+                    dtype="int16" if pcm16 else "float32",
+                    always_2d=True,
+                )
+                if len(block) == 0:
+                    break
+                blocks.append(block.mean(axis=1, dtype=np.float32) if channels > 1 else block[:, 0])
+                total += len(block)
         except (sf.LibsndfileError, RuntimeError, ValueError, EOFError) as exc:
             raise RecordError(Reason.DECODE_ERROR, f"cannot decode audio: {exc}") from exc
-    if len(data) > allowed:
+        except MemoryError as exc:
+            raise RecordError(Reason.PAYLOAD_TOO_LARGE, "audio too large to decode") from exc
+    if total > allowed:
         raise RecordError(
             Reason.PAYLOAD_TOO_LARGE, f"audio longer than the limit of {max_seconds} s"
         )
-    if len(data) == 0:
+    if total == 0:
         raise RecordError(Reason.DECODE_ERROR, "audio holds no samples")
-    mono = data.mean(axis=1, dtype=np.float32) if channels > 1 else data[:, 0]
+    mono = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
     if pcm16:
         mono = mono.astype(np.float32) * np.float32(1.0 / 32768.0)
     if not np.isfinite(mono).all():

@@ -245,10 +245,16 @@ def load_tokenizer(spec: TokenizerTransform) -> Any:
     if pad_id is None:
         padding = tok.padding
         pad_id = padding["pad_id"] if padding else _known_pad_id(tok)
-    pad_token = tok.id_to_token(pad_id) or "[PAD]"
     vocab = tok.get_vocab_size(with_added_tokens=True)
     if not 0 <= pad_id < vocab:
         raise ModelError(f"tokenizer {path}: pad_id {pad_id} is outside its vocabulary of {vocab}")
+    pad_token = tok.id_to_token(pad_id) or "[PAD]"
+    special = tok.num_special_tokens_to_add(False)
+    if spec.max_length <= special:
+        raise ModelError(
+            f"tokenizer {path}: max_length {spec.max_length} leaves no room for text beside "
+            f"its {special} special tokens"
+        )
     tok.enable_truncation(max_length=spec.max_length)
     tok.enable_padding(length=spec.max_length, pad_id=pad_id, pad_token=pad_token)
     return tok
