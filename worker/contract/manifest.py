@@ -107,6 +107,11 @@ class PartInfo:
     def input_names(self) -> tuple[str, ...]:
         return tuple(info.name for info, _ in self.fills)
 
+    @functools.cached_property
+    def only_input(self) -> InputInfo | None:
+        """The one input the part fills (an npy part's), else None."""
+        return self.fills[0][0] if len(self.fills) == 1 else None
+
     def fill(self, outputs: dict[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:
         """The transform's outputs (one example, or stacked) as model inputs, in their dtypes."""
         return {info.name: outputs[out].astype(info.dtype, copy=False) for info, out in self.fills}

@@ -155,8 +155,10 @@ class Part:
     @property
     def nbytes(self) -> int:
         """Memory held for this part: its tensors plus the original value."""
-        raw_len = len(self.raw.value or b"") if self.raw is not None else 0
-        return sum(int(t.nbytes) for t in self.tensors.values()) + raw_len
+        n = len(self.raw.value or b"") if self.raw is not None else 0
+        for tensor in self.tensors.values():  # (a loop: most parts hold one tensor)
+            n += tensor.nbytes
+        return n
 
 
 @dataclass(frozen=True)

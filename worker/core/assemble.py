@@ -107,8 +107,9 @@ class Assembler:
             pending.duplicates.append(old)
             log.debug("duplicate %s part for event %r at %s", part.name, part.event_id, part.source)
         pending.parts[part.name] = part
-        pending.nbytes += part.nbytes
-        self.pending_bytes += part.nbytes
+        nbytes = part.nbytes
+        pending.nbytes += nbytes
+        self.pending_bytes += nbytes
         if not self.required.issubset(pending.parts):
             return None
         self._remove(partition, part.event_id)

@@ -244,13 +244,13 @@ def decode_record(record: RawRecord, manifest: Manifest, limits: Limits) -> Part
         raise RecordError(Reason.UNSUPPORTED_CONTENT_TYPE, f"no {HEADER_CONTENT_TYPE} header")
     media, params = media_type(ctype_raw.decode("utf-8", "replace"))
     if media == CONTENT_NPY:
-        if len(part.fills) != 1:
+        info = part.only_input
+        if info is None:
             raise RecordError(
                 Reason.UNSUPPORTED_CONTENT_TYPE,
                 f"part {part.name!r} fills {list(part.input_names)}: send them as one "
                 f"{CONTENT_NPZ} (numpy.savez, one array per input), not {CONTENT_NPY}",
             )
-        info = part.fills[0][0]
         tensors = {info.name: decode_npy(value, info)}
     elif media == CONTENT_NPZ:
         tensors = decode_npz(value, part, limits)

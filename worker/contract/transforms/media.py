@@ -260,15 +260,14 @@ def read_audio(value: bytes, limits: Limits, max_seconds: float) -> Waveform:
         blocks, total = [], 0
         try:
             while total <= allowed:
-                block = f.read(
-                    frames=min(AUDIO_BLOCK, allowed + 1 - total),
-                    dtype="int16" if pcm16 else "float32",
-                    always_2d=True,
-                )
-                if len(block) == 0:
+                want = min(AUDIO_BLOCK, allowed + 1 - total)
+                block = f.read(frames=want, dtype="int16" if pcm16 else "float32", always_2d=True)
+                if len(block):
+                    mono = block.mean(axis=1, dtype=np.float32) if channels > 1 else block[:, 0]
+                    blocks.append(mono)
+                    total += len(block)
+                if len(block) < want:  # the end of the clip
                     break
-                blocks.append(block.mean(axis=1, dtype=np.float32) if channels > 1 else block[:, 0])
-                total += len(block)
         except (sf.LibsndfileError, RuntimeError, ValueError, EOFError) as exc:
             raise RecordError(Reason.DECODE_ERROR, f"cannot decode audio: {exc}") from exc
         except MemoryError as exc:
@@ -279,7 +278,7 @@ def read_audio(value: bytes, limits: Limits, max_seconds: float) -> Waveform:
         )
     if total == 0:
         raise RecordError(Reason.DECODE_ERROR, "audio holds no samples")
-    mono = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+    mono = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)  # (one for most clips)
     if pcm16:
         mono = mono.astype(np.float32) * np.float32(1.0 / 32768.0)
     if not np.isfinite(mono).all():
