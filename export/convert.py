@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from export import KERAS_FILE, SIDECAR_FILE
+from export import KERAS_FILE
 from export.modeldir import (
     copy_files,
     graph_tensors,
@@ -36,7 +36,7 @@ from export.modeldir import (
     ort_session,
     versions,
 )
-from export.spec import GraphTensor, Spec, fit_inputs, load_spec, output_infos, sample_feed
+from export.spec import GraphTensor, Spec, fit_inputs, model_and_spec, output_infos, sample_feed
 from worker.contract.errors import STORAGE_ERRNOS, ExportError, ModelError
 from worker.contract.manifest import (
     MODEL_FILE,
@@ -364,15 +364,13 @@ def export_model(
         StorageError: a full disk, exceeded quota or I/O error while writing.
     """
     check_args(opset, tolerance, parity_batch_sizes, MAX_OPSET)
-    model_path = Path(keras_model_path)
-    if model_path.is_dir():
-        model_path = model_path / KERAS_FILE
-    if not model_path.is_file():
-        raise ExportError(f"no Keras model at {model_path} (run `mmstream train-reference` first)")
-    spec = load_spec(Path(spec_path) if spec_path else model_path.parent / SIDECAR_FILE)
-    version = spec.version if version is None else version
-    if not version:
-        raise ExportError("the model version must not be empty")
+    model_path, spec, version = model_and_spec(
+        keras_model_path,
+        KERAS_FILE,
+        spec_path,
+        version,
+        "no Keras model at {path} (run `mmstream train-reference` first)",
+    )
     out = Path(out_dir).resolve()
 
     started = time.perf_counter()

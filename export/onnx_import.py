@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from export import SIDECAR_FILE
 from export.convert import MIN_OPSET, PARITY_SEED, Fitted, build_manifest, check_args
 from export.modeldir import (
     copy_files,
@@ -33,7 +32,7 @@ from export.modeldir import (
     run_session,
     versions,
 )
-from export.spec import fit_inputs, load_spec, output_infos
+from export.spec import fit_inputs, model_and_spec, output_infos
 from worker.contract.errors import ConfigError, ExportError
 from worker.contract.manifest import MODEL_FILE, Manifest, sha256_file
 
@@ -137,20 +136,14 @@ def import_onnx(
             Runtime cannot load or run, a failed smoke check, ``out_dir`` cannot be written.
         StorageError: a full disk, exceeded quota or I/O error while writing.
     """
-    src = Path(onnx_path)
-    if src.is_dir():
-        src = src / MODEL_FILE
-    if not src.is_file():
-        raise ExportError(f"no ONNX model at {src}")
-    spec = load_spec(Path(spec_path) if spec_path else src.parent / SIDECAR_FILE)
-    version = spec.version if version is None else version
-    if not version:
-        raise ExportError("the model version must not be empty")
+    src, spec, version = model_and_spec(
+        onnx_path, MODEL_FILE, spec_path, version, "no ONNX model at {path}"
+    )
     opset = graph_opset(src)
     check_args(max(opset, MIN_OPSET), tolerance, batch_sizes, MAX_ONNX_OPSET)
     out = Path(out_dir).resolve()
     started = time.perf_counter()
-    session = ort_session(src, f"{src.name}")
+    session = ort_session(src, src.name)
     fitted = Fitted(*fit_inputs(spec, graph_tensors(session.get_inputs())))
     graph_outputs = graph_tensors(session.get_outputs())  # refuses types it cannot publish
     parity, shapes = smoke_check(session, fitted, batch_sizes, tolerance)

@@ -132,6 +132,29 @@ def load_spec(path: Path) -> Spec:
         raise ExportError(f"sidecar {path}: {exc}") from exc
 
 
+def model_and_spec(
+    model: str | Path,
+    file_name: str,
+    spec_path: str | Path | None,
+    version: str | None,
+    missing: str,
+) -> tuple[Path, Spec, str]:
+    """The model file (``model``, or ``file_name`` in it when it is a directory), its spec
+    (``spec_path``, else the sidecar beside the model) and the version to serve
+    (``version``, else the spec's). ``missing`` says what a missing model is, with
+    ``{path}`` where it was looked for."""
+    path = Path(model)
+    if path.is_dir():
+        path = path / file_name
+    if not path.is_file():
+        raise ExportError(missing.format(path=path))
+    spec = load_spec(Path(spec_path) if spec_path else path.parent / SIDECAR_FILE)
+    version = spec.version if version is None else version
+    if not version:
+        raise ExportError("the model version must not be empty")
+    return path, spec, version
+
+
 def parse_spec(raw: dict[str, Any], base_dir: Path) -> Spec:
     """The sidecar ``raw`` (format 1 or 2); ``base_dir``: where its files are."""
     if "parts" not in raw and "inputs" in raw:
@@ -392,7 +415,8 @@ def output_infos(
     spec: Spec, graph_outputs: Sequence[GraphTensor], shapes: dict[str, tuple[int, ...]]
 ) -> tuple[OutputInfo, ...]:
     """The manifest's outputs: the graph's, with their per-example ``shapes`` (as a run
-    gave them) and the sidecar's descriptions."""
+    gave them) and the sidecar's descriptions. (The label output and its labels are the
+    manifest's to check.)"""
     names = [g.name for g in graph_outputs]
     unknown = sorted(set(spec.outputs) - set(names))
     if unknown:
@@ -417,20 +441,6 @@ def output_infos(
             )
         except (ModelError, TypeError, ValueError) as exc:
             raise ExportError(f"output {g.name!r}: {exc}") from exc
-    if spec.label_output is not None:
-        label_out = next((o for o in outs if o.name == spec.label_output), None)
-        if label_out is None:
-            raise ExportError(f"label_output {spec.label_output!r} is not a model output {names}")
-        if label_out.kind not in ("probabilities", "logits"):
-            raise ExportError(
-                f"label_output {label_out.name!r} is described as {label_out.kind}: the label "
-                "comes from probabilities or logits"
-            )
-        if spec.labels and label_out.shape[-1:] != (len(spec.labels),):
-            raise ExportError(
-                f"{len(spec.labels)} labels but output {label_out.name!r} has shape "
-                f"{[None, *label_out.shape]}"
-            )
     return tuple(outs)
 
 
@@ -474,8 +484,9 @@ def sample_feed(
 
 
 def _round_trip(t: Transform, media: Any, limits: Any) -> Any:
-    from worker.contract.transforms.media import media_type
+    """``media`` encoded in its family's first content type, then decoded by ``t``."""
+    from worker.contract.transforms.media import ENCODINGS, encode_media, media_type
 
-    value, ctype = t.encode(media)
+    ctype = ENCODINGS[t.family][0]
     main, params = media_type(ctype)
-    return t.decode(value, main, params, limits)
+    return t.decode(encode_media(media, ctype), main, params, limits)

@@ -300,6 +300,11 @@ class Manifest:
                     f"label_output {self.label_output!r} is not an output "
                     f"({[o.name for o in self.outputs]})"
                 )
+            if out.kind not in ("probabilities", "logits"):
+                raise ModelError(
+                    f"label_output {out.name!r} is described as {out.kind}: the label comes "
+                    "from probabilities or logits"
+                )
             if self.labels and out.shape[-1:] != (len(self.labels),):
                 raise ModelError(
                     f"{len(self.labels)} labels but output {out.name!r} has shape "

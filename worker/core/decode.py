@@ -115,7 +115,7 @@ def _dtype(name: str) -> np.dtype[Any]:
     return np.dtype(name)
 
 
-def decode_npz(value: bytes, part: PartInfo, limits: Limits) -> dict[str, NDArray[Any]]:
+def decode_npz(value: bytes, part: PartInfo) -> dict[str, NDArray[Any]]:
     """One example of every input ``part`` fills, saved with ``numpy.savez`` (or
     ``savez_compressed``): one array per input, named as the input, each checked as an
     npy part. The archive's entry count is read from its end record before it is
@@ -253,7 +253,7 @@ def decode_record(record: RawRecord, manifest: Manifest, limits: Limits) -> Part
             )
         tensors = {info.name: decode_npy(value, info)}
     elif media == CONTENT_NPZ:
-        tensors = decode_npz(value, part, limits)
+        tensors = decode_npz(value, part)
     else:
         tensors = decode_media(part, media, params, value, limits)
     return Part(

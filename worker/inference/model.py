@@ -541,11 +541,11 @@ class ModelRunner:
         top_scores: list[float] = []
         if self._label_index is not None:
             scores = np.asarray(outputs[self._label_index][:n], dtype=np.float64).reshape(n, -1)
-            top = np.argmax(scores, axis=1)
-            tops = top.tolist()
+            argmax = np.argmax(scores, axis=1)
+            tops = argmax.tolist()
             if self.manifest.outputs[self._label_index].kind == "logits":
                 scores = _softmax(scores)
-            top_scores = scores[np.arange(n), top].tolist()
+            top_scores = scores[np.arange(n), argmax].tolist()
         tags = self._tags(outputs, n)
         preds = []
         for row, event in enumerate(events):

@@ -32,10 +32,8 @@ from worker.contract.errors import Reason, RecordError
 from worker.contract.transforms.base import Parameters, TensorOut, check, one_of
 from worker.contract.transforms.media import (
     AUDIO_TYPES,
-    ENCODINGS,
     Limits,
     Waveform,
-    encode_media,
     read_audio,
 )
 
@@ -97,6 +95,10 @@ class _Clip(Parameters):
     num_samples: int
     max_seconds: float
 
+    def __post_init__(self) -> None:
+        for name in ("sample_rate", "num_samples", "max_seconds"):
+            check(getattr(self, name) > 0, type(self), f"{name} must be > 0")
+
     def content_types(self) -> tuple[str, ...]:
         return AUDIO_TYPES
 
@@ -109,10 +111,6 @@ class _Clip(Parameters):
 
     def sample_media(self, rng: np.random.Generator) -> Waveform:
         return _sample_wave(self.sample_rate, self.num_samples, rng)
-
-    def encode(self, media: Waveform, content_type: str | None = None) -> tuple[bytes, str]:
-        ctype = content_type or ENCODINGS["audio"][0]
-        return encode_media(media, ctype), ctype
 
 
 @dataclass(frozen=True)
@@ -160,8 +158,9 @@ class LogMelTransform(_Clip):
     family: ClassVar[str] = "audio"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         cls = type(self)
-        for name in ("sample_rate", "num_samples", "frame_length", "hop_length", "n_fft"):
+        for name in ("frame_length", "hop_length", "n_fft"):
             check(getattr(self, name) > 0, cls, f"{name} must be > 0")
         check(self.n_mels > 0, cls, "n_mels must be > 0")
         check(self.frame_length <= self.n_fft, cls, "frame_length must be <= n_fft")
@@ -178,7 +177,6 @@ class LogMelTransform(_Clip):
         check(self.log_floor > 0, cls, "log_floor must be > 0")
         check(self.divisor != 0, cls, "divisor must not be 0")
         check(self.dynamic_range >= 0, cls, "dynamic_range must be >= 0")
-        check(self.max_seconds > 0, cls, "max_seconds must be > 0")
         check(self.frames > 0, cls, "num_samples gives no frame")
 
     @property
@@ -314,10 +312,8 @@ class WaveformTransform(_Clip):
     family: ClassVar[str] = "audio"
 
     def __post_init__(self) -> None:
-        cls = type(self)
-        check(self.sample_rate > 0 and self.num_samples > 0, cls, "rate and length must be > 0")
-        one_of(cls, "normalize", self.normalize, NORMALIZE)
-        check(self.max_seconds > 0, cls, "max_seconds must be > 0")
+        super().__post_init__()
+        one_of(type(self), "normalize", self.normalize, NORMALIZE)
 
     def shape(self) -> tuple[int, ...]:
         return (self.num_samples,)

@@ -53,10 +53,11 @@ class Transform(Protocol):
     :class:`~worker.contract.transforms.media.Waveform`), checking every limit;
     ``apply`` makes the tensors of one example and ``apply_batch`` of several
     (stacked; batched where the library pays for it). ``blank_media`` is what an
-    absent part looks like (black image, empty text, silence), ``sample_media`` a
-    random valid example and ``encode`` its bytes in a content type the transform takes
-    (export's smoke run, the producer, the tests). ``files`` names the files it reads from
-    the model directory (covered by the manifest's hashes) and ``load`` reads them.
+    absent part looks like (black image, empty text, silence) and ``sample_media`` a
+    random valid example (export's smoke run, the producer, the tests;
+    :func:`worker.contract.transforms.media.encode_media` encodes media as a producer
+    sends them). ``files`` names the files it reads from the model directory (covered
+    by the manifest's hashes) and ``load`` reads them.
     """
 
     kind: ClassVar[str]
@@ -75,8 +76,6 @@ class Transform(Protocol):
     def blank_media(self) -> Any: ...
 
     def sample_media(self, rng: np.random.Generator) -> Any: ...
-
-    def encode(self, media: Any, content_type: str | None = None) -> tuple[bytes, str]: ...
 
     def files(self) -> tuple[str, ...]: ...
 

@@ -22,10 +22,8 @@ from PIL import Image
 from worker.contract.errors import Reason, RecordError
 from worker.contract.transforms.base import Parameters, TensorOut, check, one_of
 from worker.contract.transforms.media import (
-    ENCODINGS,
     IMAGE_TYPES,
     Limits,
-    encode_media,
     open_image,
 )
 
@@ -169,10 +167,6 @@ class ImageTransform(Parameters):
         h = int(rng.integers(max(1, self.height // 2), 2 * self.height + 1))
         w = int(rng.integers(max(1, self.width // 2), 2 * self.width + 1))
         return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-    def encode(self, media: Image.Image, content_type: str | None = None) -> tuple[bytes, str]:
-        ctype = content_type or ENCODINGS["image"][0]
-        return encode_media(media, ctype), ctype
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """The (width, height) a ``width`` x ``height`` source is resized to, before the

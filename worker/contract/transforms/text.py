@@ -80,9 +80,6 @@ class _Text(Parameters):
     def blank_media(self) -> str:
         return ""
 
-    def encode(self, media: str, content_type: str | None = None) -> tuple[bytes, str]:
-        return media.encode("utf-8"), "text/plain; charset=utf-8"
-
 
 @dataclass(frozen=True)
 class WordsTransform(_Text):
