@@ -330,6 +330,9 @@ def _onnx_io(session: Any, fitted: Fitted) -> tuple[list[GraphTensor], list[Grap
     return ins, outs
 
 
+_NO_KERAS_MODEL = "no Keras model at {path} (run `mmstream train-reference` first)"
+
+
 def export_model(
     keras_model_path: str | Path,
     out_dir: str | Path,
@@ -365,78 +368,142 @@ def export_model(
     """
     check_args(opset, tolerance, parity_batch_sizes, MAX_OPSET)
     model_path, spec, version = model_and_spec(
-        keras_model_path,
-        KERAS_FILE,
-        spec_path,
-        version,
-        "no Keras model at {path} (run `mmstream train-reference` first)",
+        keras_model_path, KERAS_FILE, spec_path, version, _NO_KERAS_MODEL
     )
     out = Path(out_dir).resolve()
 
     started = time.perf_counter()
     model = _load_keras(model_path)
     fitted = Fitted(*fit_inputs(spec, _keras_inputs(model)))
-    keras_out_shapes = {
+    keras_out_shapes = _keras_output_shapes(model)
+    with model_dir_writer(out) as tmp:
+        onnx_path = tmp / MODEL_FILE
+        session, outputs = _convert_to_onnx(model, fitted, spec, opset, onnx_path, keras_out_shapes)
+        parity = _passing_parity(model, session, fitted, spec, parity_batch_sizes, tolerance, out)
+        fp16_result = None
+        if fp16:
+            fp16_result = _passing_fp16(onnx_path, session, fitted, spec, parity_batch_sizes, out)
+        manifest = _manifest(tmp, spec, fitted, outputs, version, opset, parity, fp16_result)
+        manifest.write(tmp)
+    _log_exported(manifest, out, time.perf_counter() - started, opset, parity)
+    return manifest
+
+
+def _keras_output_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    """Per-example shapes of the Keras model's outputs, by output name."""
+    return {
         str(name): tuple(int(d) for d in t.shape[1:])
         for name, t in zip(model.output_names, model.outputs, strict=True)
     }
-    with model_dir_writer(out) as tmp:
-        onnx_path = tmp / MODEL_FILE
-        _convert(model, fitted, opset, onnx_path)
-        session = ort_session(onnx_path, "the converted model")
-        _, graph_outs = _onnx_io(session, fitted)
-        outputs = output_infos(spec, graph_outs, _output_shapes(graph_outs, keras_out_shapes))
-        parity = check_parity(
-            model,
-            session,
-            fitted,
-            batch_sizes=parity_batch_sizes,
-            tolerance=tolerance,
-            label_output=spec.label_output,
+
+
+def _convert_to_onnx(
+    model: Any,
+    fitted: Fitted,
+    spec: Spec,
+    opset: int,
+    onnx_path: Path,
+    keras_out_shapes: Mapping[str, tuple[int, ...]],
+) -> tuple[Any, tuple[OutputInfo, ...]]:
+    """Write ``model`` as ONNX to ``onnx_path``; its ONNX Runtime session and the
+    manifest's outputs."""
+    _convert(model, fitted, opset, onnx_path)
+    session = ort_session(onnx_path, "the converted model")
+    _, graph_outs = _onnx_io(session, fitted)
+    outputs = output_infos(spec, graph_outs, _output_shapes(graph_outs, keras_out_shapes))
+    return session, outputs
+
+
+def _passing_parity(
+    model: Any,
+    session: Any,
+    fitted: Fitted,
+    spec: Spec,
+    batch_sizes: Sequence[int],
+    tolerance: float,
+    out: Path,
+) -> ParityResult:
+    """:func:`check_parity`'s result, or an ExportError if Keras and ONNX Runtime differ."""
+    parity = check_parity(
+        model,
+        session,
+        fitted,
+        batch_sizes=batch_sizes,
+        tolerance=tolerance,
+        label_output=spec.label_output,
+    )
+    if not parity.passed:
+        raise ExportError(
+            f"parity failed: Keras vs ONNX Runtime max abs diff {parity.max_abs_diff:.3g} > "
+            f"tolerance {tolerance:.3g} (argmax agreement {parity.argmax_agreement:.4f}, "
+            f"batch sizes {list(batch_sizes)}); nothing was written to {out}"
         )
-        if not parity.passed:
-            raise ExportError(
-                f"parity failed: Keras vs ONNX Runtime max abs diff {parity.max_abs_diff:.3g} > "
-                f"tolerance {tolerance:.3g} (argmax agreement {parity.argmax_agreement:.4f}, "
-                f"batch sizes {list(parity_batch_sizes)}); nothing was written to {out}"
-            )
-        fp16_result = None
-        if fp16:
-            fp16_result = _make_fp16(onnx_path, session, fitted, spec, parity_batch_sizes)
-            if not fp16_result.passed:
-                raise ExportError(
-                    f"fp16 check failed: argmax agreement with the FP32 model "
-                    f"{fp16_result.argmax_agreement:.4f} < {fp16_result.min_agreement:.4f} "
-                    f"on {fp16_result.rows} examples (max abs diff "
-                    f"{fp16_result.max_abs_diff:.3g}); export without --fp16; "
-                    f"nothing was written to {out}"
-                )
-        manifest = build_manifest(
-            spec,
-            fitted,
-            outputs,
-            version=version,
-            sha256=sha256_file(onnx_path),
-            files=copy_files(spec.files(), tmp),
-            opset=opset,
-            producer=_producer(),
-            parity=parity.to_dict(),
-            precision="fp16" if fp16 else "fp32",
-            fp16_parity=fp16_result.to_dict() if fp16_result else {},
+    return parity
+
+
+def _passing_fp16(
+    onnx_path: Path,
+    session32: Any,
+    fitted: Fitted,
+    spec: Spec,
+    batch_sizes: Sequence[int],
+    out: Path,
+) -> Fp16Result:
+    """:func:`_make_fp16`'s result, or an ExportError if the FP16 graph's argmax agrees
+    too rarely with the FP32 graph's."""
+    fp16_result = _make_fp16(onnx_path, session32, fitted, spec, batch_sizes)
+    if not fp16_result.passed:
+        raise ExportError(
+            f"fp16 check failed: argmax agreement with the FP32 model "
+            f"{fp16_result.argmax_agreement:.4f} < {fp16_result.min_agreement:.4f} "
+            f"on {fp16_result.rows} examples (max abs diff "
+            f"{fp16_result.max_abs_diff:.3g}); export without --fp16; "
+            f"nothing was written to {out}"
         )
-        manifest.write(tmp)
+    return fp16_result
+
+
+def _manifest(
+    tmp: Path,
+    spec: Spec,
+    fitted: Fitted,
+    outputs: tuple[OutputInfo, ...],
+    version: str,
+    opset: int,
+    parity: ParityResult,
+    fp16_result: Fp16Result | None,
+) -> Manifest:
+    """The manifest of the checked ``model.onnx`` in ``tmp``, after copying the files
+    the transforms read there."""
+    return build_manifest(
+        spec,
+        fitted,
+        outputs,
+        version=version,
+        sha256=sha256_file(tmp / MODEL_FILE),
+        files=copy_files(spec.files(), tmp),
+        opset=opset,
+        producer=_producer(),
+        parity=parity.to_dict(),
+        precision="fp16" if fp16_result is not None else "fp32",
+        fp16_parity=fp16_result.to_dict() if fp16_result else {},
+    )
+
+
+def _log_exported(
+    manifest: Manifest, out: Path, seconds: float, opset: int, parity: ParityResult
+) -> None:
     log.info(
         "exported %s %s to %s in %.1f s (opset %d, %s, parity max abs diff %.3g, sha256 %s)",
         manifest.name,
         manifest.version,
         out,
-        time.perf_counter() - started,
+        seconds,
         opset,
         manifest.precision,
         parity.max_abs_diff,
         manifest.sha256[:12],
     )
-    return manifest
 
 
 def build_manifest(

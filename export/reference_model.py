@@ -337,31 +337,58 @@ def train_reference(
         ConfigError: a bad argument, or ``out_dir`` cannot be created or written.
         StorageError: a full disk, exceeded quota or I/O error while writing.
     """
+    _check_training_args(n_train=n_train, epochs=epochs, n_test=n_test, corrupt_p=corrupt_p)
+    out = _make_out_dir(Path(out_dir))
+    specs = reference_specs(image_size)
+    keras.utils.set_random_seed(seed)
+    model, training = _fit_reference(
+        specs,
+        n_train=n_train,
+        epochs=epochs,
+        batch_size=batch_size,
+        corrupt_p=corrupt_p,
+        seed=seed,
+        image_size=image_size,
+        width=width,
+    )
+    evaluation = _evaluate_held_out(model, specs, n_test=n_test, corrupt_p=corrupt_p)
+    card = _model_card(evaluation, training)
+    return _write_reference(out, model, specs, version, card)
+
+
+def _check_training_args(*, n_train: int, epochs: int, n_test: int, corrupt_p: float) -> None:
     if n_train < 1 or epochs < 1 or n_test < 1:
         raise ConfigError(
             f"n_train, epochs and n_test must be >= 1 (got {n_train}, {epochs}, {n_test})"
         )
     if not 0.0 <= corrupt_p < 1.0:
         raise ConfigError(f"corrupt_p must be in [0, 1), not {corrupt_p}")
-    out = Path(out_dir)
+
+
+def _make_out_dir(out: Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise os_error(f"--out {str(out)!r}", exc) from exc
-    specs = reference_specs(image_size)
-    keras.utils.set_random_seed(seed)
+    return out
 
+
+def _fit_reference(
+    specs: Mapping[str, Transform],
+    *,
+    n_train: int,
+    epochs: int,
+    batch_size: int,
+    corrupt_p: float,
+    seed: int,
+    image_size: int,
+    width: int,
+) -> tuple[Any, dict[str, Any]]:
+    """A new model fitted on ``n_train`` training samples, and the model card's
+    ``training`` section (these settings, final loss and accuracy, seconds)."""
     t0 = time.perf_counter()
     train = samples(n_train, np.random.default_rng(seed), split="train", corrupt_p=corrupt_p)
-    image_bytes = n_train * int(np.prod(_typed_specs(specs)[0].shape())) * 4
-    if image_bytes <= MAX_IN_MEMORY_BYTES:
-        x_train: Any = featurize(train, specs)
-        y_train: Any = np.array([s.label for s in train], dtype=np.int64)
-        fit_args: dict[str, Any] = {"batch_size": batch_size, "shuffle": True}
-    else:  # e.g. 256x256 images: featurize batch by batch
-        log.info("images need %.1f GB: featurizing batch by batch", image_bytes / 1e9)
-        x_train, y_train = SampleBatches(train, specs, batch_size, seed), None
-        fit_args = {}
+    x_train, y_train, fit_args = _training_data(train, specs, batch_size, seed)
     featurize_s = time.perf_counter() - t0
 
     model = build_model(specs, len(LABELS), width=width)
@@ -370,7 +397,41 @@ def train_reference(
     history = model.fit(x_train, y_train, epochs=epochs, verbose=0, **fit_args)
     fit_s = time.perf_counter() - t1
     log.info("trained %d epochs on %d samples in %.1f s", epochs, n_train, fit_s)
+    return model, {
+        "n_train": n_train,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "corrupt_p": corrupt_p,
+        "seed": seed,
+        "image_size": image_size,
+        "width": width,
+        "final_loss": round(float(history.history["loss"][-1]), 4),
+        "final_train_accuracy": round(float(history.history["accuracy"][-1]), 4),
+        "seconds": round(featurize_s + fit_s, 1),
+        "fit_seconds": round(fit_s, 1),
+    }
 
+
+def _training_data(
+    train: Sequence[Sample], specs: Mapping[str, Transform], batch_size: int, seed: int
+) -> tuple[Any, Any, dict[str, Any]]:
+    """``model.fit``'s ``x``, ``y`` and further arguments: whole tensors when the images
+    fit in :data:`MAX_IN_MEMORY_BYTES`, else a :class:`SampleBatches`."""
+    image_bytes = len(train) * int(np.prod(_typed_specs(specs)[0].shape())) * 4
+    if image_bytes <= MAX_IN_MEMORY_BYTES:
+        x_train = featurize(train, specs)
+        y_train = np.array([s.label for s in train], dtype=np.int64)
+        return x_train, y_train, {"batch_size": batch_size, "shuffle": True}
+    # e.g. 256x256 images: featurize batch by batch
+    log.info("images need %.1f GB: featurizing batch by batch", image_bytes / 1e9)
+    return SampleBatches(train, specs, batch_size, seed), None, {}
+
+
+def _evaluate_held_out(
+    model: Any, specs: Mapping[str, Transform], *, n_test: int, corrupt_p: float
+) -> dict[str, Any]:
+    """The model card's ``evaluation``: held-out accuracy (corrupted and clean) and the
+    quality checks, a failed one logged as a warning."""
     test_rng = np.random.default_rng(TEST_SEED)
     held_out = evaluate(model, samples(n_test, test_rng, split="test", corrupt_p=corrupt_p), specs)
     clean = evaluate(model, samples(n_test, test_rng, split="test", corrupt_p=0.0), specs)
@@ -384,38 +445,35 @@ def train_reference(
             log.warning(
                 "reference model quality check failed: %s (%s, clean %s)", name, held_out, clean
             )
+    return {
+        "split": "test",
+        "n": n_test,
+        "seed": TEST_SEED,
+        "corrupt_p": corrupt_p,
+        "accuracy": held_out,
+        "clean_accuracy": clean,
+        "single_modality": "the fused model with the other modalities blanked "
+        "(zero image, empty text, silent audio)",
+        "checks": checks,
+    }
 
-    card: dict[str, Any] = {
+
+def _model_card(evaluation: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
+    return {
         "task": "classify a digit 0-9 shown as an image, named in text and heard as DTMF audio",
         "data": "worker.contract.reference_data: scikit-learn load_digits images, template "
         "phrases, "
         "synthetic DTMF tones; each modality corrupted independently with probability corrupt_p",
-        "evaluation": {
-            "split": "test",
-            "n": n_test,
-            "seed": TEST_SEED,
-            "corrupt_p": corrupt_p,
-            "accuracy": held_out,
-            "clean_accuracy": clean,
-            "single_modality": "the fused model with the other modalities blanked "
-            "(zero image, empty text, silent audio)",
-            "checks": checks,
-        },
-        "training": {
-            "n_train": n_train,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "corrupt_p": corrupt_p,
-            "seed": seed,
-            "image_size": image_size,
-            "width": width,
-            "final_loss": round(float(history.history["loss"][-1]), 4),
-            "final_train_accuracy": round(float(history.history["accuracy"][-1]), 4),
-            "seconds": round(featurize_s + fit_s, 1),
-            "fit_seconds": round(fit_s, 1),
-        },
+        "evaluation": evaluation,
+        "training": training,
         "limitations": "synthetic reference task; not a general digit, text or speech model",
     }
+
+
+def _write_reference(
+    out: Path, model: Any, specs: Mapping[str, Transform], version: str, card: dict[str, Any]
+) -> dict[str, Any]:
+    """Save ``model.keras`` and the sidecar into ``out``; :func:`train_reference`'s result."""
     model_path = out / KERAS_FILE
     try:
         model.save(model_path)

@@ -30,7 +30,7 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from worker.edge.kafka_io import ensure_topics
+from worker.edge.kafka_python.admin import ensure_topics
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 Record = tuple[str, str, bytes, str]  # key (event id), modality, value, content type
 
-#: The worker logs this (worker/edge/kafka_io.py) when it is given at least one partition.
+#: Both clients log this when the worker is given at least one partition.
 ASSIGNED_RE = re.compile(r"partitions assigned: \[\(")
 PRODUCING_RE = re.compile(r"producing \d+ events")
 

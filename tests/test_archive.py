@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import gzip
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,16 +17,11 @@ from jsonschema import Draft202012Validator
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.serializer import Serializer
 
-from worker.backfill.archive import (
-    ArchiveConfig,
-    add_archive_args,
-    archive_config,
-    archive_range,
-    cmd_archive,
-    restore_file,
-)
+from worker.backfill import archive_copy
+from worker.backfill.archive_copy import ArchiveConfig, archive_range, restore_file
 from worker.backfill.ranges import PartitionRange, format_time, resolve_ranges
-from worker.config import KafkaSecurity, bind_env
+from worker.cli.main import main
+from worker.config import KafkaSecurity
 from worker.contract.errors import BrokerError, ConfigError
 from worker.edge.kafka_python import KafkaPythonClients
 
@@ -139,10 +134,18 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f]
 
 
-def archive_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmstream archive")
-    add_archive_args(parser)
-    return parser
+def archive_config(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> ArchiveConfig:
+    """The config ``mmstream archive ARGV`` runs with (parsed by the real CLI; nothing read)."""
+    seen: list[ArchiveConfig] = []
+
+    def run_archive(config: ArchiveConfig) -> dict[str, Any]:
+        seen.append(config)
+        return {}
+
+    monkeypatch.setattr(archive_copy, "run_archive", run_archive)
+    assert main(["archive", *argv]) == 0
+    (config,) = seen
+    return config
 
 
 def base_ms() -> int:
@@ -207,8 +210,7 @@ def test_time_window_and_offset_ranges_via_the_cli_flags(
         *("--kafka-client", kafka_client),
     ]
     window = ["--from", format_time(t0 + 20_000), "--to", format_time(t0 + 40_000)]
-    args = archive_parser().parse_args([*common, *window, "--out", str(out)])
-    assert cmd_archive(args) == 0
+    assert main(["archive", *common, *window, "--out", str(out)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["records"] == 20
 
@@ -221,10 +223,8 @@ def test_time_window_and_offset_ranges_via_the_cli_flags(
 
     # Explicit offsets: only the partitions named, END exclusive.
     out2 = tmp_path / "offsets.jsonl"
-    args = archive_parser().parse_args(
-        [*common, "--range", "0:2-5", "--range", "2:-2", "--out", str(out2)]
-    )
-    assert cmd_archive(args) == 0
+    offsets = ["--range", "0:2-5", "--range", "2:-2"]
+    assert main(["archive", *common, *offsets, "--out", str(out2)]) == 0
     capsys.readouterr()
     got2 = [(r["partition"], r["offset"], r["value"]) for r in read_lines(out2)[1:]]
     assert got2 == [
@@ -247,8 +247,7 @@ def test_dry_run_writes_nothing_and_leaves_no_group(
         groups_before = {g["group_id"] for g in admin.list_groups()}
         out = tmp_path / "never.jsonl"
         argv = ["--bootstrap-servers", kafka_bootstrap, "--source-topic", topic]
-        args = archive_parser().parse_args([*argv, "--out", str(out), "--dry-run"])
-        assert cmd_archive(args) == 0
+        assert main(["archive", *argv, "--out", str(out), "--dry-run"]) == 0
         printed = capsys.readouterr().out.strip().splitlines()
         assert len(printed) == 1
         summary = json.loads(printed[0])
@@ -271,16 +270,12 @@ def test_restore_refuses_a_topic_with_too_few_partitions(
     source, small = topic_factory(3), topic_factory(1)
     produce(kafka_bootstrap, source, [(p, b"k", b"v", [], base_ms()) for p in range(3)])
     out = tmp_path / "a.jsonl"
-    args = archive_parser().parse_args(
-        ["--bootstrap-servers", kafka_bootstrap, "--source-topic", source, "--out", str(out)]
-    )
     archive_range(kafka_bootstrap, source, _resolve(kafka_bootstrap, source), out)
     with pytest.raises(ConfigError, match=r"has 1 partition.*at least 3"):
         restore_file(out, kafka_bootstrap, small)
     with pytest.raises(ConfigError, match="does not exist"):
         restore_file(out, kafka_bootstrap, f"{small}-missing")
     assert end_offsets(kafka_bootstrap, small, 1) == {0: 0}
-    assert archive_config(args).out == out
 
 
 @pytest.mark.integration
@@ -418,7 +413,7 @@ def test_schema_is_valid_and_accepts_both_line_kinds() -> None:
     assert not validator.is_valid({**GOOD, "timestamp_type": "other"})
 
 
-def test_archive_config_is_strict(tmp_path: Path) -> None:
+def test_archive_config_is_strict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base = {"bootstrap_servers": "b:9092", "source_topic": "t", "out": tmp_path / "a.jsonl"}
     cfg = ArchiveConfig.from_mapping(base)
     assert cfg.offsets() is None and cfg.window()[0] is None and not cfg.dry_run
@@ -436,11 +431,15 @@ def test_archive_config_is_strict(tmp_path: Path) -> None:
         ArchiveConfig.from_mapping({**base, "ranges": ("0-1",)})
     with pytest.raises(ConfigError, match="does not exist"):
         ArchiveConfig.from_mapping({**base, "out": tmp_path / "no" / "a.jsonl"})
-    # MMSTREAM_RANGE arrives as one string (comma-separated); a --range flag replaces it.
-    parser = archive_parser()
-    bind_env(parser, {"MMSTREAM_RANGE": "0:1-2, 1:5-"})
-    argv = ["--bootstrap-servers", "b", "--source-topic", "t", "--dry-run"]
-    assert archive_config(parser.parse_args(argv)).ranges == ("0:1-2", "1:5-")
-    flag_wins = parser.parse_args([*argv, "--range", "2:0-1", "--range", "0:-9,1:4-"])
-    flag_wins.command, flag_wins.handler = "archive", cmd_archive  # as the CLI sets them
-    assert archive_config(flag_wins).offsets() == {2: (0, 1), 0: (None, 9), 1: (4, None)}
+    # The command line: --out is a path; MMSTREAM_RANGE arrives as one string
+    # (comma-separated); a --range flag replaces it.
+    for name in [k for k in os.environ if k.startswith("MMSTREAM_")]:
+        monkeypatch.delenv(name)
+    argv = ["--bootstrap-servers", "b", "--source-topic", "t"]
+    out = tmp_path / "a.jsonl"
+    assert archive_config(monkeypatch, [*argv, "--out", str(out)]).out == out
+    argv.append("--dry-run")
+    monkeypatch.setenv("MMSTREAM_RANGE", "0:1-2, 1:5-")
+    assert archive_config(monkeypatch, argv).ranges == ("0:1-2", "1:5-")
+    flag_wins = archive_config(monkeypatch, [*argv, "--range", "2:0-1", "--range", "0:-9,1:4-"])
+    assert flag_wins.offsets() == {2: (0, 1), 0: (None, 9), 1: (4, None)}

@@ -51,7 +51,7 @@ def test_bench_writes_json_markdown_and_png(
     report = run_bench(config)
 
     on_disk = json.loads((out / "bench.json").read_text())
-    assert on_disk == json.loads(json.dumps(report))
+    assert on_disk == json.loads(json.dumps(report.to_json()))
     for section in ("config", "machine", "model", "raw_ort", "produce", "raw_consume"):
         assert section in on_disk
     assert on_disk["model"]["provider"] == "CPUExecutionProvider"
@@ -150,6 +150,6 @@ def test_bench_cli_flags_and_env_map_onto_the_config() -> None:
 
 
 def test_percentiles_of_nothing_and_something() -> None:
-    assert percentiles([])["n"] == 0
+    assert percentiles([]).n == 0
     p = percentiles([1.0, 2.0, 3.0, 4.0])
-    assert p["n"] == 4 and p["p50"] == 2.5 and p["max"] == 4.0
+    assert p.n == 4 and p.p50 == 2.5 and p.max == 4.0

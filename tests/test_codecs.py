@@ -39,7 +39,7 @@ from worker.config import COMPRESSION_TYPES, WorkerConfig
 from worker.contract.errors import ConfigError
 from worker.contract.manifest import load_manifest
 from worker.contract.reference_data import samples
-from worker.edge.kafka_io import kafka_compression
+from worker.edge.kafka_python.build import kafka_compression
 from worker.tools.produce import ProduceConfig, encode_sample, produce
 
 from kafka_broker import committed_offsets, end_offsets, read_topic

@@ -12,9 +12,8 @@ from confluent_kafka import KafkaError, KafkaException
 
 from worker.config import WorkerConfig
 from worker.contract.errors import BrokerError, ConfigError
-from worker.edge import confluent
-from worker.edge.client import CommitFailed, Fenced, clients_for
-from worker.edge.kafka_python import KafkaPythonClients
+from worker.edge.client import CommitFailed, Fenced
+from worker.edge.confluent import clients as confluent
 
 
 def config(tmp_path: Path, **kw: object) -> WorkerConfig:
@@ -26,13 +25,6 @@ def config(tmp_path: Path, **kw: object) -> WorkerConfig:
         model=tmp_path,
         **kw,  # type: ignore[arg-type]
     )
-
-
-def test_clients_for_each_name() -> None:
-    assert isinstance(clients_for("kafka-python"), KafkaPythonClients)
-    assert isinstance(clients_for("confluent"), confluent.ConfluentClients)
-    with pytest.raises(ConfigError, match="--kafka-client"):
-        clients_for("pykafka")
 
 
 def test_kafka_client_is_a_checked_setting(tmp_path: Path) -> None:

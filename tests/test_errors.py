@@ -26,7 +26,7 @@ import pytest
 from kafka import KafkaProducer
 from kafka import errors as kafka_errors
 
-from worker.backfill import archive
+from worker.backfill import archive_format
 from worker.contract.errors import (
     EXIT_INPUT,
     EXIT_INTERRUPTED,
@@ -193,25 +193,6 @@ def test_broker_error_wrap_without_a_flag_is_retriable() -> None:
     assert not BrokerError.wrap("x", kafka_errors.KafkaError()).retriable
 
 
-def test_kafka_pythons_committed_lookup_is_bounded_and_its_timeout_retriable() -> None:
-    # Without a timeout kafka-python waits for a coordinator without end, inside the loop.
-    from worker.edge.kafka_python import LOOKUP_TIMEOUT_MS, KafkaPythonConsumer
-
-    asked: list[int | None] = []
-
-    class CoordinatorAway:
-        def committed(
-            self, tp: object, metadata: bool = False, timeout_ms: int | None = None
-        ) -> None:
-            asked.append(timeout_ms)
-            raise kafka_errors.KafkaTimeoutError("Failed to fetch committed offsets")
-
-    consumer = KafkaPythonConsumer(CoordinatorAway())
-    with pytest.raises(BrokerError, match="cannot read the committed offset") as err:
-        consumer.committed(("t", 0))
-    assert err.value.retriable and asked == [LOOKUP_TIMEOUT_MS]
-
-
 def test_errors_module_imports_no_kafka_client() -> None:
     code = "import sys, worker.contract.errors; print('kafka' in sys.modules)"
     out = subprocess.run(
@@ -257,7 +238,7 @@ def _fail_on(monkeypatch: pytest.MonkeyPatch, name: str, code: int) -> None:
     def fail(*_args: Any, **_kwargs: Any) -> Any:
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(os, name, fail)  # the os module archive.py calls
+    monkeypatch.setattr(os, name, fail)  # the os module archive_format.py calls
 
 
 @pytest.mark.parametrize("suffix", ["jsonl", "jsonl.gz"])
@@ -285,7 +266,7 @@ def test_archive_writer_full_disk_is_a_storage_error_and_leaves_nothing(
     _fail_on(monkeypatch, step, code)
     writer = None
     with pytest.raises(cls) as info:
-        writer = archive._AtomicWriter(out)
+        writer = archive_format.AtomicWriter(out)
         writer.write(b'{"mmstream_archive":1}\n')
         writer.commit()
     if writer is not None:
@@ -297,7 +278,7 @@ def test_archive_writer_full_disk_is_a_storage_error_and_leaves_nothing(
 
 def test_archive_writer_still_commits_when_nothing_fails(tmp_path: Path) -> None:
     out = tmp_path / "parts.jsonl"
-    writer = archive._AtomicWriter(out)
+    writer = archive_format.AtomicWriter(out)
     writer.write(b"line\n")
     writer.commit()
     assert out.read_bytes() == b"line\n" and list(tmp_path.iterdir()) == [out]

@@ -28,10 +28,11 @@ from worker.core.offsets import encode_done
 from worker.core.pacing import Pacer
 from worker.core.pipeline import Worker
 from worker.core.poison import PoisonBudget
-from worker.core.sensors import NullSensor, Outcomes, StatsSensor, WorkerStats
+from worker.core.sensors import Outcomes, Sensor, StatsSensor, WorkerStats
 from worker.core.sources import Checkpoints
 from worker.edge.client import CommitFailed
 from worker.inference.model import ModelRunner, SessionInfo
+from worker.ops.metrics import MetricsSensor, WorkerMetrics
 
 from factories import small_manifest
 from fake_kafka import FakeBroker, FakeClients, FakeSession, npy_part
@@ -92,7 +93,7 @@ def run(worker: Worker, turns: int = 2000) -> None:
     ``turns`` turns, then drain and close it as ``run`` does."""
     stop = threading.Event()
     count = [0]
-    real_step = worker._step
+    real_step = worker.step
 
     def step() -> None:
         count[0] += 1
@@ -100,7 +101,7 @@ def run(worker: Worker, turns: int = 2000) -> None:
             stop.set()
         real_step()
 
-    worker._step = step  # type: ignore[method-assign]
+    worker.step = step  # type: ignore[method-assign]
     worker.run(stop)
 
 
@@ -133,7 +134,7 @@ def test_a_retriable_poll_failure_is_a_turn_without_records(
 ) -> None:
     # A broker refusing connections during a failover makes kafka-python's poll raise
     # (KafkaConnectionError); the worker waits a moment and polls again, it does not exit.
-    monkeypatch.setattr("worker.core.pipeline.POLL_RETRY_S", 0.0)
+    monkeypatch.setattr("worker.core.sources.POLL_RETRY_S", 0.0)
     broker = new_broker()
     for i in range(4):
         put_event(broker, f"ev-{i}", partition=i % 2)
@@ -370,11 +371,11 @@ def test_revoked_partitions_drop_their_pending_work_at_least_once() -> None:
     clients = FakeClients(broker)
     worker = Worker(config(max_events=1), runner(), broker.clock, clients=clients)
     worker.source.join()
-    worker._step()
-    assert len(worker.assembler) == 1  # p0 waits for its audio
+    worker.step()
+    assert len(worker.intake.assembler) == 1  # p0 waits for its audio
     clients.consumers[0].revoke({(IN, 0)})
-    worker._step()
-    assert len(worker.assembler) == 0
+    worker.step()
+    assert len(worker.intake.assembler) == 0
     run(worker)
     assert predicted_ids(broker) == ["p1"]
     assert broker.committed["g"][(IN, 0)] == (0, "")  # the new owner re-reads p0
@@ -392,8 +393,8 @@ def test_backpressure_pauses_at_the_bound_and_resumes_below_it() -> None:
     seen = []
     worker.source.join()
     for _ in range(600):
-        worker._step()
-        seen.append((worker._pending_events(), bool(worker.consumer.paused())))
+        worker.step()
+        seen.append((worker.pending_events(), bool(worker.consumer.paused())))
     assert max(p for p, _ in seen) <= 10
     assert any(paused for _, paused in seen) and not seen[-1][1]
     # Every record dead-lettered once: those the full bound pushed out as such, the rest
@@ -415,11 +416,11 @@ def test_a_fetch_stall_longer_than_the_timeout_expires_nothing_whose_parts_are_i
     )  # fmt: skip
     worker.source.join()
     for _ in range(4):  # part of the log read, then the partition paused (a stall)
-        worker._step()
+        worker.step()
     worker.consumer.pause(worker.consumer.assignment())
     for _ in range(50):
-        worker._step()
-    assert len(worker.assembler) == 1 and broker.records(DLQ) == []
+        worker.step()
+    assert len(worker.intake.assembler) == 1 and broker.records(DLQ) == []
     worker.consumer.resume(worker.consumer.assignment())
     run(worker, turns=200)
     assert sorted(predicted_ids(broker)) == [f"e{i}" for i in range(6)]
@@ -441,7 +442,7 @@ def test_an_event_expires_at_the_same_place_in_the_stream_however_fast_it_is_rea
     dlq = broker.records(DLQ)
     assert [dict(r.headers)["mm-error"] for r in dlq] == [b"incomplete_event"] * 2
     assert [r.key for r in dlq] == [b"late", b"late"]
-    assert len(worker.assembler) == 1  # the late audio waits for its event's other parts
+    assert len(worker.intake.assembler) == 1  # the late audio waits for its event's other parts
 
 
 @pytest.mark.parametrize(("bound", "predicted"), [(10, 0), (1000, 40)])
@@ -482,21 +483,21 @@ def test_unacknowledged_outputs_count_in_the_bounds_and_hold_fetching_and_infere
     )  # fmt: skip
     worker.source.join()
     for _ in range(300):
-        worker._step()
+        worker.step()
     # At the bound: up to 8 outputs in flight (the next batch of up to 4 would pass it),
     # fetching paused, no more batches inferred, and nothing of it committed.
-    assert 8 - 4 < worker.in_flight.records <= 8 and worker.in_flight.nbytes > 0
+    assert 8 - 4 < worker.outputs.records <= 8 and worker.outputs.nbytes > 0
     assert worker.consumer.paused() == {(IN, 0)}
     assert worker.stats.consumed < 90 and broker.records(OUT) == []
     assert broker.committed.get("g", {}).get((IN, 0), (0, ""))[0] == 0
     broker.release()  # it thaws: everything flows again, nothing lost
     for _ in range(2000):
-        worker._step()
+        worker.step()
         if worker.stats.predicted >= 30:
             break
-    worker._drain()
+    worker.drain()
     assert sorted(predicted_ids(broker)) == [f"ev-{i:02d}" for i in range(30)]
-    assert worker.in_flight.records == 0 and worker.in_flight.nbytes == 0
+    assert worker.outputs.records == 0 and worker.outputs.nbytes == 0
     assert broker.committed["g"][(IN, 0)] == (90, "")
 
 
@@ -514,17 +515,17 @@ def test_large_dead_letters_waiting_for_acks_stay_within_the_byte_bound() -> Non
     worker.source.join()
     peak = 0
     for _ in range(200):
-        worker._step()
-        peak = max(peak, worker.in_flight.nbytes + worker.assembler.pending_bytes)
+        worker.step()
+        peak = max(peak, worker.outputs.nbytes + worker.intake.assembler.pending_bytes)
     # At most the bound plus the one record that crossed it (a dead letter is cut to 512 KiB).
     assert 2 * 1024 * 1024 <= peak < 2 * 1024 * 1024 + 600 * 1024
     assert worker.consumer.paused() == {(IN, 0)} and worker.stats.consumed < 40
     broker.release()  # it thaws: the records put back are read again, nothing lost
     for _ in range(2000):
-        worker._step()
+        worker.step()
         if worker.stats.predicted:
             break
-    worker._drain()
+    worker.drain()
     assert len(broker.records(DLQ)) == 40 and predicted_ids(broker) == ["after"]
     assert broker.committed["g"][(IN, 0)] == (43, "")
 
@@ -535,14 +536,16 @@ def test_a_worker_whose_outputs_are_never_acknowledged_stops_instead_of_waiting_
         put_event(broker, f"ev-{i}")
     broker.hold_acks = True  # the output broker is gone for good
     broker.clock.tick = 50
+    metrics = WorkerMetrics()
     worker = Worker(
-        config(progress_timeout_s=20), runner(), broker.clock, clients=FakeClients(broker)
-    )
+        config(progress_timeout_s=20), runner(), broker.clock, clients=FakeClients(broker),
+        sensors=[MetricsSensor(metrics)],
+    )  # fmt: skip
     worker.source.join()
     with pytest.raises(BrokerError, match=r"no commit or transaction completed in 2\d s"):
         for _ in range(10_000):
-            worker._step()
-    assert worker.watchdog.stalled_s(broker.clock.now_ms / 1000) > 20
+            worker.step()
+    assert worker.liveness.progress.stalled_s(broker.clock.now_ms / 1000) > 20
     # Nothing unacknowledged was committed.
     assert broker.committed.get("g", {}).get((IN, 0), (0, "")) == (0, "")
 
@@ -558,18 +561,18 @@ def test_a_producer_that_can_neither_commit_nor_abort_is_replaced_and_nothing_is
     )  # fmt: skip
     worker.source.join()
     broker.clock.tick = 1
-    worker._step()  # the first four, committed in the first transaction
+    worker.step()  # the first four, committed in the first transaction
     for i in range(4, 8):
         put_event(broker, f"ev-{i}")
-    worker._step()  # the next four, sent in a transaction that stays open for a second
+    worker.step()  # the next four, sent in a transaction that stays open for a second
     assert worker.checkpoint.in_transaction and broker.transactions == ["committed"]
     clients.producers[0].wedged = True  # it lost its coordinator: commit and abort time out
     broker.failing_inits = 1  # and the first replacement cannot get a producer id yet
     for _ in range(2000):
-        worker._step()
+        worker.step()
         if worker.stats.predicted == 8:
             break
-    worker._drain()
+    worker.drain()
     assert len(clients.producers) == 3 and clients.producers[0].closed
     assert sorted(predicted_ids(broker)) == [f"ev-{i}" for i in range(8)]  # each once
     assert broker.committed["g"][(IN, 0)][0] == 24
@@ -589,7 +592,7 @@ def test_a_fenced_producer_stops_the_worker_instead_of_fencing_the_new_one() -> 
     worker.source.join()
     broker.clock.tick = 1
     for _ in range(50):
-        worker._step()
+        worker.step()
         if worker.checkpoint.in_transaction:
             break
     broker.fail_next_commit = Fenced("a newer producer with this transactional id is active")
@@ -600,7 +603,7 @@ def test_a_fenced_producer_stops_the_worker_instead_of_fencing_the_new_one() -> 
     clients.producers[0].abort_transaction = fenced_abort  # type: ignore[method-assign]
     with pytest.raises(Fenced):
         for _ in range(100):
-            worker._step()
+            worker.step()
     assert len(clients.producers) == 1 and broker.records(OUT) == []
 
 
@@ -629,10 +632,10 @@ def test_healthz_fails_once_work_waits_past_the_progress_timeout() -> None:
     )
     now_s = broker.clock.now_ms / 1000
     assert _progress(None) == (True, "starting")
-    worker.watchdog.check(now_s - 29, lambda: True)
+    worker.liveness.progress.check(now_s - 29, lambda: True)
     assert _progress(worker)[0] is True
-    worker.watchdog.progressed()
-    worker.watchdog.check(now_s - 31, lambda: True)
+    worker.liveness.progress.progressed()
+    worker.liveness.progress.check(now_s - 31, lambda: True)
     ok, reason = _progress(worker)
     assert not ok and reason.startswith("no commit or transaction completed in 31 s")
 
@@ -646,33 +649,35 @@ def test_a_member_out_of_its_group_past_the_progress_timeout_stops_the_worker() 
     broker = new_broker(1)
     put_event(broker, "ev")
     broker.clock.tick = 50
+    metrics = WorkerMetrics()
     worker = Worker(
-        config(progress_timeout_s=20), runner(), broker.clock, clients=FakeClients(broker)
-    )
+        config(progress_timeout_s=20), runner(), broker.clock, clients=FakeClients(broker),
+        sensors=[MetricsSensor(metrics)],
+    )  # fmt: skip
     worker.source.join()
     for _ in range(200):
-        worker._step()
+        worker.step()
     assert predicted_ids(broker) == ["ev"] and not worker._work_waiting()
     consumer, clock = worker.consumer, broker.clock
 
     def steps_for(seconds: float) -> None:
         until = clock.now_ms + seconds * 1000
         while clock.now_ms < until:
-            worker._step()
+            worker.step()
 
     consumer.out_of_group = True  # type: ignore[attr-defined]
     steps_for(12)  # out for 12 s, then back: the count starts again
     consumer.out_of_group = False  # type: ignore[attr-defined]
     steps_for(12)
-    assert worker.membership.stalled_s(clock.now_ms / 1000) == 0.0
-    assert worker.metrics.value("mmstream_out_of_group_seconds") == 0.0
+    assert worker.liveness.membership.stalled_s(clock.now_ms / 1000) == 0.0
+    assert metrics.value("mmstream_out_of_group_seconds") == 0.0
     consumer.out_of_group = True  # type: ignore[attr-defined]
     with pytest.raises(BrokerError, match=r"out of consumer group 'g' for 2\d s") as caught:
         for _ in range(10_000):
-            worker._step()
-            if 10 < worker.membership.stalled_s(clock.now_ms / 1000) < 15:
+            worker.step()
+            if 10 < worker.liveness.membership.stalled_s(clock.now_ms / 1000) < 15:
                 assert _progress(worker) == (True, "ok")
-                assert 9 < (worker.metrics.value("mmstream_out_of_group_seconds") or 0) < 15
+                assert 9 < (metrics.value("mmstream_out_of_group_seconds") or 0) < 15
     assert caught.value.retriable
     ok, reason = _progress(worker)
     assert not ok and reason.startswith("out of consumer group 'g' for 2")
@@ -708,7 +713,9 @@ def test_replay_is_the_worker_with_a_range_a_window_and_a_pacer() -> None:
         [PartitionRange(0, 0, 120, 0, 120)], window, rate=100.0,
         clock=broker.clock, clients=FakeClients(broker),
     )  # fmt: skip
-    assert isinstance(worker.admission, Paced) and isinstance(worker.events, TimeWindow)
+    assert isinstance(worker.dispatch.admission, Paced) and isinstance(
+        worker.intake.events, TimeWindow
+    )
     began = broker.clock.now_ms
     worker.run(threading.Event())  # ends by itself: the range is exhausted
     assert predicted_ids(broker) == [f"ev-{i:02d}" for i in range(10, 30)]
@@ -860,7 +867,7 @@ def test_checkpoint_commits_only_owned_finished_work_and_reports_refusals() -> N
     assert cp.commit(500) is Commit.COMMITTED and broker.committed["g"][(IN, 0)] == (4, "")
 
 
-def test_checkpoint_abort_bumps_the_generation_and_forgets_offsets() -> None:
+def test_checkpoint_abort_ends_the_transaction_and_forgets_offsets() -> None:
     broker = new_broker(1)
     clients = FakeClients(broker)
     eos = config(guarantee="exactly-once")
@@ -873,7 +880,7 @@ def test_checkpoint_abort_bumps_the_generation_and_forgets_offsets() -> None:
     cp.sending()
     assert cp.in_transaction
     cp.abort()
-    assert cp.generation == 1 and not cp.in_transaction and cp.open_records() == 0
+    assert not cp.in_transaction and cp.open_records() == 0
     assert broker.transactions == ["aborted"]
     broker.committed["g"] = {(IN, 0): (0, "mm1:1-2")}
     fresh = Checkpoint(
@@ -901,7 +908,7 @@ def test_outcomes_held_until_commit_and_dropped_on_abort() -> None:
     held.discard()
     held.commit()
     assert stats.incomplete == 0
-    direct = Outcomes(NullSensor(), held=False)
+    direct = Outcomes(Sensor(), held=False)
     direct.predicted(None)  # reaches the sensor at once (nothing held)
     assert direct._pending == []
 

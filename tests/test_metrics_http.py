@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import re
 import socket
+import typing
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 
 from worker.contract.errors import ConfigError
 from worker.ops.http import ProbeServer, beat_health, loop_health
-from worker.ops.metrics import WorkerMetrics
+from worker.ops.metrics import METRICS, Metric, WorkerMetrics, markdown_table
 
 # Metric family names as the text exposition's "# TYPE" lines spell them.
 METRIC_NAMES = [
     "mmstream_records_consumed_total",
     "mmstream_events_completed_total",
     "mmstream_events_incomplete_total",
+    "mmstream_events_evicted_total",
     "mmstream_duplicate_parts_total",
     "mmstream_predictions_total",
     "mmstream_dead_letters_total",
@@ -27,6 +31,8 @@ METRIC_NAMES = [
     "mmstream_end_to_end_seconds",
     "mmstream_pending_events",
     "mmstream_pending_bytes",
+    "mmstream_unacked_outputs",
+    "mmstream_unacked_output_bytes",
     "mmstream_paused_partitions",
     "mmstream_assigned_partitions",
     "mmstream_uncommitted_records",
@@ -115,12 +121,33 @@ def test_explicit_registry_is_used() -> None:
 def test_fixed_label_sets_start_at_zero(metrics: WorkerMetrics) -> None:
     for action in ("dlq", "drop", "infer"):
         assert metrics.value("mmstream_events_incomplete_total", action=action) == 0
+        assert metrics.value("mmstream_events_evicted_total", action=action) == 0
     for result in ("ok", "failed"):
         assert metrics.value("mmstream_commits_total", result=result) == 0
-    for result in ("committed", "aborted"):
+    for result in ("committed", "aborted", "rebuilt"):
         assert metrics.value("mmstream_transactions_total", result=result) == 0
     assert metrics.value("mmstream_dead_letters_total", reason="decode_error") == 0
     assert metrics.value("mmstream_no_such_metric") is None
+
+
+def test_declarations_are_the_typed_attributes(metrics: WorkerMetrics) -> None:
+    kinds = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
+    assert typing.get_type_hints(WorkerMetrics) == {m.attr: kinds[m.type] for m in METRICS}
+    for m in METRICS:
+        assert isinstance(getattr(metrics, m.attr), kinds[m.type]), m.attr
+    exported = {family.name for family in metrics.registry.collect()}
+    assert exported == {m.name.removesuffix("_total") for m in METRICS}
+
+
+def test_declaration_rejects_inconsistent_fields() -> None:
+    with pytest.raises(ValueError, match="_total"):
+        Metric("x", "mmstream_x", "counter", "help")
+    with pytest.raises(ValueError, match="buckets"):
+        Metric("x", "mmstream_x", "histogram", "help")
+    with pytest.raises(ValueError, match="multiprocess_mode"):
+        Metric("x", "mmstream_x_total", "counter", "help", multiprocess_mode="max")
+    with pytest.raises(ValueError, match="one label"):
+        Metric("x", "mmstream_x_total", "counter", "help", zero=("a",))
 
 
 def test_labelled_counters_and_histograms(metrics: WorkerMetrics) -> None:
@@ -329,3 +356,56 @@ def test_request_logs_go_to_logger_not_stderr(
         get(server + "/healthz")
     assert capsys.readouterr().err == ""
     assert any("GET /healthz" in r.getMessage() for r in caplog.records)
+
+
+# -- docs/operations.md's metrics table ------------------------------------------
+
+OPERATIONS = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
+_METRIC_CELL = re.compile(r"`(\w+)(?:\{(\w+(?:,\w+)*)\})?`")
+
+
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    """The Markdown tables in ``text``: rows of stripped cells (header and rule included)."""
+    tables: list[list[list[str]]] = []
+    previous = ""
+    for line in text.splitlines():
+        if line.startswith("|"):
+            if not previous.startswith("|"):
+                tables.append([])
+            tables[-1].append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        previous = line
+    return tables
+
+
+def metric_rows(table: list[list[str]]) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(name, type, labels) of each row below the header, from the first two cells."""
+    rows = []
+    for cells in table[2:]:
+        match = _METRIC_CELL.fullmatch(cells[0])
+        assert match, f"not one metric as `name{{label,...}}`: {cells[0]}"
+        labels = tuple(match.group(2).split(",")) if match.group(2) else ()
+        rows.append((match.group(1), cells[1], labels))
+    return rows
+
+
+def declared() -> list[tuple[str, str, tuple[str, ...]]]:
+    return sorted((m.name, m.type, m.labels) for m in METRICS)
+
+
+def test_markdown_table_prints_the_declarations() -> None:
+    (table,) = markdown_tables(markdown_table())
+    assert metric_rows(table) == [(m.name, m.type, m.labels) for m in METRICS]
+
+
+def test_operations_guide_has_one_table_of_exactly_the_declared_metrics() -> None:
+    tables = [
+        table
+        for table in markdown_tables(OPERATIONS.read_text())
+        if any(cells[0].startswith("`mmstream_") for cells in table)
+    ]
+    assert len(tables) == 1, "docs/operations.md: the metrics are listed in one table"
+    (table,) = tables
+    (printed,) = markdown_tables(markdown_table())
+    assert table[0] == printed[0]
+    # Sorted lists, not sets, so that a metric listed twice fails too.
+    assert sorted(metric_rows(table)) == declared()

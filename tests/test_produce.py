@@ -22,7 +22,7 @@ from worker.contract.errors import ConfigError, Reason, RecordError
 from worker.contract.manifest import Manifest, load_manifest
 from worker.contract.records import RawRecord, SourceRef
 from worker.core.decode import Limits, decode_record
-from worker.edge.kafka_python import to_raw
+from worker.edge.kafka_python.records import to_raw
 from worker.tools.produce import (
     POISON_KINDS,
     OutRecord,

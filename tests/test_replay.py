@@ -27,7 +27,7 @@ from worker.backfill.replay import BACKFILL_GROUP_PREFIX, ReplayConfig, run_repl
 from worker.contract.errors import ConfigError
 from worker.contract.manifest import load_manifest
 from worker.contract.reference_data import samples
-from worker.edge.kafka_io import count_records
+from worker.edge.kafka_python.admin import count_records
 from worker.tools.produce import encode_sample
 
 from kafka_broker import committed_offsets, end_offsets, read_topic
@@ -447,7 +447,7 @@ def test_progress_bar_and_log_lines(caplog: pytest.LogCaptureFixture) -> None:
 def test_replay_and_archive_take_the_workers_kafka_security(tmp_path: Path) -> None:
     import dataclasses
 
-    from worker.backfill.archive import ArchiveConfig
+    from worker.backfill.archive_copy import ArchiveConfig
     from worker.cli.main import build_parser
     from worker.config import WorkerConfig
     from worker.ops.processes import child_config

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from worker.backfill.archive import ArchiveConfig
+from worker.backfill.archive_copy import ArchiveConfig
 from worker.backfill.ranges import RangeSettings
 from worker.backfill.replay import ReplayConfig
 from worker.cli.main import build_parser
@@ -272,7 +272,7 @@ def test_replay_and_archive_commands_map_flags_and_the_password_onto_their_confi
 ) -> None:
     import importlib
 
-    import worker.backfill.archive as archive
+    import worker.backfill.archive_copy as archive_copy
     import worker.backfill.replay as replay
     import worker.cli.replay as replay_command
 
@@ -289,7 +289,7 @@ def test_replay_and_archive_commands_map_flags_and_the_password_onto_their_confi
         return {}
 
     monkeypatch.setattr(replay, "run_replay", run_replay)
-    monkeypatch.setattr(archive, "run_archive", run_archive)
+    monkeypatch.setattr(archive_copy, "run_archive", run_archive)
     # Neither the test process's signal handlers nor its logging are the command's to change.
     monkeypatch.setattr(replay_command, "stop_on_signals", lambda _what: threading.Event())
     for module in (cli, replay_command):

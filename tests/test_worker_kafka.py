@@ -27,7 +27,7 @@ from worker.contract.errors import Reason
 from worker.contract.manifest import MODEL_FILE, load_manifest
 from worker.contract.reference_data import samples
 from worker.core.pipeline import Worker, WorkerStats
-from worker.edge.client import clients_for
+from worker.edge.choice import clients_for
 from worker.inference.model import ModelRunner
 from worker.tools.produce import encode_sample
 

@@ -212,7 +212,7 @@ def test_image(
     work: Path, image: str, events: int, bootstrap: str, env: dict[str, str]
 ) -> dict[str, Any]:
     """Every event predicted by the image's worker, as uid 10001, drained by SIGTERM."""
-    from worker.edge.kafka_io import ensure_topics, read_records
+    from worker.edge.kafka_python.admin import ensure_topics, read_records
     from worker.tools.produce import ProduceConfig, produce
 
     run_id = uuid.uuid4().hex[:8]

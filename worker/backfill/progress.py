@@ -15,14 +15,14 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from worker.core.sensors import NullSensor
+from worker.core.sensors import Sensor
 
 log = logging.getLogger(__name__)
 
 LOG_EVERY_S = 10.0
 
 
-class Progress(NullSensor):
+class Progress(Sensor):
     """Counts records read and predictions; shows them as ``mode`` says
     (``auto``: a bar on a terminal, log lines otherwise; ``bar``, ``log``, ``none``)."""
 

@@ -32,7 +32,7 @@ a live subscription:
 
 Archives (``--source-file``, written by ``mmstream archive``): with
 ``--to-topic`` they are re-produced there at ``--rate``
-(:func:`worker.backfill.archive.restore_file`) and nothing is scored; with ``--model``
+(:func:`worker.backfill.archive_copy.restore_file`) and nothing is scored; with ``--model``
 they are scored: restored once into a staging topic
 ``mmstream-staging-<backfill id>`` (same partitions and order; kept by a killed
 run, so a re-run continues instead of restoring again), replayed whole as
@@ -69,8 +69,9 @@ from worker.core.pacing import Pacer
 from worker.core.pipeline import Clock, Worker, WorkerStats, wall_ms
 from worker.core.sensors import Sensor
 from worker.core.stage import BatchStage
-from worker.edge.client import Clients, Consumer, Inspector, clients_for
-from worker.edge.kafka_io import count_records, delete_topics, ensure_topics
+from worker.edge.choice import clients_for
+from worker.edge.client import Clients, Consumer, Inspector
+from worker.edge.kafka_python.admin import count_records, delete_topics, ensure_topics
 from worker.inference.model import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -336,35 +337,14 @@ def run_replay(
     if clients is None:
         clients = clients_for(config.kafka_client)
     if config.source_file is not None:
-        from worker.backfill.archive import restore_file
-
-        if config.to_topic:
-            restored: dict[str, Any] = restore_file(
-                config.source_file,
-                config.bootstrap_servers,
-                config.to_topic,
-                rate=config.rate,
-                security=config,
-                compression_type=config.compression_type,
-            )
-            return restored
-        return _score_archive(config, stop, clients)
+        return _replay_archive(config, config.source_file, stop, clients)
     if config.model is None:
         raise ConfigError("--model is required")
     from worker.contract.manifest import load_manifest
 
     manifest = load_manifest(config.model, verify=False)
     backfill_id = config.backfill_id or config.default_backfill_id(manifest.sha256)
-    # Exactly-once reads stop at the last stable offset: resolve the ends the same way.
-    inspector = clients.inspector(
-        config.bootstrap_servers, config, read_committed=config.guarantee == "exactly-once"
-    )
-    try:
-        ranges = resolve(config, inspector)
-        plan = _plan(config, backfill_id, ranges, inspector)
-        partitions = len(inspector.partitions(config.source_topic))
-    finally:
-        inspector.close()
+    ranges, plan, partitions = _resolve_plan(config, backfill_id, clients)
     if config.dry_run:
         plan["dry_run"] = True
         return plan
@@ -375,6 +355,56 @@ def run_replay(
     )
     runner = ModelRunner.load(config.model, config.device, max_batch_size=config.max_batch_size)
     parts_per_event = max(1, len(manifest.parts))
+    return _predict(config, backfill_id, runner, ranges, plan, parts_per_event, stop, clients)
+
+
+def _replay_archive(
+    config: ReplayConfig, source_file: Path, stop: threading.Event | None, clients: Clients
+) -> dict[str, Any]:
+    """``--source-file``: restored to ``--to-topic``, or (with ``--model``) scored."""
+    from worker.backfill.archive_copy import restore_file
+
+    if config.to_topic:
+        restored: dict[str, Any] = restore_file(
+            source_file,
+            config.bootstrap_servers,
+            config.to_topic,
+            rate=config.rate,
+            security=config,
+            compression_type=config.compression_type,
+        )
+        return restored
+    return _score_archive(config, stop, clients)
+
+
+def _resolve_plan(
+    config: ReplayConfig, backfill_id: str, clients: Clients
+) -> tuple[list[PartitionRange], dict[str, Any], int]:
+    """The ranges to read, the plan (what a dry run prints) and the source's partition count."""
+    # Exactly-once reads stop at the last stable offset: resolve the ends the same way.
+    inspector = clients.inspector(
+        config.bootstrap_servers, config, read_committed=config.guarantee == "exactly-once"
+    )
+    try:
+        ranges = resolve(config, inspector)
+        plan = _plan(config, backfill_id, ranges, inspector)
+        partitions = len(inspector.partitions(config.source_topic))
+    finally:
+        inspector.close()
+    return ranges, plan, partitions
+
+
+def _predict(
+    config: ReplayConfig,
+    backfill_id: str,
+    runner: ModelRunner,
+    ranges: list[PartitionRange],
+    plan: dict[str, Any],
+    parts_per_event: int,
+    stop: threading.Event | None,
+    clients: Clients,
+) -> dict[str, Any]:
+    """Run the replay worker over ``ranges`` to their ends; the summary."""
     progress = Progress(plan["records"], config.progress, parts_per_event)
     worker, source = replay_worker(
         _worker_config(config, backfill_id),
@@ -442,7 +472,7 @@ def _score_archive(
     config: ReplayConfig, stop: threading.Event | None, clients: Clients
 ) -> dict[str, Any]:
     """An archive, scored: restored once to a staging topic, replayed whole, cleaned up."""
-    from worker.backfill.archive import iter_archive, restore_file
+    from worker.backfill.archive_format import iter_archive
     from worker.contract.manifest import load_manifest
 
     if config.model is None or config.source_file is None:
@@ -464,24 +494,7 @@ def _score_archive(
             "output_topic": config.output_topic,
         }
     security = config.kafka_security()
-    # Archived records keep their old timestamps: time retention would delete them at once.
-    ensure_topics(
-        config.bootstrap_servers,
-        {staging: max(1, partitions)},
-        configs={"retention.ms": "-1", "retention.bytes": "-1"},
-        security=security,
-    )
-    staged = count_records(config.bootstrap_servers, staging, security)
-    fresh = staged == 0
-    if fresh:
-        restore_file(config.source_file, config.bootstrap_servers, staging, rate=0, security=config)
-    elif staged != records:
-        raise ConfigError(
-            f"staging topic {staging} holds {staged} records, the archive {records}: delete "
-            "the topic (or give another --backfill-id) to start over"
-        )
-    else:
-        log.info("replay: %s already holds the archive's %d records", staging, records)
+    fresh = _stage_archive(config, config.source_file, staging, records, partitions, security)
     scored = run_replay(
         dataclasses.replace(
             config,
@@ -499,3 +512,36 @@ def _score_archive(
     if stop is None or not stop.is_set():
         delete_topics(config.bootstrap_servers, [staging], security)
     return {**scored, "source_file": str(config.source_file), "staging_topic": staging}
+
+
+def _stage_archive(
+    config: ReplayConfig,
+    source_file: Path,
+    staging: str,
+    records: int,
+    partitions: int,
+    security: dict[str, Any],
+) -> bool:
+    """Restore the archive to the ``staging`` topic unless a killed run already did;
+    whether it was restored now (so no checkpoint of the backfill's applies)."""
+    from worker.backfill.archive_copy import restore_file
+
+    # Archived records keep their old timestamps: time retention would delete them at once.
+    ensure_topics(
+        config.bootstrap_servers,
+        {staging: max(1, partitions)},
+        configs={"retention.ms": "-1", "retention.bytes": "-1"},
+        security=security,
+    )
+    staged = count_records(config.bootstrap_servers, staging, security)
+    fresh = staged == 0
+    if fresh:
+        restore_file(source_file, config.bootstrap_servers, staging, rate=0, security=config)
+    elif staged != records:
+        raise ConfigError(
+            f"staging topic {staging} holds {staged} records, the archive {records}: delete "
+            "the topic (or give another --backfill-id) to start over"
+        )
+    else:
+        log.info("replay: %s already holds the archive's %d records", staging, records)
+    return fresh

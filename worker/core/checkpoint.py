@@ -12,8 +12,7 @@ interval and, exactly-once, the open transaction:
   opens it); :meth:`commit` adds the positions to it
   (``send_offsets_to_transaction``) and commits it. A failure returns
   :attr:`Commit.MUST_ABORT`: the loop then calls :meth:`abort`, which aborts the
-  transaction, forgets every offset and bumps the **generation**, so late
-  callbacks of the aborted sends are recognised and ignored.
+  transaction and forgets every offset.
 
 It decides nothing about the loop: the loop waits for in-flight work before a
 transactional commit, applies revocations, and rewinds its source after an abort.
@@ -65,7 +64,6 @@ class Checkpoint:
         #: a partition's checkpoint read at its first record waits out a failover too
         self._retry = retry or Retry(0.0, lambda: 0)
         self.tracker = OffsetTracker()
-        self.generation = 0
         self.in_transaction = False
         self._last_ms = 0
 
@@ -151,7 +149,6 @@ class Checkpoint:
 
     def abort(self) -> None:
         """Exactly-once: abort the open transaction and forget every offset."""
-        self.generation += 1
         if self.in_transaction:
             try:
                 self.producer.abort_transaction()

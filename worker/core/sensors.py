@@ -1,9 +1,10 @@
 """Sensors: what the loop observes, kept out of the loop.
 
 The loop reports what happened to one :class:`Sensor` (faust's pattern:
-metrics are observed, not inlined). :class:`StatsSensor` keeps the run's
-:class:`WorkerStats` (the summary a command prints), :class:`MetricsSensor`
-feeds the Prometheus metrics, :class:`Sensors` fans out to several.
+metrics are observed, not inlined); a sensor overrides the calls it cares
+about. :class:`StatsSensor` keeps the run's :class:`WorkerStats` (the summary a
+command prints), :class:`Sensors` fans out to several; the Prometheus sensor is
+handed in by the caller (:class:`worker.ops.metrics.MetricsSensor`).
 
 Outcomes (a prediction or a dead letter acknowledged, an event incomplete or
 outside the window) are reported through :class:`Outcomes`: at-least-once they
@@ -16,10 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from worker.ops.metrics import WorkerMetrics
 
 
 @dataclass(frozen=True)
@@ -36,8 +33,12 @@ class Gauges:
     out_of_group_s: float = 0.0  # how long the member has been out of its group
 
 
-class Sensor(Protocol):
-    def beat(self, now_s: float) -> None: ...
+class Sensor:
+    """What the loop reports: each call a no-op here, so a sensor overrides the ones it
+    observes (this class is the interface, written once)."""
+
+    def beat(self, now_s: float) -> None:
+        """A turn of the loop began (``now_s``: Unix time)."""
 
     def consumed(self, modality: str) -> None:
         """A record was read; ``modality``: its model input, or "unknown"."""
@@ -45,7 +46,8 @@ class Sensor(Protocol):
     def skipped_finished(self) -> None:
         """A record the last checkpoint lists as already finished was skipped."""
 
-    def duplicate_part(self) -> None: ...
+    def duplicate_part(self) -> None:
+        """A part arrived again for an input its event already had."""
 
     def completed(self) -> None:
         """An event's parts all arrived."""
@@ -56,7 +58,8 @@ class Sensor(Protocol):
     def predicted(self, latency_s: float | None) -> None:
         """A prediction was acknowledged (``latency_s``: from its newest part)."""
 
-    def dead_lettered(self, reason: str) -> None: ...
+    def dead_lettered(self, reason: str) -> None:
+        """A dead letter with this reason code was acknowledged."""
 
     def incomplete(self, action: str) -> None:
         """An event expired incomplete and ``action`` (dlq, drop, infer) was applied."""
@@ -67,63 +70,21 @@ class Sensor(Protocol):
     def outside_window(self) -> None:
         """An event belongs to a neighbouring window and was finished without output."""
 
-    def commit(self, ok: bool) -> None: ...
+    def commit(self, ok: bool) -> None:
+        """An offset commit (or a transaction's) succeeded or failed."""
 
     def transaction(self, result: str) -> None:
         """A transaction ``committed`` or ``aborted``, or the producer was ``rebuilt``."""
 
-    def rebalance(self) -> None: ...
-
-    def gauges(self, g: Gauges) -> None: ...
-
-
-class NullSensor:
-    """Observes nothing: a base for sensors that care about a few of the calls."""
-
-    def beat(self, now_s: float) -> None:
-        pass
-
-    def consumed(self, modality: str) -> None:
-        pass
-
-    def skipped_finished(self) -> None:
-        pass
-
-    def duplicate_part(self) -> None:
-        pass
-
-    def completed(self) -> None:
-        pass
-
-    def batch(self, size: int, seconds: float) -> None:
-        pass
-
-    def predicted(self, latency_s: float | None) -> None:
-        pass
-
-    def dead_lettered(self, reason: str) -> None:
-        pass
-
-    def incomplete(self, action: str) -> None:
-        pass
-
-    def evicted(self, action: str) -> None:
-        pass
-
-    def outside_window(self) -> None:
-        pass
-
-    def commit(self, ok: bool) -> None:
-        pass
-
-    def transaction(self, result: str) -> None:
-        pass
-
     def rebalance(self) -> None:
-        pass
+        """Partitions were revoked."""
 
     def gauges(self, g: Gauges) -> None:
-        pass
+        """What the worker holds, once per turn."""
+
+
+#: The calls of the interface, in the order written above.
+CALLS = tuple(n for n, v in vars(Sensor).items() if callable(v) and not n.startswith("_"))
 
 
 @dataclass
@@ -146,15 +107,12 @@ class WorkerStats:
     last_acked_ms: int | None = None
 
 
-class StatsSensor:
+class StatsSensor(Sensor):
     """Keeps :class:`WorkerStats`; ``clock`` (ms) stamps the first read and the last ack."""
 
     def __init__(self, stats: WorkerStats, clock: Callable[[], int]) -> None:
         self.stats = stats
         self.clock = clock
-
-    def beat(self, now_s: float) -> None:
-        pass
 
     def consumed(self, modality: str) -> None:
         self.stats.consumed += 1
@@ -166,9 +124,6 @@ class StatsSensor:
 
     def duplicate_part(self) -> None:
         self.stats.duplicate_parts += 1
-
-    def completed(self) -> None:
-        pass
 
     def batch(self, size: int, seconds: float) -> None:
         self.stats.batches += 1
@@ -198,158 +153,29 @@ class StatsSensor:
         if result == "aborted":
             self.stats.aborts += 1
 
-    def rebalance(self) -> None:
-        pass
 
-    def gauges(self, g: Gauges) -> None:
-        pass
-
-
-class MetricsSensor:
-    """Feeds :class:`~worker.ops.metrics.WorkerMetrics` (Prometheus)."""
-
-    def __init__(self, metrics: WorkerMetrics) -> None:
-        self.m = metrics
-        # Per-record counts are added up here and handed to Prometheus once per loop turn
-        # (gauges()): a counter's inc() takes a lock, and these run once per record.
-        self._consumed: dict[str, int] = {}
-        self._completed = 0
-        self._predicted = 0
-
-    def beat(self, now_s: float) -> None:
-        self.m.beat(now_s)
-
-    def consumed(self, modality: str) -> None:
-        self._consumed[modality] = self._consumed.get(modality, 0) + 1
-
-    def skipped_finished(self) -> None:
-        pass
-
-    def duplicate_part(self) -> None:
-        self.m.duplicate_parts.inc()
-
-    def completed(self) -> None:
-        self._completed += 1
-
-    def batch(self, size: int, seconds: float) -> None:
-        self.m.inference_seconds.observe(seconds)
-        self.m.batch_size.observe(size)
-
-    def predicted(self, latency_s: float | None) -> None:
-        self._predicted += 1
-        if latency_s is not None:
-            self.m.end_to_end_seconds.observe(latency_s)
-
-    def dead_lettered(self, reason: str) -> None:
-        self.m.dead_letters.labels(reason).inc()
-
-    def incomplete(self, action: str) -> None:
-        self.m.events_incomplete.labels(action).inc()
-
-    def evicted(self, action: str) -> None:
-        self.m.events_evicted.labels(action).inc()
-
-    def outside_window(self) -> None:
-        pass
-
-    def commit(self, ok: bool) -> None:
-        self.m.commits.labels("ok" if ok else "failed").inc()
-
-    def transaction(self, result: str) -> None:
-        self.m.transactions.labels(result).inc()
-
-    def rebalance(self) -> None:
-        self.m.rebalances.inc()
-
-    def flush(self) -> None:
-        """Hand the counts added up since the last turn to Prometheus."""
-        for modality, n in self._consumed.items():
-            self.m.records_consumed.labels(modality).inc(n)
-        self._consumed.clear()
-        if self._completed:
-            self.m.events_completed.inc(self._completed)
-            self._completed = 0
-        if self._predicted:
-            self.m.predictions.inc(self._predicted)
-            self._predicted = 0
-
-    def gauges(self, g: Gauges) -> None:
-        self.flush()
-        self.m.pending_events.set(g.pending_events)
-        self.m.pending_bytes.set(g.pending_bytes)
-        self.m.unacked_outputs.set(g.unacked_outputs)
-        self.m.unacked_output_bytes.set(g.unacked_output_bytes)
-        self.m.paused_partitions.set(g.paused_partitions)
-        self.m.assigned_partitions.set(g.assigned_partitions)
-        self.m.uncommitted_records.set(g.uncommitted_records)
-        self.m.out_of_group.set(g.out_of_group_s)
-
-
-class Sensors:
-    """Several sensors as one."""
+class Sensors(Sensor):
+    """Several sensors as one: each call goes to the sensors that override it."""
 
     def __init__(self, sensors: Sequence[Sensor]) -> None:
         self.sensors = tuple(sensors)
+        for name in CALLS:
+            base = getattr(Sensor, name)
+            observers = [
+                getattr(s, name) for s in self.sensors if getattr(type(s), name) is not base
+            ]
+            setattr(self, name, _fan_out(observers))
 
-    def beat(self, now_s: float) -> None:
-        for s in self.sensors:
-            s.beat(now_s)
 
-    def consumed(self, modality: str) -> None:
-        for s in self.sensors:
-            s.consumed(modality)
+def _fan_out(calls: Sequence[Callable[..., None]]) -> Callable[..., None]:
+    if len(calls) == 1:
+        return calls[0]
 
-    def skipped_finished(self) -> None:
-        for s in self.sensors:
-            s.skipped_finished()
+    def call(*args: object) -> None:
+        for c in calls:
+            c(*args)
 
-    def duplicate_part(self) -> None:
-        for s in self.sensors:
-            s.duplicate_part()
-
-    def completed(self) -> None:
-        for s in self.sensors:
-            s.completed()
-
-    def batch(self, size: int, seconds: float) -> None:
-        for s in self.sensors:
-            s.batch(size, seconds)
-
-    def predicted(self, latency_s: float | None) -> None:
-        for s in self.sensors:
-            s.predicted(latency_s)
-
-    def dead_lettered(self, reason: str) -> None:
-        for s in self.sensors:
-            s.dead_lettered(reason)
-
-    def incomplete(self, action: str) -> None:
-        for s in self.sensors:
-            s.incomplete(action)
-
-    def evicted(self, action: str) -> None:
-        for s in self.sensors:
-            s.evicted(action)
-
-    def outside_window(self) -> None:
-        for s in self.sensors:
-            s.outside_window()
-
-    def commit(self, ok: bool) -> None:
-        for s in self.sensors:
-            s.commit(ok)
-
-    def transaction(self, result: str) -> None:
-        for s in self.sensors:
-            s.transaction(result)
-
-    def rebalance(self) -> None:
-        for s in self.sensors:
-            s.rebalance()
-
-    def gauges(self, g: Gauges) -> None:
-        for s in self.sensors:
-            s.gauges(g)
+    return call
 
 
 class Outcomes:

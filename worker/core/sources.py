@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Protocol
 
+from worker.contract.errors import BrokerError
 from worker.contract.records import RawRecord
 from worker.edge.client import TP, Consumer
 
 log = logging.getLogger(__name__)
+
+#: Pause after a poll that failed with a retriable error, before the next turn.
+POLL_RETRY_S = 0.2
 
 #: Per partition, a checkpoint as the consumer read it: the committed offset (None if
 #: none) and its metadata (the offsets finished beyond it, :mod:`worker.core.offsets`).
@@ -104,3 +109,28 @@ class GroupSource:
 
     def exhausted(self) -> bool:
         return False
+
+
+def put_back(consumer: Consumer, records: Sequence[RawRecord]) -> None:
+    """Records polled but not taken: seek back to them (fetched again once room frees)."""
+    first: dict[TP, int] = {}
+    for raw in records:
+        tp = (raw.source.topic, raw.source.partition)
+        first[tp] = min(first.get(tp, raw.source.offset), raw.source.offset)
+    assigned = consumer.assignment()
+    for tp, offset in first.items():
+        if tp in assigned:
+            consumer.seek(tp, offset)
+
+
+def poll(consumer: Consumer, timeout_ms: int, max_records: int) -> list[RawRecord]:
+    """The consumer's poll; a retriable failure (a broker refusing connections while the
+    cluster fails over) is a turn without records, after a short pause."""
+    try:
+        return consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+    except BrokerError as exc:
+        if not exc.retriable:
+            raise
+        log.warning("poll failed, retrying: %s", exc)
+        time.sleep(POLL_RETRY_S)
+        return []

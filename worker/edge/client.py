@@ -28,12 +28,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from worker.contract.errors import BrokerError, ConfigError
+from worker.contract.errors import BrokerError
 from worker.contract.records import LogRecord, OutRecord, RawRecord
 
 if TYPE_CHECKING:
     from worker.config import KafkaSecurity, WorkerConfig
-    from worker.edge.kafka_io import ReadTiming
 
 TP = tuple[str, int]
 Positions = Mapping[TP, tuple[int, str]]
@@ -231,52 +230,3 @@ class Deliveries:
             self.failed += 1
             if self.first_error is None:
                 self.first_error = exc
-
-
-def timed_read_for(kafka_client: str) -> Callable[[str, str, int, float], ReadTiming]:
-    """The raw, group-less timed read of ``--kafka-client`` (the bench's raw consume):
-    ``read(bootstrap_servers, topic, records, timeout_s)``."""
-    clients_for(kafka_client)  # refuses an unknown or missing client
-    if kafka_client == "confluent":
-        from worker.edge.confluent import timed_read
-
-        return timed_read
-    from worker.edge.kafka_io import timed_read as kafka_python_read
-
-    return kafka_python_read
-
-
-def clients_for(kafka_client: str) -> Clients:
-    """The :class:`Clients` of ``--kafka-client`` (the library is imported here, once chosen).
-
-    Raises:
-        ConfigError: an unknown client, or confluent without confluent-kafka installed.
-    """
-    if kafka_client == "kafka-python":
-        from worker.edge.kafka_python import KafkaPythonClients
-
-        return KafkaPythonClients()
-    if kafka_client == "confluent":
-        try:
-            from worker.edge.confluent import ConfluentClients
-        except ImportError as exc:
-            raise ConfigError(
-                "--kafka-client confluent: confluent-kafka is not installed "
-                f"(pip install 'mmstream[confluent]'): {exc}"
-            ) from exc
-        return ConfluentClients()
-    raise ConfigError(f"--kafka-client must be kafka-python or confluent, not {kafka_client!r}")
-
-
-def client_versions() -> dict[str, str]:
-    """``kafka_python`` and ``confluent_kafka`` (with librdkafka's): the versions installed,
-    "" for one that is not (the bench's machine information)."""
-    import kafka
-
-    try:
-        import confluent_kafka
-    except ImportError:
-        confluent = ""
-    else:
-        confluent = f"{confluent_kafka.version()[0]} (librdkafka {confluent_kafka.libversion()[0]})"
-    return {"kafka_python": str(kafka.__version__), "confluent_kafka": confluent}

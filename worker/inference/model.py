@@ -87,8 +87,8 @@ def cuda_provider_options(conv_algo_search: str = "HEURISTIC", tf32: bool = True
 
     ``cudnn_conv_algo_search`` HEURISTIC (not ORT's default, EXHAUSTIVE): EXHAUSTIVE
     times every cuDNN algorithm the first time each input shape is seen, which can
-    cost tens to hundreds of ms on that (live) batch, once per batch size (not yet
-    measured here); HEURISTIC takes cuDNN's pick at once. The reference model has
+    cost tens to hundreds of ms on that (live) batch, once per batch size; HEURISTIC
+    takes cuDNN's pick at once. The reference model has
     three small convolutions, so a better algorithm can win little, while a
     streaming worker sees new batch sizes at any time. ``deploy/gpu/bench-gpu.sh``
     measures both (first-run ms per shape and throughput).

@@ -1,5 +1,9 @@
 """Prometheus metrics of one worker, served at ``GET /metrics`` (see :mod:`worker.ops.http`).
 
+Every metric is declared once, in :data:`METRICS` below; docs/operations.md ("Reading the
+metrics") lists them in a table that tests/test_metrics_http.py checks against
+:data:`METRICS` (``python -m worker.ops.metrics`` prints its rows).
+
 Each :class:`WorkerMetrics` owns its own ``CollectorRegistry`` (never the process-global
 one), so several workers in one process -- tests, mostly -- do not clash.
 
@@ -8,106 +12,23 @@ the launcher, in prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_D
 set by :mod:`worker.ops.processes` for its children): each child writes its values to
 per-process files there, and :class:`PoolMetrics` in the launcher merges them with the
 library's ``MultiProcessCollector``. Counters and histograms add up over the processes;
-each gauge says how in its ``multiprocess_mode``: the pending, partition and commit-lag
-gauges are summed over the live processes (``livesum``), the loop's last iteration is
-one series per live process (``liveall``: a ``pid`` label), the provider gauge is the
-maximum (``max``: 1 for every provider some process uses). Multiprocess mode exports no
+each gauge says how in its declared ``multiprocess_mode``. Multiprocess mode exports no
 ``*_created`` series.
-
-Consume::
-
-    mmstream_records_consumed_total{modality}     counter
-        Records read from the input topic, by their ``mm-modality`` header when it
-        names a model input ("unknown" otherwise: header values never become labels).
-    mmstream_assigned_partitions                  gauge
-        Input partitions currently assigned to this worker.
-    mmstream_paused_partitions                    gauge
-        Assigned partitions paused for back-pressure (pending events/bytes over limit).
-    mmstream_partitions_revoked_total             counter
-        Rebalances that took partitions away from this worker.
-    mmstream_out_of_group_seconds                 gauge
-        How long this member has been out of its consumer group (lost, rejoining,
-        its coordinator unreachable); 0 while in it. At --progress-timeout-s the
-        worker exits so that it is restarted.
-
-Assemble::
-
-    mmstream_events_completed_total               counter
-        Events whose parts all arrived.
-    mmstream_events_incomplete_total{action}      counter
-        Events that timed out incomplete; action = dlq | drop | infer, the
-        --on-incomplete policy that was applied.
-    mmstream_events_evicted_total{action}         counter
-        Incomplete events pushed out because they filled --max-pending-events/bytes
-        (dead-lettered as evicted_at_bound with --on-incomplete dlq): a bound too
-        small for how far apart the parts of an event are in the log.
-    mmstream_duplicate_parts_total                counter
-        Parts that arrived again for an input the event already had (the later
-        one replaces the earlier; both offsets settle with the event).
-    mmstream_pending_events                       gauge
-        Events held in memory: waiting for parts, a batch or inference.
-    mmstream_pending_bytes                        gauge
-        Payload bytes held by those pending events.
-    mmstream_unacked_outputs                      gauge
-        Predictions and dead letters sent and not yet acknowledged by the broker
-        (counted with the pending events against --max-pending-events).
-    mmstream_unacked_output_bytes                 gauge
-        Their bytes: key, value, headers (counted against --max-pending-bytes).
-
-Infer::
-
-    mmstream_batch_size                           histogram
-        Events per model call (buckets 1, 2, 4, ... 512).
-    mmstream_inference_seconds                    histogram
-        Wall time of one ONNX Runtime call (buckets 0.1 ms .. 1 s).
-    mmstream_execution_provider{provider}         gauge
-        1 for the ONNX Runtime execution provider in use (e.g. CUDAExecutionProvider);
-        it is the only series.
-
-Produce::
-
-    mmstream_predictions_total                    counter
-        Prediction records acknowledged by the broker.
-    mmstream_dead_letters_total{reason}           counter
-        Records sent to the dead-letter topic, by reason code (the ``mm-error``
-        header; see worker.contract.errors.Reason).
-    mmstream_end_to_end_seconds                   histogram
-        From the newest part's record timestamp to the prediction's acknowledgement
-        (buckets 1 ms .. 60 s).
-
-Commit::
-
-    mmstream_uncommitted_records                  gauge
-        Commit lag: records consumed past the committed position (in flight or
-        awaiting commit).
-    mmstream_commits_total{result}                counter
-        Offset commits; result = ok | failed.
-    mmstream_transactions_total{result}           counter
-        Kafka transactions (exactly-once mode); result = committed | aborted |
-        rebuilt (the producer could neither commit nor abort and was replaced: the
-        new one fenced it and the broker aborted its transaction).
-
-Loop::
-
-    mmstream_loop_last_iteration_seconds          gauge
-        Unix time of the poll loop's last iteration; ``/healthz`` fails when it
-        stops advancing (see worker.ops.http.loop_health).
-
-Counters also expose ``*_created`` series (their creation time), as prometheus_client does.
-Label values from a fixed set (action, reason, result) start at 0 so that ``rate()`` and
-``increase()`` work from the first scrape.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from worker.contract.errors import ConfigError, Reason
+from worker.core.sensors import Gauges, Sensor
 
 #: The variable that puts prometheus_client in multiprocess mode (read when it is imported).
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -150,9 +71,289 @@ COMMIT_RESULTS = ("ok", "failed")
 TRANSACTION_RESULTS = ("committed", "aborted", "rebuilt")
 UNKNOWN_MODALITY = "unknown"
 
+MetricType = Literal["counter", "gauge", "histogram"]
+#: prometheus_client's ``Gauge(multiprocess_mode=...)`` values.
+GaugeMode = Literal[
+    "all",
+    "liveall",
+    "min",
+    "livemin",
+    "max",
+    "livemax",
+    "sum",
+    "livesum",
+    "mostrecent",
+    "livemostrecent",
+]
+Collector = Counter | Gauge | Histogram
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric as ``/metrics`` exports it, and the :class:`WorkerMetrics` attribute
+    that holds its collector."""
+
+    attr: str
+    #: The exported name: a counter's ends in ``_total``, a histogram's is its base name.
+    name: str
+    type: MetricType
+    help: str
+    labels: tuple[str, ...] = ()
+    #: Values of the (only) label created at 0 up front, so that ``rate()`` and
+    #: ``increase()`` work from the first scrape.
+    zero: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+    #: How ``--processes N`` merges a gauge over the processes (counters and histograms add up).
+    multiprocess_mode: GaugeMode = "all"
+
+    def __post_init__(self) -> None:
+        if (self.type == "counter") != self.name.endswith("_total"):
+            raise ValueError(f"{self.name}: only a counter's name ends in _total")
+        if (self.type == "histogram") != bool(self.buckets):
+            raise ValueError(f"{self.name}: buckets are for histograms, and they need them")
+        if self.type != "gauge" and self.multiprocess_mode != "all":
+            raise ValueError(f"{self.name}: multiprocess_mode is for gauges")
+        if self.zero and len(self.labels) != 1:
+            raise ValueError(f"{self.name}: zero values need exactly one label")
+
+    def build(self, registry: CollectorRegistry) -> Collector:
+        """This metric's collector, registered on ``registry``, with its ``zero`` series."""
+        collector: Collector
+        if self.type == "counter":
+            # prometheus_client names a counter without _total and adds it on export.
+            collector = Counter(self.name, self.help, self.labels, registry=registry)
+        elif self.type == "gauge":
+            collector = Gauge(
+                self.name,
+                self.help,
+                self.labels,
+                registry=registry,
+                multiprocess_mode=self.multiprocess_mode,
+            )
+        else:
+            collector = Histogram(
+                self.name, self.help, self.labels, registry=registry, buckets=self.buckets
+            )
+        for value in self.zero:
+            collector.labels(value)
+        return collector
+
+    @property
+    def cell(self) -> str:
+        """How docs/operations.md's table names it: ``name{label,...}``."""
+        return self.name + ("{" + ",".join(self.labels) + "}" if self.labels else "")
+
+
+#: Every metric of a worker, in the order ``/metrics`` exports them.
+METRICS: tuple[Metric, ...] = (
+    Metric(
+        "records_consumed",
+        "mmstream_records_consumed_total",
+        "counter",
+        # Header values never become labels: an unknown modality would add a series.
+        "Records read from the input topic, by model input named in mm-modality (else unknown)",
+        ("modality",),
+    ),
+    Metric(
+        "events_completed",
+        "mmstream_events_completed_total",
+        "counter",
+        "Events assembled complete",
+    ),
+    Metric(
+        "events_incomplete",
+        "mmstream_events_incomplete_total",
+        "counter",
+        "Events timed out incomplete, by the action taken",
+        ("action",),
+        zero=INCOMPLETE_ACTIONS,
+    ),
+    Metric(
+        "events_evicted",
+        "mmstream_events_evicted_total",
+        "counter",
+        "Incomplete events pushed out by the pending bound, by the action taken",
+        ("action",),
+        zero=INCOMPLETE_ACTIONS,
+    ),
+    Metric(
+        "duplicate_parts",
+        "mmstream_duplicate_parts_total",
+        "counter",
+        "Parts that replaced an earlier part of the same input of an event",
+    ),
+    Metric(
+        "predictions",
+        "mmstream_predictions_total",
+        "counter",
+        "Predictions acknowledged by the broker",
+    ),
+    Metric(
+        "dead_letters",
+        "mmstream_dead_letters_total",
+        "counter",
+        "Records sent to the dead-letter topic, by reason",
+        ("reason",),
+        zero=tuple(reason.value for reason in Reason),
+    ),
+    Metric(
+        "batch_size",
+        "mmstream_batch_size",
+        "histogram",
+        "Events per model call",
+        buckets=BATCH_SIZE_BUCKETS,
+    ),
+    Metric(
+        "inference_seconds",
+        "mmstream_inference_seconds",
+        "histogram",
+        "Wall time of one ONNX Runtime call",
+        buckets=INFERENCE_BUCKETS,
+    ),
+    Metric(
+        "end_to_end_seconds",
+        "mmstream_end_to_end_seconds",
+        "histogram",
+        "Newest part's record timestamp to prediction acknowledged",
+        buckets=END_TO_END_BUCKETS,
+    ),
+    # The pending, unacked, partition and commit-lag gauges add up to a pod's total.
+    Metric(
+        "pending_events",
+        "mmstream_pending_events",
+        "gauge",
+        "Events waiting for parts or a batch",
+        multiprocess_mode="livesum",
+    ),
+    Metric(
+        "pending_bytes",
+        "mmstream_pending_bytes",
+        "gauge",
+        "Payload bytes held by pending events",
+        multiprocess_mode="livesum",
+    ),
+    Metric(
+        "unacked_outputs",
+        "mmstream_unacked_outputs",
+        "gauge",
+        "Predictions and dead letters sent, not yet acknowledged by the broker",
+        multiprocess_mode="livesum",
+    ),
+    Metric(
+        "unacked_output_bytes",
+        "mmstream_unacked_output_bytes",
+        "gauge",
+        "Bytes of the outputs sent, not yet acknowledged",
+        multiprocess_mode="livesum",
+    ),
+    Metric(
+        "paused_partitions",
+        "mmstream_paused_partitions",
+        "gauge",
+        "Partitions paused for back-pressure",
+        multiprocess_mode="livesum",
+    ),
+    Metric(
+        "assigned_partitions",
+        "mmstream_assigned_partitions",
+        "gauge",
+        "Input partitions assigned",
+        multiprocess_mode="livesum",
+    ),
+    Metric(
+        "uncommitted_records",
+        "mmstream_uncommitted_records",
+        "gauge",
+        "Records consumed past the committed position",
+        multiprocess_mode="livesum",
+    ),
+    # The pod is as far out of its group as its furthest-out process.
+    Metric(
+        "out_of_group",
+        "mmstream_out_of_group_seconds",
+        "gauge",
+        "Seconds this member has been out of its consumer group (0 while in it); at "
+        "--progress-timeout-s the worker exits to be restarted",
+        multiprocess_mode="livemax",
+    ),
+    Metric(
+        "commits",
+        "mmstream_commits_total",
+        "counter",
+        "Offset commits, by result",
+        ("result",),
+        zero=COMMIT_RESULTS,
+    ),
+    Metric(
+        "transactions",
+        "mmstream_transactions_total",
+        "counter",
+        "Kafka transactions, by result",
+        ("result",),
+        zero=TRANSACTION_RESULTS,
+    ),
+    Metric(
+        "rebalances",
+        "mmstream_partitions_revoked_total",
+        "counter",
+        "Rebalances that revoked partitions",
+    ),
+    # 1 for each provider some process uses.
+    Metric(
+        "provider",
+        "mmstream_execution_provider",
+        "gauge",
+        "1 for the ONNX Runtime execution provider in use",
+        ("provider",),
+        multiprocess_mode="max",
+    ),
+    # One series per live process (label pid), so that a stalled process shows (a max
+    # would hide it behind the others).
+    Metric(
+        "loop_last_iteration",
+        "mmstream_loop_last_iteration_seconds",
+        "gauge",
+        "Unix time of the poll loop's last iteration",
+        multiprocess_mode="liveall",
+    ),
+)
+
+
+def markdown_table() -> str:
+    """The rows of docs/operations.md's metrics table, from :data:`METRICS` (the help
+    text as the first draft of "read it as"; "alert on" is the maintainer's)."""
+    lines = ["| metric | type | read it as | alert on |", "|---|---|---|---|"]
+    lines += [f"| `{m.cell}` | {m.type} | {m.help} | - |" for m in METRICS]
+    return "\n".join(lines)
+
 
 class WorkerMetrics:
     """All metrics of one worker, registered on ``registry`` (a new one by default)."""
+
+    # Set from METRICS by __init__; declared here for type checkers.
+    records_consumed: Counter
+    events_completed: Counter
+    events_incomplete: Counter
+    events_evicted: Counter
+    duplicate_parts: Counter
+    predictions: Counter
+    dead_letters: Counter
+    batch_size: Histogram
+    inference_seconds: Histogram
+    end_to_end_seconds: Histogram
+    pending_events: Gauge
+    pending_bytes: Gauge
+    unacked_outputs: Gauge
+    unacked_output_bytes: Gauge
+    paused_partitions: Gauge
+    assigned_partitions: Gauge
+    uncommitted_records: Gauge
+    out_of_group: Gauge
+    commits: Counter
+    transactions: Counter
+    rebalances: Counter
+    provider: Gauge
+    loop_last_iteration: Gauge
 
     def __init__(
         self,
@@ -163,147 +364,11 @@ class WorkerMetrics:
         """``on_beat``: called with each :meth:`beat`'s time too (a ``--processes`` child
         reports its loop to the launcher through it)."""
         self.registry = registry if registry is not None else CollectorRegistry()
-        reg = self.registry
-        self.records_consumed = Counter(
-            "mmstream_records_consumed",
-            "Records read from the input topic, by model input named in mm-modality (else unknown)",
-            ["modality"],
-            registry=reg,
-        )
-        self.events_completed = Counter(
-            "mmstream_events_completed", "Events assembled complete", registry=reg
-        )
-        self.events_incomplete = Counter(
-            "mmstream_events_incomplete",
-            "Events timed out incomplete, by the action taken",
-            ["action"],
-            registry=reg,
-        )
-        self.events_evicted = Counter(
-            "mmstream_events_evicted",
-            "Incomplete events pushed out by the pending bound, by the action taken",
-            ["action"],
-            registry=reg,
-        )
-        self.duplicate_parts = Counter(
-            "mmstream_duplicate_parts",
-            "Parts that replaced an earlier part of the same input of an event",
-            registry=reg,
-        )
-        self.predictions = Counter(
-            "mmstream_predictions", "Predictions acknowledged by the broker", registry=reg
-        )
-        self.dead_letters = Counter(
-            "mmstream_dead_letters",
-            "Records sent to the dead-letter topic, by reason",
-            ["reason"],
-            registry=reg,
-        )
-        self.batch_size = Histogram(
-            "mmstream_batch_size",
-            "Events per model call",
-            buckets=BATCH_SIZE_BUCKETS,
-            registry=reg,
-        )
-        self.inference_seconds = Histogram(
-            "mmstream_inference_seconds",
-            "Wall time of one ONNX Runtime call",
-            buckets=INFERENCE_BUCKETS,
-            registry=reg,
-        )
-        self.end_to_end_seconds = Histogram(
-            "mmstream_end_to_end_seconds",
-            "Newest part's record timestamp to prediction acknowledged",
-            buckets=END_TO_END_BUCKETS,
-            registry=reg,
-        )
-        # --processes N: these add up over the live processes (a pod's total).
-        self.pending_events = Gauge(
-            "mmstream_pending_events",
-            "Events waiting for parts or a batch",
-            registry=reg,
-            multiprocess_mode="livesum",
-        )
-        self.pending_bytes = Gauge(
-            "mmstream_pending_bytes",
-            "Payload bytes held by pending events",
-            registry=reg,
-            multiprocess_mode="livesum",
-        )
-        self.unacked_outputs = Gauge(
-            "mmstream_unacked_outputs",
-            "Predictions and dead letters sent, not yet acknowledged by the broker",
-            registry=reg,
-            multiprocess_mode="livesum",
-        )
-        self.unacked_output_bytes = Gauge(
-            "mmstream_unacked_output_bytes",
-            "Bytes of the outputs sent, not yet acknowledged",
-            registry=reg,
-            multiprocess_mode="livesum",
-        )
-        self.paused_partitions = Gauge(
-            "mmstream_paused_partitions",
-            "Partitions paused for back-pressure",
-            registry=reg,
-            multiprocess_mode="livesum",
-        )
-        self.assigned_partitions = Gauge(
-            "mmstream_assigned_partitions",
-            "Input partitions assigned",
-            registry=reg,
-            multiprocess_mode="livesum",
-        )
-        self.uncommitted_records = Gauge(
-            "mmstream_uncommitted_records",
-            "Records consumed past the committed position",
-            registry=reg,
-            multiprocess_mode="livesum",
-        )
-        self.out_of_group = Gauge(
-            "mmstream_out_of_group_seconds",
-            "Seconds this member has been out of its consumer group (0 while in it); at "
-            "--progress-timeout-s the worker exits to be restarted",
-            registry=reg,
-            multiprocess_mode="livemax",
-        )
-        self.commits = Counter(
-            "mmstream_commits", "Offset commits, by result", ["result"], registry=reg
-        )
-        self.transactions = Counter(
-            "mmstream_transactions", "Kafka transactions, by result", ["result"], registry=reg
-        )
-        self.rebalances = Counter(
-            "mmstream_partitions_revoked", "Rebalances that revoked partitions", registry=reg
-        )
-        # --processes N: 1 for each provider some process uses.
-        self.provider = Gauge(
-            "mmstream_execution_provider",
-            "1 for the ONNX Runtime execution provider in use",
-            ["provider"],
-            registry=reg,
-            multiprocess_mode="max",
-        )
-        # --processes N: one series per live process (label pid), so that a stalled
-        # process shows (a max would hide it behind the others).
-        self.loop_last_iteration = Gauge(
-            "mmstream_loop_last_iteration_seconds",
-            "Unix time of the poll loop's last iteration",
-            registry=reg,
-            multiprocess_mode="liveall",
-        )
+        for metric in METRICS:
+            setattr(self, metric.attr, metric.build(self.registry))
         self._on_beat = on_beat
         self._last_beat: float | None = None
         self._provider_name: str | None = None
-        for action in INCOMPLETE_ACTIONS:
-            self.events_incomplete.labels(action=action)
-            self.events_evicted.labels(action=action)
-        for reason in Reason:
-            self.dead_letters.labels(reason=reason.value)
-        for result in COMMIT_RESULTS:
-            self.commits.labels(result=result)
-        for result in TRANSACTION_RESULTS:
-            self.transactions.labels(result=result)
 
     def set_provider(self, name: str) -> None:
         """Mark ``name`` as the execution provider in use (the only series, value 1).
@@ -371,3 +436,81 @@ class PoolMetrics:
     def value(self, name: str, **labels: str) -> float | None:
         """One merged sample's value (full sample name), or None."""
         return self.registry.get_sample_value(name, labels)
+
+
+class MetricsSensor(Sensor):
+    """Feeds :class:`WorkerMetrics` (Prometheus) from the loop's reports."""
+
+    def __init__(self, metrics: WorkerMetrics) -> None:
+        self.m = metrics
+        # Per-record counts are added up here and handed to Prometheus once per loop turn
+        # (gauges()): a counter's inc() takes a lock, and these run once per record.
+        self._consumed: dict[str, int] = {}
+        self._completed = 0
+        self._predicted = 0
+
+    def beat(self, now_s: float) -> None:
+        self.m.beat(now_s)
+
+    def consumed(self, modality: str) -> None:
+        self._consumed[modality] = self._consumed.get(modality, 0) + 1
+
+    def duplicate_part(self) -> None:
+        self.m.duplicate_parts.inc()
+
+    def completed(self) -> None:
+        self._completed += 1
+
+    def batch(self, size: int, seconds: float) -> None:
+        self.m.inference_seconds.observe(seconds)
+        self.m.batch_size.observe(size)
+
+    def predicted(self, latency_s: float | None) -> None:
+        self._predicted += 1
+        if latency_s is not None:
+            self.m.end_to_end_seconds.observe(latency_s)
+
+    def dead_lettered(self, reason: str) -> None:
+        self.m.dead_letters.labels(reason).inc()
+
+    def incomplete(self, action: str) -> None:
+        self.m.events_incomplete.labels(action).inc()
+
+    def evicted(self, action: str) -> None:
+        self.m.events_evicted.labels(action).inc()
+
+    def commit(self, ok: bool) -> None:
+        self.m.commits.labels("ok" if ok else "failed").inc()
+
+    def transaction(self, result: str) -> None:
+        self.m.transactions.labels(result).inc()
+
+    def rebalance(self) -> None:
+        self.m.rebalances.inc()
+
+    def flush(self) -> None:
+        """Hand the counts added up since the last turn to Prometheus."""
+        for modality, n in self._consumed.items():
+            self.m.records_consumed.labels(modality).inc(n)
+        self._consumed.clear()
+        if self._completed:
+            self.m.events_completed.inc(self._completed)
+            self._completed = 0
+        if self._predicted:
+            self.m.predictions.inc(self._predicted)
+            self._predicted = 0
+
+    def gauges(self, g: Gauges) -> None:
+        self.flush()
+        self.m.pending_events.set(g.pending_events)
+        self.m.pending_bytes.set(g.pending_bytes)
+        self.m.unacked_outputs.set(g.unacked_outputs)
+        self.m.unacked_output_bytes.set(g.unacked_output_bytes)
+        self.m.paused_partitions.set(g.paused_partitions)
+        self.m.assigned_partitions.set(g.assigned_partitions)
+        self.m.uncommitted_records.set(g.uncommitted_records)
+        self.m.out_of_group.set(g.out_of_group_s)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -16,9 +16,9 @@ from typing import Any
 
 from worker.config import WorkerConfig
 from worker.core.pipeline import Worker, WorkerStats
-from worker.edge.client import clients_for
+from worker.edge.choice import clients_for
 from worker.inference.model import ModelRunner
-from worker.ops.metrics import WorkerMetrics
+from worker.ops.metrics import MetricsSensor, WorkerMetrics
 
 Report = Callable[[float, bool], None]
 """``report(beat_unix_s, ready)``: called on every turn of the poll loop."""
@@ -64,8 +64,12 @@ def run_worker(
             config.intra_op_threads,
             max_batch_size=config.max_batch_size,
         )
+        metrics.set_provider(runner.info.provider)
         worker = holder["worker"] = Worker(
-            config, runner, metrics=metrics, clients=clients_for(config.kafka_client)
+            config,
+            runner,
+            clients=clients_for(config.kafka_client),
+            sensors=[MetricsSensor(metrics)],
         )
         if on_ready is not None:
             on_ready(worker)
@@ -84,19 +88,8 @@ def _all(*probes: Callable[[], tuple[bool, str]]) -> Callable[[], tuple[bool, st
 
 
 def _progress(worker: Worker | None) -> tuple[bool, str]:
-    """Unhealthy once work has waited longer than --progress-timeout-s for a commit, or
-    the member has been out of its group that long (the loop then stops the worker too;
-    this says so to a probe that asks first)."""
-    if worker is None:
-        return True, "starting"
-    now_s, limit = worker.clock() / 1000, worker.config.progress_timeout_s
-    stalled = worker.watchdog.stalled_s(now_s)
-    if stalled > limit:
-        return False, f"no commit or transaction completed in {stalled:.0f} s while work waited"
-    out = worker.membership.stalled_s(now_s)
-    if out > limit:
-        return False, f"out of consumer group {worker.config.group_id!r} for {out:.0f} s"
-    return True, "ok"
+    """Unhealthy when the loop would stop for want of progress (it then does, too)."""
+    return (True, "starting") if worker is None else worker.liveness.health()
 
 
 def _readiness(worker: Worker | None) -> tuple[bool, str]:

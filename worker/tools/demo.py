@@ -26,8 +26,8 @@ from worker.config import CONTENTS, FrozenConfig, WorkerConfig, setting, setting
 from worker.contract.errors import BrokerError, ConfigError, MMStreamError
 from worker.contract.records import RawRecord
 from worker.core.pipeline import Worker, WorkerStats
-from worker.edge.kafka_io import ensure_topics, read_records
 from worker.edge.kafka_python import KafkaPythonClients
+from worker.edge.kafka_python.admin import ensure_topics, read_records
 from worker.inference.model import ModelRunner
 
 log = logging.getLogger(__name__)

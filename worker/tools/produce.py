@@ -58,7 +58,8 @@ from worker.contract.reference_data import (
 )
 from worker.contract.transforms.media import ENCODINGS, audio_bytes, encode_media, image_bytes
 from worker.core.pacing import Pacer
-from worker.edge.client import Deliveries, clients_for
+from worker.edge.choice import clients_for
+from worker.edge.client import Deliveries
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,17 @@
-"""The bench's naive baseline: what a user would write instead of mmstream.
+"""The bench's baselines, on the client libraries themselves: the raw consume and the
+naive loop.
+
+The only code outside the edge that uses a client library (imported inside each
+function): a baseline measures the library, so it cannot go through the edge.
+
+The naive baseline is what a user would write instead of mmstream.
 
 A plain client loop with none of the worker's guarantees: consume, group the parts by
 key, score a batch once it is full (or once a poll comes back empty), produce one JSON
 record per event, commit the consumer's position every second. No dead letters (a part
 it cannot use is dropped), no bounds on what it holds, no commit discipline (a
 commit can run ahead of predictions still unacknowledged: a crash would lose them), no
-rebalance handling, no metrics. It is here, in the edge, only because it imports a
-client library; nothing of the worker uses it.
+rebalance handling, no metrics; nothing of the worker uses it.
 
 :func:`naive_loop` is given what is not Kafka (how to decode a part, how to score a
 batch) so the same loop runs on either client (``kafka_client``), the raw library
@@ -18,9 +23,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
-from worker.contract.errors import BrokerError
+from worker.contract.errors import BrokerError, ConfigError
+from worker.edge.common import FETCH_MAX_BYTES, PARTITION_FETCH_BYTES
 
 #: (key, headers, value) of one consumed record.
 Message = tuple[bytes | None, dict[str, bytes], bytes | None]
@@ -184,3 +190,125 @@ class _KafkaPythonIO:
     def close(self) -> None:
         self.producer.close(timeout=5)
         self.consumer.close()
+
+
+# ------------------------------------------------------------------ the raw consume
+
+
+class ReadTiming(NamedTuple):
+    """What a timed read read, and how long it took."""
+
+    records: int
+    nbytes: int
+    seconds: float
+
+
+def timed_read_for(kafka_client: str) -> Callable[[str, str, int, float], ReadTiming]:
+    """The raw, group-less timed read of ``--kafka-client`` (the bench's raw consume):
+    ``read(bootstrap_servers, topic, records, timeout_s)``. The clock starts once the
+    consumer knows the topic's partitions (connecting is not timed) and stops at the
+    last record."""
+    if kafka_client == "confluent":
+        return _confluent_read
+    if kafka_client == "kafka-python":
+        return _kafka_python_read
+    raise ConfigError(f"--kafka-client must be kafka-python or confluent, not {kafka_client!r}")
+
+
+def _kafka_python_read(
+    bootstrap_servers: str, topic: str, records: int, timeout_s: float
+) -> ReadTiming:
+    from kafka import KafkaConsumer
+    from kafka.errors import KafkaError
+    from kafka.structs import TopicPartition
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap_servers.split(","),
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        fetch_max_bytes=FETCH_MAX_BYTES,
+        max_partition_fetch_bytes=PARTITION_FETCH_BYTES,
+        max_poll_records=500,
+    )
+    count = nbytes = 0
+    deadline = time.monotonic() + timeout_s
+    try:
+        found = consumer.partitions_for_topic(topic)
+        if not found:
+            raise BrokerError(f"raw consume: topic {topic} has no partitions")
+        tps = [TopicPartition(topic, p) for p in sorted(found)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        start = last = time.perf_counter()
+        while count < records:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"raw consume read {count}/{records} records in {timeout_s} s")
+            for batch in consumer.poll(timeout_ms=200).values():
+                for r in batch:
+                    nbytes += len(r.value or b"") + len(r.key or b"")
+                count += len(batch)
+                last = time.perf_counter()
+    except KafkaError as exc:
+        raise BrokerError(f"raw consume of {topic} failed: {exc!r}") from exc
+    finally:
+        consumer.close()
+    return ReadTiming(count, nbytes, max(1e-6, last - start))
+
+
+def _confluent_read(
+    bootstrap_servers: str, topic: str, records: int, timeout_s: float
+) -> ReadTiming:
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+    from worker.edge.confluent.clients import FETCH_SETTINGS
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": "mmstream-bench-raw",
+            "enable.auto.commit": False,
+            **FETCH_SETTINGS,
+        }
+    )
+    count = nbytes = 0
+    deadline = time.monotonic() + timeout_s
+    try:
+        found = consumer.list_topics(topic, timeout=10.0).topics.get(topic)
+        if found is None or found.error is not None or not found.partitions:
+            raise BrokerError(f"raw consume: topic {topic} has no partitions")
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in found.partitions])
+        start = last = time.perf_counter()
+        while count < records:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"raw consume read {count}/{records} records in {timeout_s} s")
+            batch = consumer.consume(500, 0.2)
+            for m in batch:
+                if m.error() is None:
+                    nbytes += len(m.value() or b"") + len(m.key() or b"")
+                    count += 1
+            if batch:
+                last = time.perf_counter()
+    except KafkaException as exc:
+        raise BrokerError(f"raw consume of {topic} failed: {exc}") from exc
+    finally:
+        consumer.close()
+    return ReadTiming(count, nbytes, max(1e-6, last - start))
+
+
+def client_versions() -> dict[str, str]:
+    """``kafka_python`` and ``confluent_kafka`` (with librdkafka's): the versions installed,
+    "" for one that is not (the bench's machine information)."""
+    try:
+        import kafka
+    except ImportError:
+        kafka_python = ""
+    else:
+        kafka_python = str(kafka.__version__)
+    try:
+        import confluent_kafka
+    except ImportError:
+        confluent = ""
+    else:
+        confluent = f"{confluent_kafka.version()[0]} (librdkafka {confluent_kafka.libversion()[0]})"
+    return {"kafka_python": kafka_python, "confluent_kafka": confluent}

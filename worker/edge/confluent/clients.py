@@ -14,7 +14,7 @@ What librdkafka does differently, and how it is met here:
 * **It retries authentication and TLS failures for ever**, reporting them only to an
   error callback. Each client is built with one (:class:`_Errors`) and connects before it
   is used (:func:`_connect`): a refused login or certificate is one line naming it
-  (the same words as kafka-python's, :mod:`worker.edge.security`), retriable=False.
+  (the same words as kafka-python's, :mod:`worker.edge.common`), retriable=False.
 * **Keys are partitioned as the Java client and kafka-python do** (``murmur2_random``),
   not with librdkafka's default CRC32, so both clients write a key to the same partition.
 * **It can forget every broker.** A broker shutting down may answer metadata with no
@@ -49,19 +49,21 @@ from confluent_kafka import (
 from worker.config import check_compression
 from worker.contract.errors import BrokerError
 from worker.contract.records import LogRecord, OutRecord, RawRecord, SourceRef
-from worker.edge.client import TP, CommitFailed, Fenced, Positions
-from worker.edge.kafka_io import (
+from worker.edge.client import TP, Positions
+from worker.edge.common import (
+    AUTHORIZATION,
     FETCH_MAX_BYTES,
     PARTITION_FETCH_BYTES,
-    ReadTiming,
-    worker_access,
-)
-from worker.edge.security import (
+    Failure,
+    Progress,
     authentication_failed,
-    check_access,
-    principal,
+    checkpoint_metadata,
     tls_failure,
+    translate,
+    worker_access,
+    wrapping,
 )
+from worker.edge.confluent.access import check_access
 
 if TYPE_CHECKING:
     from worker.config import KafkaSecurity, WorkerConfig
@@ -79,48 +81,23 @@ TXN_GRACE_S = 5.0
 #: Producers whose handle a stuck call still uses: kept alive, never destroyed.
 _ABANDONED: list[Producer] = []
 
-#: Error codes of a commit the group refused (rebalance, stale generation, fenced member).
-_REFUSED_COMMIT = {
-    KafkaError.REBALANCE_IN_PROGRESS,
-    KafkaError.ILLEGAL_GENERATION,
-    KafkaError.UNKNOWN_MEMBER_ID,
-    KafkaError.FENCED_INSTANCE_ID,
-    KafkaError._ASSIGNMENT_LOST,
-}
-_FENCED = {
-    KafkaError._FENCED,
-    KafkaError.PRODUCER_FENCED,
-    KafkaError.INVALID_PRODUCER_EPOCH,
-}
-_AUTHORIZATION = {
-    KafkaError.TOPIC_AUTHORIZATION_FAILED: "topic",
-    KafkaError.GROUP_AUTHORIZATION_FAILED: "group",
-    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED: "transactional id",
-    KafkaError.CLUSTER_AUTHORIZATION_FAILED: "cluster",
-}
-
-
 # ------------------------------------------------------------------ settings
 
 
-#: librdkafka bootstraps again after this long without metadata from any broker. Its
-#: default (5 min) is what a cluster that answered "0 brokers" while shutting down leaves a
-#: client with: every broker it knew decommissioned, none to ask (measured, 2.16: a
-#: producer stuck for the whole outage test; issue 12 notes).
+#: librdkafka bootstraps again after this long without metadata from any broker: its
+#: default (5 min) strands a client that a shutting-down cluster told of no brokers.
 REBOOTSTRAP_AFTER_MS = 10_000
 
 
-#: How long librdkafka waits before fetching a partition again once its prefetch queue
-#: is full (``queued.max.messages.kbytes``). Its default, 1 000 ms, idles a consumer that
-#: drains the queue in less: the naive loop sat waiting 40-45% of its run, and took
-#: 1 364-1 589 events/s with 1 000 ms against 2 200-3 140 with 10 ms (6 000 npy events,
-#: 4 partitions, this 2-CPU machine; docs/benchmarks.md).
+#: How long librdkafka waits before fetching a partition again once its prefetch queue is
+#: full: its default, 1 000 ms, idles a consumer that drains the queue sooner
+#: (docs/benchmarks.md).
 FETCH_QUEUE_BACKOFF_MS = 10
 
 #: ``coordinator.query.interval.ms`` of the worker's consumer (librdkafka: 600 000).
 COORDINATOR_QUERY_MS = 10_000
 
-#: The fetch settings of every mmstream consumer on librdkafka (as kafka_io's for kafka-python).
+#: The fetch settings of every mmstream consumer on librdkafka (as kafka-python's).
 FETCH_SETTINGS: dict[str, Any] = {
     "fetch.max.bytes": FETCH_MAX_BYTES,
     "max.partition.fetch.bytes": PARTITION_FETCH_BYTES,
@@ -198,34 +175,41 @@ class _Errors:
             log.exception("error callback failed")
 
 
+def failure(err: KafkaError) -> Failure:
+    """A librdkafka error as the edge's error table reads it (a timeout or a lost broker
+    is retriable unless fatal; a transaction that must abort is retried by aborting)."""
+    retriable = bool(err.retriable() or err.txn_requires_abort()) and not err.fatal()
+    if err.code() in (KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN):
+        retriable = not err.fatal()
+    return Failure(err.name(), err.str(), retriable)
+
+
 def broker_error(
-    what: str, err: KafkaError | BaseException, security: dict[str, Any] | None = None
+    what: str,
+    err: KafkaError | BaseException,
+    security: dict[str, Any] | None = None,
+    *,
+    names: str = "",
+    operation: str = "",
 ) -> BrokerError:
-    """A librdkafka error as a BrokerError with librdkafka's retriable flag; a refused
-    commit is :class:`CommitFailed`, a fenced producer :class:`Fenced`, a refused ACL a
-    one-line error naming the principal and the resource."""
+    """A librdkafka error through :func:`worker.edge.common.translate` (``names`` and
+    ``operation``: what a refused ACL is about, when the caller knows); anything else
+    keeps its repr."""
     if isinstance(err, KafkaException) and err.args and isinstance(err.args[0], KafkaError):
         err = err.args[0]
     if not isinstance(err, KafkaError):
         return BrokerError(f"{what}: {err!r}")
-    code = err.code()
-    if code in _AUTHORIZATION:
-        return BrokerError(
-            f"{what}: not authorized: {principal(security or {})} lacks access to the "
-            f"{_AUTHORIZATION[code]} ({err.str()}; see 'Security and ACLs' in "
-            "docs/operations.md)",
-            retriable=False,
-        )
-    if code in _REFUSED_COMMIT:
-        return CommitFailed(f"{what}: {err.str()}", rebalancing=True)
-    if code in _FENCED:
-        return Fenced(
-            f"{what}: {err.str()} (a newer producer with this transactional id is active)"
-        )
-    retriable = bool(err.retriable() or err.txn_requires_abort()) and not err.fatal()
-    if code in (KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN):
-        retriable = not err.fatal()
-    return BrokerError(f"{what}: {err.str()}", retriable=retriable)
+    found = failure(err)
+    if names:
+        found = Failure(found.name, found.text, found.retriable, names)
+    return translate(what, found, security or {}, operation)
+
+
+_wrapped = wrapping(KafkaException, broker_error)
+
+
+def _denied(err: KafkaError) -> bool:
+    return err.name() in AUTHORIZATION
 
 
 def _connect(
@@ -295,7 +279,7 @@ def group_state(stats: str) -> tuple[str, str] | None:
 
 
 def consumer_settings(config: WorkerConfig) -> dict[str, Any]:
-    """The worker's consumer settings, as :func:`worker.edge.kafka_io.make_consumer`'s."""
+    """The worker's consumer settings, as kafka-python's (:mod:`worker.edge.kafka_python.build`)."""
     conf: dict[str, Any] = {
         **common_settings(config.bootstrap_servers, config),
         "group.id": config.group_id,
@@ -310,10 +294,8 @@ def consumer_settings(config: WorkerConfig) -> dict[str, Any]:
             "read_committed" if config.guarantee == "exactly-once" else "read_uncommitted"
         ),
         "topic.metadata.refresh.interval.ms": 30_000,
-        # How often the group's coordinator is looked up again (a tenth of it while the
-        # known one is down): librdkafka's 10 min left a consumer that a broker restart
-        # had answered "Not coordinator" out of its group for over a minute, on a loaded
-        # machine (test_broker_outage_is_survived, once; cf. confluentinc/librdkafka#2944).
+        # librdkafka's 10 min left a consumer out of its group for over a minute after a
+        # broker restart answered "Not coordinator" (confluentinc/librdkafka#2944).
         "coordinator.query.interval.ms": COORDINATOR_QUERY_MS,
         # The group's state comes with librdkafka's statistics (ConfluentConsumer.in_group).
         "statistics.interval.ms": STATS_INTERVAL_MS,
@@ -384,21 +366,16 @@ class ConfluentConsumer:
         if state is not None:
             self._group_up = state == GROUP_UP
 
+    @_wrapped("cannot subscribe")
     def subscribe(self, topic: str) -> None:
-        try:
-            self._c.subscribe(
-                [topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
-                on_lost=self._on_revoke,
-            )  # fmt: skip
-        except KafkaException as exc:
-            raise broker_error("cannot subscribe", exc, self.security) from exc
+        self._c.subscribe(
+            [topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+        )
 
+    @_wrapped("cannot assign partitions")
     def assign(self, tps: Iterable[TP]) -> None:
         wanted = sorted(tps)
-        try:
-            self._c.assign([_tp(tp) for tp in wanted])
-        except KafkaException as exc:
-            raise broker_error("cannot assign partitions", exc, self.security) from exc
+        self._c.assign([_tp(tp) for tp in wanted])
         self._assigned = set(wanted)
         self._direct = self._joined = True
 
@@ -442,7 +419,7 @@ class ConfluentConsumer:
         failure = broker_error("Kafka poll failed", err, self.security)
         # A fatal error reaches the consumer as a message whose code is _FATAL (its own
         # fatal flag unset): the instance is unusable (e.g. a static member fenced).
-        if err.fatal() or err.code() == KafkaError._FATAL or err.code() in _AUTHORIZATION:
+        if err.fatal() or err.code() == KafkaError._FATAL or _denied(err):
             raise failure
         log.warning("%s", failure)
 
@@ -465,22 +442,18 @@ class ConfluentConsumer:
     def assignment(self) -> set[TP]:
         return set(self._assigned)
 
+    @_wrapped("cannot pause")
     def pause(self, tps: Iterable[TP]) -> None:
         wanted = [tp for tp in tps if tp in self._assigned]
         if wanted:
-            try:
-                self._c.pause([_tp(tp) for tp in wanted])
-            except KafkaException as exc:
-                raise broker_error("cannot pause", exc, self.security) from exc
+            self._c.pause([_tp(tp) for tp in wanted])
             self._paused.update(wanted)
 
+    @_wrapped("cannot resume")
     def resume(self, tps: Iterable[TP]) -> None:
         wanted = [tp for tp in tps if tp in self._paused]
         if wanted:
-            try:
-                self._c.resume([_tp(tp) for tp in wanted])
-            except KafkaException as exc:
-                raise broker_error("cannot resume", exc, self.security) from exc
+            self._c.resume([_tp(tp) for tp in wanted])
             self._paused.difference_update(wanted)
 
     def paused(self) -> set[TP]:
@@ -492,21 +465,16 @@ class ConfluentConsumer:
         pos = self._next.get(tp)
         return pos is not None and high >= 0 and pos >= high
 
+    @_wrapped("cannot seek")
     def _seek(self, tp: TP, offset: int) -> None:
-        # Not Consumer.seek(): confluent-kafka calls rd_kafka_seek_partitions with no
-        # timeout, and it waits for the partition's fetcher, which with the partition's
-        # leader down did not come back (a worker stuck for good after a rewind; issue 12
-        # notes). Re-assigning the one partition at the offset moves it without waiting;
-        # locally only (the group's assignment is unchanged), pause state kept.
+        # Not Consumer.seek(), which waits without a timeout for a fetcher whose leader may
+        # be down (docs/architecture.md): re-assigning the one partition locally does not.
         if tp not in self._assigned:
             raise BrokerError(f"cannot seek {tp}: it is not assigned", retriable=False)
-        try:
-            self._c.incremental_unassign([_tp(tp)])
-            self._c.incremental_assign([_tp(tp, offset)])
-            if tp in self._paused:
-                self._c.pause([_tp(tp)])
-        except KafkaException as exc:
-            raise broker_error("cannot seek", exc, self.security) from exc
+        self._c.incremental_unassign([_tp(tp)])
+        self._c.incremental_assign([_tp(tp, offset)])
+        if tp in self._paused:
+            self._c.pause([_tp(tp)])
 
     def seek(self, tp: TP, offset: int) -> None:
         self._seek(tp, offset)
@@ -520,41 +488,33 @@ class ConfluentConsumer:
         self._seek(tp, OFFSET_END)
         self._next.pop(tp, None)
 
+    @_wrapped("cannot read the position")
     def position(self, tp: TP) -> int:
         if tp in self._next:
             return self._next[tp]
-        try:
-            (found,) = self._c.position([_tp(tp)])
-            if found.offset >= 0:
-                return int(found.offset)
-            committed, _meta = self.committed(tp)
-            if committed is not None:
-                return committed
-            low, high = self._c.get_watermark_offsets(_tp(tp), timeout=LOOKUP_TIMEOUT_S)
-        except KafkaException as exc:
-            raise broker_error("cannot read the position", exc, self.security) from exc
+        (found,) = self._c.position([_tp(tp)])
+        if found.offset >= 0:
+            return int(found.offset)
+        committed, _meta = self.committed(tp)
+        if committed is not None:
+            return committed
+        low, high = self._c.get_watermark_offsets(_tp(tp), timeout=LOOKUP_TIMEOUT_S)
         return int(low if self._earliest else high)
 
+    @_wrapped("cannot read the committed offset")
     def committed(self, tp: TP) -> tuple[int | None, str]:
-        try:
-            (found,) = self._c.committed([_tp(tp)], timeout=LOOKUP_TIMEOUT_S)
-        except KafkaException as exc:
-            raise broker_error("cannot read the committed offset", exc, self.security) from exc
+        (found,) = self._c.committed([_tp(tp)], timeout=LOOKUP_TIMEOUT_S)
         if found.error is not None:
             raise broker_error("cannot read the committed offset", found.error, self.security)
         if found.offset < 0:
             return None, ""
-        # confluent-kafka commits the metadata with a trailing NUL (measured, 2.16.1):
-        # what either client reads back is the string without it.
-        return int(found.offset), (found.metadata or "").rstrip("\x00")
+        return int(found.offset), checkpoint_metadata(found.metadata)
 
+    @_wrapped("commit failed")
     def commit(self, positions: Positions) -> None:
         if not positions:
             return
-        try:
-            done = self._c.commit(offsets=_offsets(positions), asynchronous=False)
-        except KafkaException as exc:
-            raise broker_error("commit failed", exc, self.security) from exc
+        done = self._c.commit(offsets=_offsets(positions), asynchronous=False)
         for tp in done or ():
             if tp.error is not None:
                 raise broker_error("commit failed", tp.error, self.security)
@@ -621,6 +581,7 @@ class ConfluentProducer:
         what: str = "cannot connect producer",
     ) -> None:
         self.security = security
+        self.transactional_id = str(conf.get("transactional.id", ""))
         self._wait_s = transaction_wait_s
         self._errors = _Errors(conf["bootstrap.servers"], security)
         try:
@@ -637,7 +598,16 @@ class ConfluentProducer:
 
     def _serve(self) -> None:
         while not self._closed.is_set():
-            self._p.poll(0.1)
+            try:
+                self._p.poll(0.1)
+            except KafkaException as exc:
+                # A fatal error (e.g. a refused transactional id) is raised by poll too; the
+                # call that met it reports it, and a fatal producer has nothing left to serve.
+                log.debug("delivery reports: %s", exc)
+                err = exc.args[0] if exc.args else None
+                if isinstance(err, KafkaError) and err.fatal():
+                    return
+                time.sleep(0.1)
 
     def send(
         self,
@@ -691,16 +661,17 @@ class ConfluentProducer:
                 retriable=True,
             )
 
-    def _call(self, what: str, fn: Callable[..., Any], *args: Any, wait_s: float) -> None:
+    def _call(
+        self, what: str, fn: Callable[..., Any], *args: Any, wait_s: float, **denied: str
+    ) -> None:
         """``fn(*args)`` (a transactional call given ``wait_s`` as its timeout), on a
         helper thread, waited for at most ``wait_s`` + :data:`TXN_GRACE_S`.
 
         librdkafka does not always keep these timeouts: ``send_offsets_to_transaction``
         waits for ever once the group coordinator it cached is gone
-        (confluentinc/librdkafka#5456, #5511; measured here: a worker stuck after its
-        transaction coordinator was SIGKILLed). A call that overstays fails with a
+        (confluentinc/librdkafka#5456, #5511). A call that overstays fails with a
         retriable error and marks the producer stuck: its later transactional calls
-        fail at once, so the loop replaces it (``Worker._rebuild_producer``).
+        fail at once, so the loop replaces it (:class:`worker.core.guarantee.ExactlyOnce`).
         """
         if self._stuck is not None:
             raise BrokerError(
@@ -730,17 +701,19 @@ class ConfluentProducer:
             )
         if failure:
             if isinstance(failure[0], KafkaException):
-                raise broker_error(what, failure[0], self.security) from failure[0]
+                raise broker_error(what, failure[0], self.security, **denied) from failure[0]
             raise failure[0]
 
     def init_transactions(self) -> None:
-        self._call("cannot initialise transactions", self._p.init_transactions, 60.0, wait_s=60.0)
+        # librdkafka's admin client cannot check the transactional id's ACL beforehand.
+        self._call(
+            "cannot initialise transactions", self._p.init_transactions, 60.0, wait_s=60.0,
+            names=repr(self.transactional_id), operation="Write",
+        )  # fmt: skip
 
+    @_wrapped("cannot begin a transaction")
     def begin_transaction(self) -> None:
-        try:
-            self._p.begin_transaction()
-        except KafkaException as exc:
-            raise broker_error("cannot begin a transaction", exc, self.security) from exc
+        self._p.begin_transaction()
 
     def send_offsets_to_transaction(self, positions: Positions, group_metadata: object) -> None:
         self._call(
@@ -814,49 +787,39 @@ class ConfluentInspector:
             raise
         return c
 
-    def _fail(self, what: str, exc: KafkaException) -> BrokerError:
-        return broker_error(what, exc, self.security)
-
+    @_wrapped("cannot read topic metadata")
     def partitions(self, topic: str) -> list[int]:
-        try:
-            found = self._c.list_topics(topic, timeout=LOOKUP_TIMEOUT_S).topics.get(topic)
-        except KafkaException as exc:
-            raise self._fail("cannot read topic metadata", exc) from exc
+        found = self._c.list_topics(topic, timeout=LOOKUP_TIMEOUT_S).topics.get(topic)
         if found is None or found.error is not None:
             return []
         return sorted(found.partitions)
 
+    @_wrapped("cannot read offsets")
     def offset_bounds(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[int, int]]:
         out: dict[int, tuple[int, int]] = {}
-        try:
-            for p in partitions:
-                low, high = self._c.get_watermark_offsets(
-                    TopicPartition(topic, p), timeout=LOOKUP_TIMEOUT_S
-                )
-                out[p] = (int(low), int(high))
-        except KafkaException as exc:
-            raise self._fail("cannot read offsets", exc) from exc
+        for p in partitions:
+            low, high = self._c.get_watermark_offsets(
+                TopicPartition(topic, p), timeout=LOOKUP_TIMEOUT_S
+            )
+            out[p] = (int(low), int(high))
         return out
 
+    @_wrapped("cannot look up offsets by time")
     def offsets_for_time(
         self, topic: str, partitions: Iterable[int], ms: int
     ) -> dict[int, int | None]:
         wanted = [TopicPartition(topic, p, max(0, ms)) for p in partitions]
         if not wanted:
             return {}
-        try:
-            found = self._c.offsets_for_times(wanted, timeout=LOOKUP_TIMEOUT_S)
-        except KafkaException as exc:
-            raise self._fail("cannot look up offsets by time", exc) from exc
+        found = self._c.offsets_for_times(wanted, timeout=LOOKUP_TIMEOUT_S)
         return {tp.partition: (int(tp.offset) if tp.offset >= 0 else None) for tp in found}
 
+    @_wrapped("cannot read the group's checkpoint")
     def committed(self, group: str, topic: str, partitions: Iterable[int]) -> dict[int, int | None]:
         wanted = [TopicPartition(topic, p) for p in partitions]
         reader = self._consumer(group)
         try:  # reads the checkpoint; joins nothing, commits nothing
             found = reader.committed(wanted, timeout=LOOKUP_TIMEOUT_S) if wanted else []
-        except KafkaException as exc:
-            raise self._fail("cannot read the group's checkpoint", exc) from exc
         finally:
             reader.close()
         return {tp.partition: (int(tp.offset) if tp.offset >= 0 else None) for tp in found}
@@ -912,13 +875,13 @@ class ConfluentRangeReader:
             self._c.assign([TopicPartition(topic, partition, start)])
         except KafkaException as exc:
             raise broker_error(f"reading {where}", exc, self.security) from exc
-        position, last_progress = start, time.monotonic()
+        progress = Progress(where, start, timeout_s)
+        position = start
         while position < end:
             try:
                 messages = self._c.consume(500, 0.2)
             except KafkaException as exc:
                 raise broker_error(f"reading {where}", exc, self.security) from exc
-            before = position
             for m in messages:
                 err = m.error()
                 if err is not None:
@@ -931,7 +894,7 @@ class ConfluentRangeReader:
                             f"(deleted by retention?): {err.str()}",
                             retriable=False,
                         )
-                    if err.fatal() or err.code() in _AUTHORIZATION:
+                    if err.fatal() or _denied(err):
                         raise broker_error(f"reading {where}", err, self.security)
                     log.warning("reading %s: %s", where, err.str())
                     continue
@@ -954,12 +917,7 @@ class ConfluentRangeReader:
                         value=m.value(),
                         headers=_log_headers(m.headers()),
                     )
-            if position > before:
-                last_progress = time.monotonic()
-            elif time.monotonic() - last_progress > timeout_s:
-                raise BrokerError(
-                    f"reading {where}: no progress for {timeout_s:g} s at offset {position}"
-                )
+            progress.at(position)
 
     def close(self) -> None:
         try:
@@ -985,7 +943,11 @@ class ConfluentClients:
         if config.security_protocol != "PLAINTEXT":
             # Before joining: a missing ACL is one line naming it, and nothing is assigned.
             try:
-                check_access(config.bootstrap_servers, security, worker_access(config))
+                check_access(
+                    common_settings(config.bootstrap_servers, config),
+                    security,
+                    worker_access(config),
+                )
             except BaseException:
                 consumer.close()
                 raise
@@ -1027,41 +989,3 @@ class ConfluentClients:
         self, bootstrap_servers: str, security: KafkaSecurity, *, client_id: str
     ) -> ConfluentRangeReader:
         return ConfluentRangeReader(bootstrap_servers, security, client_id)
-
-
-# ------------------------------------------------------------------ the bench's raw read
-
-
-def timed_read(bootstrap_servers: str, topic: str, records: int, timeout_s: float) -> ReadTiming:
-    """:func:`worker.edge.kafka_io.timed_read` with librdkafka (the bench's raw consume)."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap_servers,
-            "group.id": "mmstream-bench-raw",
-            "enable.auto.commit": False,
-            **FETCH_SETTINGS,
-        }
-    )
-    count = nbytes = 0
-    deadline = time.monotonic() + timeout_s
-    try:
-        found = consumer.list_topics(topic, timeout=LOOKUP_TIMEOUT_S).topics.get(topic)
-        if found is None or found.error is not None or not found.partitions:
-            raise BrokerError(f"raw consume: topic {topic} has no partitions")
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in found.partitions])
-        start = last = time.perf_counter()
-        while count < records:
-            if time.monotonic() > deadline:
-                raise BrokerError(f"raw consume read {count}/{records} records in {timeout_s} s")
-            batch = consumer.consume(500, 0.2)
-            for m in batch:
-                if m.error() is None:
-                    nbytes += len(m.value() or b"") + len(m.key() or b"")
-                    count += 1
-            if batch:
-                last = time.perf_counter()
-    except KafkaException as exc:
-        raise BrokerError(f"raw consume of {topic} failed: {exc}") from exc
-    finally:
-        consumer.close()
-    return ReadTiming(count, nbytes, max(1e-6, last - start))

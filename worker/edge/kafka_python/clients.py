@@ -1,43 +1,50 @@
 """The :mod:`worker.edge.client` interfaces, implemented with kafka-python.
 
-Every kafka-python error leaves this module as a
+Every kafka-python error leaves this module through the edge's one error table
+(:func:`worker.edge.kafka_python.security.broker_error`): a
 :class:`~worker.contract.errors.BrokerError` that keeps kafka-python's own
 ``retriable`` flag; refused commits are :class:`~worker.edge.client.CommitFailed`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import queue
-import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import (
-    CommitFailedError,
-    InvalidProducerEpochError,
-    KafkaError,
-    ProducerFencedError,
-    RebalanceInProgressError,
-)
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import TopicPartition
 
 from worker.contract.errors import BrokerError
-from worker.contract.records import LogRecord, OutRecord, RawRecord, SourceRef
-from worker.edge.client import TP, CommitFailed, Fenced, Positions
-from worker.edge.kafka_io import (
+from worker.contract.records import LogRecord, OutRecord, RawRecord
+from worker.edge.client import TP, Positions
+from worker.edge.common import (
     FETCH_MAX_BYTES,
-    NULL_KEY,
     PARTITION_FETCH_BYTES,
+    Progress,
+    checkpoint_metadata,
+    wrapping,
+)
+from worker.edge.kafka_python.build import (
+    NULL_KEY,
     NullKey,
     build_client,
     make_consumer,
     make_producer,
 )
-from worker.edge.security import authorization_error
+from worker.edge.kafka_python.internals import (
+    heartbeating,
+    member_stable,
+    read_to_end,
+    transaction_manager,
+    wake_sender,
+)
+from worker.edge.kafka_python.records import to_log_record, to_offsets, to_raw
+from worker.edge.kafka_python.records import topic_partition as _tp
+from worker.edge.kafka_python.security import broker_error
 
 if TYPE_CHECKING:
     from worker.config import KafkaSecurity, WorkerConfig
@@ -49,79 +56,7 @@ POLL_MS = 200
 #: Blocking lookups of the consumer (committed offsets): a retriable timeout after this.
 LOOKUP_TIMEOUT_MS = 10_000
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def broker_error(
-    what: str, exc: BaseException, security: dict[str, Any] | None = None
-) -> BrokerError:
-    """A kafka-python error as a BrokerError with kafka-python's retriable flag; an
-    authorization failure names the principal and the resource (``security``: the
-    client's security settings, for the principal)."""
-    denied = authorization_error(what, exc, security or {})
-    if denied is not None:
-        return denied
-    if not isinstance(exc, KafkaError):
-        return BrokerError(f"{what}: {exc!r}")
-    if isinstance(exc, CommitFailedError | RebalanceInProgressError):
-        return CommitFailed(
-            f"{what}: {exc!r}", rebalancing=isinstance(exc, RebalanceInProgressError)
-        )
-    if isinstance(exc, ProducerFencedError | InvalidProducerEpochError):
-        return Fenced(f"{what}: {exc!r} (a newer producer with this transactional id is active)")
-    return BrokerError.wrap(what, exc)
-
-
-def _wrapped(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    def deco(fn: Callable[P, R]) -> Callable[P, R]:
-        @functools.wraps(fn)
-        def inner(*args: P.args, **kwargs: P.kwargs) -> R:
-            try:
-                return fn(*args, **kwargs)
-            except KafkaError as exc:
-                security = getattr(args[0], "security", None) if args else None
-                raise broker_error(what, exc, security) from exc
-
-        return inner
-
-    return deco
-
-
-def _tp(tp: TP) -> TopicPartition:
-    return TopicPartition(tp[0], tp[1])
-
-
-def to_raw(record: Any) -> RawRecord:
-    """A kafka-python ``ConsumerRecord`` -> :class:`RawRecord`."""
-    return RawRecord(
-        source=SourceRef(record.topic, record.partition, record.offset, record.timestamp),
-        key=record.key,
-        value=record.value,
-        headers=tuple((k, v if v is not None else b"") for k, v in (record.headers or ())),
-    )
-
-
-def to_log_record(record: Any) -> LogRecord:
-    """A kafka-python ``ConsumerRecord`` (no deserializers) -> :class:`LogRecord`, lossless."""
-    return LogRecord(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        timestamp=record.timestamp if record.timestamp is not None else -1,
-        timestamp_type="log_append" if record.timestamp_type == 1 else "create",
-        key=record.key,
-        value=record.value,
-        headers=tuple((name, value) for name, value in (record.headers or ())),
-    )
-
-
-def to_offsets(positions: Positions) -> dict[TopicPartition, OffsetAndMetadata]:
-    """(topic, partition) -> (next offset, metadata) as kafka-python wants them."""
-    return {
-        TopicPartition(topic, part): OffsetAndMetadata(pos, meta, -1)
-        for (topic, part), (pos, meta) in positions.items()
-    }
+_wrapped = wrapping(KafkaError, broker_error)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -189,22 +124,10 @@ class KafkaPythonConsumer:
         return self._assigned_directly or self._listener.joined or self._stable()
 
     def in_group(self) -> bool:
-        if self._assigned_directly:
-            return True
-        # The coordinator's id is dropped when it fails; a static member fenced by a newer
-        # one with its group.instance.id stays STABLE with its heartbeat disabled.
-        coordinator = self._c._coordinator
-        return bool(
-            self._stable()
-            and coordinator.coordinator_id is not None
-            and coordinator._heartbeat_enabled
-        )
+        return self._assigned_directly or (member_stable(self._c) and heartbeating(self._c))
 
     def _stable(self) -> bool:
-        # kafka-python's own member state, read without side effects (coordinator_unknown()
-        # may mark the coordinator dead): STABLE once a join and its sync succeeded, even
-        # with no partitions assigned; left on a rebalance or a lost member.
-        return bool(self._c._coordinator.stable())
+        return member_stable(self._c)
 
     def owned(self) -> set[TP]:
         if self._assigned_directly:
@@ -230,12 +153,7 @@ class KafkaPythonConsumer:
         return {(tp.topic, tp.partition) for tp in self._c.paused()}
 
     def caught_up(self, tp: TP) -> bool:
-        # The subscription state, not KafkaConsumer.position(): that one may block on a
-        # committed-offset refresh. highwater comes with each fetch response.
-        state = self._c._subscription.assignment.get(_tp(tp))
-        if state is None or state.highwater is None or state.position is None:
-            return False
-        return bool(state.position.offset >= state.highwater)
+        return read_to_end(self._c, _tp(tp))
 
     @_wrapped("cannot seek")
     def seek(self, tp: TP, offset: int) -> None:
@@ -259,8 +177,7 @@ class KafkaPythonConsumer:
         found = self._c.committed(_tp(tp), metadata=True, timeout_ms=LOOKUP_TIMEOUT_MS)
         if found is None:
             return None, ""
-        # A checkpoint committed by confluent-kafka ends in a NUL (worker.edge.confluent).
-        return found.offset, (found.metadata or "").rstrip("\x00")
+        return found.offset, checkpoint_metadata(found.metadata)
 
     @_wrapped("commit failed")
     def commit(self, positions: Positions) -> None:
@@ -364,13 +281,13 @@ class KafkaPythonProducer:
         self._await("aborting the transaction", self._transactions().begin_abort())
 
     def _transactions(self) -> Any:
-        tm = self._p._transaction_manager
+        tm = transaction_manager(self._p)
         if tm is None:
             raise BrokerError("transactions are not enabled on this producer", retriable=False)
         return tm
 
     def _await(self, what: str, result: Any) -> None:
-        self._p._sender.wakeup()
+        wake_sender(self._p)
         if not result.wait(timeout_ms=self._wait_ms):
             raise BrokerError(
                 f"{what}: no answer from the transaction coordinator in {self._wait_ms} ms "
@@ -472,23 +389,17 @@ class KafkaPythonRangeReader:
             return
         tp = TopicPartition(topic, partition)
         where = f"{topic}/{partition} [{start}, {end})"
+        progress = Progress(where, start, timeout_s)
         try:
             self._c.assign([tp])
             self._c.seek(tp, start)
-            position, last_progress = start, time.monotonic()
-            while position < end:
+            while progress.position < end:
                 for record in self._c.poll(timeout_ms=POLL_MS).get(tp, ()):
                     if record.offset >= end:
                         break
                     if record.offset >= start:
                         yield to_log_record(record)
-                now_at = self._c.position(tp)
-                if now_at > position:
-                    position, last_progress = now_at, time.monotonic()
-                elif time.monotonic() - last_progress > timeout_s:
-                    raise BrokerError(
-                        f"reading {where}: no progress for {timeout_s:g} s at offset {position}"
-                    )
+                progress.at(self._c.position(tp))
         except KafkaError as exc:
             raise broker_error(f"reading {where}", exc, self.security) from exc
 
