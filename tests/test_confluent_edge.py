@@ -13,7 +13,10 @@ from confluent_kafka import KafkaError, KafkaException
 from worker.config import WorkerConfig
 from worker.contract.errors import BrokerError, ConfigError
 from worker.edge.client import CommitFailed, Fenced
-from worker.edge.confluent import clients as confluent
+from worker.edge.confluent import consumer as cf_consumer
+from worker.edge.confluent import errors as cf_errors
+from worker.edge.confluent import producer as cf_producer
+from worker.edge.confluent import settings as cf_settings
 
 
 def config(tmp_path: Path, **kw: object) -> WorkerConfig:
@@ -45,7 +48,7 @@ def test_security_settings_map_to_librdkafkas(tmp_path: Path) -> None:
         sasl_password="s3cret",
         ssl_cafile=ca,
     )
-    assert confluent.librdkafka_security(sasl) == {
+    assert cf_settings.librdkafka_security(sasl) == {
         "security.protocol": "sasl_ssl",
         "sasl.mechanism": "SCRAM-SHA-512",
         "sasl.username": "svc",
@@ -55,17 +58,17 @@ def test_security_settings_map_to_librdkafkas(tmp_path: Path) -> None:
     mtls = config(
         tmp_path, security_protocol="SSL", ssl_cafile=ca, ssl_certfile=cert, ssl_keyfile=key
     )
-    assert confluent.librdkafka_security(mtls) == {
+    assert cf_settings.librdkafka_security(mtls) == {
         "security.protocol": "ssl",
         "ssl.ca.location": str(ca),
         "ssl.certificate.location": str(cert),
         "ssl.key.location": str(key),
     }
-    assert confluent.librdkafka_security(config(tmp_path)) == {"security.protocol": "plaintext"}
+    assert cf_settings.librdkafka_security(config(tmp_path)) == {"security.protocol": "plaintext"}
 
 
 def test_consumer_settings_keep_the_workers_semantics(tmp_path: Path) -> None:
-    c = confluent.consumer_settings(
+    c = cf_settings.consumer_settings(
         config(
             tmp_path,
             guarantee="exactly-once",
@@ -84,14 +87,14 @@ def test_consumer_settings_keep_the_workers_semantics(tmp_path: Path) -> None:
     assert c["max.partition.fetch.bytes"] == 1024 * 1024  # the clients' default, below it
     assert c["queued.max.messages.kbytes"] == 8 * 1024
     # A full prefetch queue is fetched again soon, not after librdkafka's 1 s default.
-    assert c["fetch.queue.backoff.ms"] == confluent.FETCH_QUEUE_BACKOFF_MS <= 50
+    assert c["fetch.queue.backoff.ms"] == cf_settings.FETCH_QUEUE_BACKOFF_MS <= 50
     # the coordinator is looked up again within a second while it is down (not a minute)
-    assert c["coordinator.query.interval.ms"] == confluent.COORDINATOR_QUERY_MS <= 10_000
+    assert c["coordinator.query.interval.ms"] == cf_settings.COORDINATOR_QUERY_MS <= 10_000
     assert c["heartbeat.interval.ms"] == 1000
-    assert c["metadata.recovery.rebootstrap.trigger.ms"] == confluent.REBOOTSTRAP_AFTER_MS
-    assert "group.instance.id" not in confluent.consumer_settings(config(tmp_path))
+    assert c["metadata.recovery.rebootstrap.trigger.ms"] == cf_settings.REBOOTSTRAP_AFTER_MS
+    assert "group.instance.id" not in cf_settings.consumer_settings(config(tmp_path))
     # the group's state comes with the statistics: at least every few seconds
-    assert 0 < c["statistics.interval.ms"] == confluent.STATS_INTERVAL_MS <= 5_000
+    assert 0 < c["statistics.interval.ms"] == cf_settings.STATS_INTERVAL_MS <= 5_000
 
 
 def test_the_group_state_is_read_from_librdkafkas_statistics() -> None:
@@ -99,24 +102,24 @@ def test_the_group_state_is_read_from_librdkafkas_statistics() -> None:
     # coordinator is away; a consumer with no group; statistics it cannot read.
     up = '{"name": "c#1", "cgrp": {"state": "up", "join_state": "steady", "assignment_size": 2}}'
     lost = '{"cgrp": {"state": "query-coord", "stateage": 5012, "join_state": "init"}}'
-    assert confluent.group_state(up) == confluent.GROUP_UP == ("up", "steady")
-    assert confluent.group_state(lost) == ("query-coord", "init")
-    assert confluent.group_state('{"name": "c#2", "brokers": {}}') is None
+    assert cf_consumer.group_state(up) == cf_consumer.GROUP_UP == ("up", "steady")
+    assert cf_consumer.group_state(lost) == ("query-coord", "init")
+    assert cf_consumer.group_state('{"name": "c#2", "brokers": {}}') is None
     for unreadable in ("", "not json", "[]", '{"cgrp": {"state": "up"}}'):
-        assert confluent.group_state(unreadable) is None
+        assert cf_consumer.group_state(unreadable) is None
 
 
 def test_producer_settings(tmp_path: Path) -> None:
     cfg = config(tmp_path)
-    p = confluent.producer_settings("b:1", "id", cfg, compression_type="zstd")
+    p = cf_settings.producer_settings("b:1", "id", cfg, compression_type="zstd")
     assert p["acks"] == "all" and p["enable.idempotence"] is True
     # Keys land where the Java client and kafka-python put them (murmur2), not CRC32.
     assert p["partitioner"] == "murmur2_random"
     assert p["compression.type"] == "zstd" and "transactional.id" not in p
-    tx = confluent.producer_settings("b:1", "id", cfg, transactional_id="g-pod-0")
+    tx = cf_settings.producer_settings("b:1", "id", cfg, transactional_id="g-pod-0")
     assert tx["transactional.id"] == "g-pod-0" and "delivery.timeout.ms" not in tx
     with pytest.raises(ConfigError):
-        confluent.producer_settings("b:1", "id", cfg, compression_type="brotli")
+        cf_settings.producer_settings("b:1", "id", cfg, compression_type="brotli")
 
 
 @pytest.mark.parametrize(
@@ -130,24 +133,24 @@ def test_producer_settings(tmp_path: Path) -> None:
     ],
 )
 def test_refused_commits_and_fenced_producers_keep_their_kind(code: int, kind: type) -> None:
-    err = confluent.broker_error("commit failed", KafkaException(KafkaError(code)))
+    err = cf_errors.broker_error("commit failed", KafkaException(KafkaError(code)))
     assert type(err) is kind
     assert err.retriable is (kind is CommitFailed)
 
 
 def test_retriable_flags_come_from_librdkafka() -> None:
-    timed_out = confluent.broker_error("x", KafkaError(KafkaError._TIMED_OUT))
+    timed_out = cf_errors.broker_error("x", KafkaError(KafkaError._TIMED_OUT))
     assert type(timed_out) is BrokerError and timed_out.retriable
     abortable = KafkaError(KafkaError._STATE, "abort me", txn_requires_abort=True)
-    assert confluent.broker_error("x", abortable).retriable
+    assert cf_errors.broker_error("x", abortable).retriable
     fatal = KafkaError(KafkaError._TIMED_OUT, "fatal", fatal=True)
-    assert not confluent.broker_error("x", fatal).retriable
-    too_large = confluent.broker_error("x", KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+    assert not cf_errors.broker_error("x", fatal).retriable
+    too_large = cf_errors.broker_error("x", KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
     assert not too_large.retriable
 
 
 def test_a_fatal_error_in_the_consumers_messages_stops_the_poll() -> None:
-    consumer = object.__new__(confluent.ConfluentConsumer)
+    consumer = object.__new__(cf_consumer.ConfluentConsumer)
     consumer.security = {}
     # As librdkafka hands it over when a newer member takes this group.instance.id.
     fenced = KafkaError(KafkaError._FATAL, "Fatal error: Broker: Static consumer fenced")
@@ -159,7 +162,7 @@ def test_a_fatal_error_in_the_consumers_messages_stops_the_poll() -> None:
 
 def test_an_authorization_failure_names_the_principal() -> None:
     security = {"security_protocol": "SASL_SSL", "sasl_plain_username": "svc"}
-    err = confluent.broker_error(
+    err = cf_errors.broker_error(
         "cannot write to out", KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED), security
     )
     assert not err.retriable
@@ -189,13 +192,13 @@ def test_librdkafkas_security_errors_are_worded_like_kafka_pythons() -> None:
         "sasl_plain_username": "mmstream",
         "ssl_cafile": "/x/rogue-ca.pem",
     }
-    errors = confluent._Errors("127.0.0.1:19192", sasl)
+    errors = cf_errors.Errors("127.0.0.1:19192", sasl)
     errors(KafkaError(KafkaError._AUTHENTICATION, SASL_FAILED))
     assert errors.cause == (
         "authentication failed for user 'mmstream' (SCRAM-SHA-512) at 127.0.0.1:19192: "
         "wrong password or unknown user"
     )
-    errors = confluent._Errors("127.0.0.1:19192", sasl)
+    errors = cf_errors.Errors("127.0.0.1:19192", sasl)
     errors(KafkaError(KafkaError._TRANSPORT, "Connection refused"))  # retried, not a cause
     assert errors.cause == ""
     errors(KafkaError(KafkaError._SSL, UNTRUSTED))
@@ -203,7 +206,7 @@ def test_librdkafkas_security_errors_are_worded_like_kafka_pythons() -> None:
         "TLS: broker certificate at 127.0.0.1:19192 not trusted by --ssl-cafile /x/rogue-ca.pem"
     )
     mtls = {"security_protocol": "SSL", "ssl_certfile": "/x/rogue-client.pem"}
-    errors = confluent._Errors("127.0.0.1:19193", mtls)
+    errors = cf_errors.Errors("127.0.0.1:19193", mtls)
     errors(KafkaError(KafkaError._SSL, REFUSED_CERT))
     assert errors.cause.startswith(
         "TLS: the broker at 127.0.0.1:19193 refused the client certificate "
@@ -217,8 +220,8 @@ def test_a_transactional_call_that_overstays_marks_the_producer_stuck(
     # librdkafka's send_offsets_to_transaction may ignore its timeout (librdkafka#5456):
     # the edge waits for it at most its timeout plus a grace, then fails, and every later
     # transactional call of that producer fails at once so that the loop replaces it.
-    monkeypatch.setattr(confluent, "TXN_GRACE_S", 0.05)
-    producer = object.__new__(confluent.ConfluentProducer)
+    monkeypatch.setattr(cf_producer, "TXN_GRACE_S", 0.05)
+    producer = object.__new__(cf_producer.ConfluentProducer)
     producer.security = {}
     producer._stuck = None
     release = threading.Event()
@@ -240,7 +243,7 @@ def test_a_transactional_call_that_overstays_marks_the_producer_stuck(
 
 
 def test_a_transactional_call_keeps_librdkafkas_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    producer = object.__new__(confluent.ConfluentProducer)
+    producer = object.__new__(cf_producer.ConfluentProducer)
     producer.security = {}
     producer._stuck = None
 
@@ -250,3 +253,14 @@ def test_a_transactional_call_keeps_librdkafkas_error(monkeypatch: pytest.Monkey
     with pytest.raises(Fenced):
         producer._call("cannot commit the transaction", fenced, wait_s=1.0)
     producer._call("fine", lambda: None, wait_s=1.0)
+
+
+def test_a_refused_transactional_id_is_named_and_other_refusals_keep_their_words() -> None:
+    about = ("TRANSACTIONAL_ID_AUTHORIZATION_FAILED", "'tx-1'", "Write")
+    security = {"security_protocol": "SASL_SSL", "sasl_plain_username": "svc"}
+    tx = KafkaError(KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED)
+    named = cf_errors.broker_error("cannot initialise transactions", tx, security, about=about)
+    assert "user 'svc' lacks Write on transactional id 'tx-1' (see" in str(named)
+    cluster = KafkaError(KafkaError.CLUSTER_AUTHORIZATION_FAILED)
+    other = cf_errors.broker_error("cannot initialise transactions", cluster, security, about=about)
+    assert "lacks access to the cluster (" in str(other) and "tx-1" not in str(other)

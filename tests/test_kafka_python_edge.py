@@ -104,3 +104,8 @@ def test_nothing_else_of_the_edge_reads_kafka_pythons_private_attributes() -> No
         if pattern.search(line)
     ]
     assert found == []
+
+
+def test_a_static_member_fenced_by_a_newer_one_stops_instead_of_retrying() -> None:
+    err = broker_error("Kafka poll failed", kafka_errors.FencedInstanceIdError())
+    assert type(err) is BrokerError and not err.retriable

@@ -281,3 +281,27 @@ def test_exactly_once_replaces_a_producer_that_can_neither_commit_nor_abort() ->
     assert stuck.closed and len(clients.producers) == 2
     assert worker.checkpoint.producer is clients.producers[1]
     assert not worker.checkpoint.in_transaction and worker.stats.aborts == 1
+
+
+def test_a_nested_fan_out_still_reaches_its_sensors() -> None:
+    seen: list[float] = []
+
+    class Beats(Sensor):
+        def beat(self, now_s: float) -> None:
+            seen.append(now_s)
+
+    Sensors([Sensor(), Sensors([Beats()])]).beat(2.0)
+    assert seen == [2.0]
+
+
+def test_an_impossible_incomplete_policy_is_refused_before_any_client_is_made() -> None:
+    from test_loop import config, runner
+
+    from worker.core.pipeline import Worker
+
+    from fake_kafka import FakeBroker, FakeClients
+
+    clients = FakeClients(FakeBroker())
+    with pytest.raises(ConfigError, match="accepts_missing"):
+        Worker(config(on_incomplete="infer"), runner(), clients=clients)
+    assert clients.consumers == [] and clients.producers == []

@@ -1,12 +1,13 @@
 """The guarantees: what differs between at-least-once and exactly-once, and recovery.
 
-Both answer the loop's same four calls:
+Both answer the loop's same five calls:
 
 * :meth:`start` before the first poll;
 * :meth:`settle` each turn: delivery results applied (:class:`~worker.core.outputs.Outputs`),
   and a failed send acted on;
 * :meth:`commit` when the interval is due (and at shutdown);
-* :meth:`revoked` after each poll: partitions taken away by a rebalance.
+* :meth:`revoked` after each poll: partitions taken away by a rebalance;
+* :meth:`flush` at shutdown, before the last settle and commit.
 
 :class:`AtLeastOnce` commits the offsets whose outputs are acknowledged; a failed
 send stops the worker (nothing beyond it is committed, a restart re-reads it); a
@@ -200,6 +201,10 @@ class ExactlyOnce:
             producers.append(self.new_producer())
             producers[-1].init_transactions()
 
-        self.retry.call("initialising a new transactional producer", replace)
+        try:
+            self.retry.call("initialising a new transactional producer", replace)
+        except BaseException:
+            self.p.checkpoint.producer = producers[-1]  # the worker closes it as it stops
+            raise
         self.p.checkpoint.replace_producer(producers[-1])
         self.p.sensor.transaction("rebuilt")

@@ -9,11 +9,16 @@ or ``evicted_at_bound`` when the pending bound pushed it out) or ``drop``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Self
 
+from worker.config import WorkerConfig
 from worker.contract.errors import ConfigError, Reason
 from worker.core.assemble import Incomplete
 from worker.core.filters import EventFilter
+
+log = logging.getLogger(__name__)
 
 #: What a decision does: "outside_window", or the --on-incomplete action applied.
 OUTSIDE_WINDOW = "outside_window"
@@ -27,7 +32,8 @@ class Decision:
 
 
 class IncompletePolicy:
-    """``--on-incomplete`` with the bounds and timeout its dead letters explain."""
+    """``--on-incomplete`` with the bounds and timeout its dead letters explain; a
+    configuration it cannot serve is refused when it is made, before any client is."""
 
     def __init__(
         self,
@@ -44,11 +50,28 @@ class IncompletePolicy:
                 "--on-incomplete infer: the model's manifest does not say it accepts missing "
                 "inputs (accepts_missing); use dlq or drop"
             )
+        if timeout_ms == 0:
+            log.warning(
+                "--assembly-timeout-ms 0: incomplete events are held until they fill "
+                "--max-pending-events/bytes, then pushed out oldest first (evicted_at_bound)"
+            )
         self.action = action
         self.events = events
         self.timeout_ms = timeout_ms
         self.max_events = max_events
         self.max_bytes = max_bytes
+
+    @classmethod
+    def of(cls, config: WorkerConfig, events: EventFilter, accepts_missing: bool) -> Self:
+        """The policy of a worker's settings (``accepts_missing``: its model's manifest)."""
+        return cls(
+            config.on_incomplete,
+            events,
+            timeout_ms=config.assembly_timeout_ms,
+            max_events=config.max_pending_events,
+            max_bytes=config.max_pending_bytes,
+            accepts_missing=accepts_missing,
+        )
 
     def decide(self, inc: Incomplete, *, evicted: bool) -> Decision:
         if not self.events.accepts(max(p.source.timestamp_ms for p in inc.parts.values())):

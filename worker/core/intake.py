@@ -45,6 +45,7 @@ class Intake:
         manifest: Manifest,
         required_parts: frozenset[str],
         *,
+        policy: IncompletePolicy,
         consumer: Consumer,
         checkpoint: Checkpoint,
         outputs: Outputs,
@@ -59,19 +60,7 @@ class Intake:
         self.limits = Limits(config.max_part_bytes, config.max_image_pixels)
         self.topic = config.input_topic
         self.timeout_ms = config.assembly_timeout_ms
-        self.policy = IncompletePolicy(
-            config.on_incomplete,
-            events,
-            timeout_ms=config.assembly_timeout_ms,
-            max_events=config.max_pending_events,
-            max_bytes=config.max_pending_bytes,
-            accepts_missing=manifest.accepts_missing,
-        )
-        if config.assembly_timeout_ms == 0:
-            log.warning(
-                "--assembly-timeout-ms 0: incomplete events are held until they fill "
-                "--max-pending-events/bytes, then pushed out oldest first (evicted_at_bound)"
-            )
+        self.policy = policy
         self.consumer = consumer
         self.checkpoint = checkpoint
         self.outputs = outputs

@@ -36,9 +36,10 @@ class Liveness:
         self.membership.check(now_s, out_of_group)
         problem = self._problem(now_s)
         if problem is not None:
+            what = "rejoining" if problem.startswith("out of") else "recovering"
             raise BrokerError(
                 f"{problem} (--progress-timeout-s {self.timeout_s:g}): the Kafka client is "
-                "not recovering; stopping so that the worker is restarted"
+                f"not {what}; stopping so that the worker is restarted"
             )
 
     def health(self) -> tuple[bool, str]:

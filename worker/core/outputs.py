@@ -1,7 +1,8 @@
 """Outputs: predictions and dead letters sent to Kafka, until their results are known.
 
-Sends happen on the inference thread (or inline); the client reports each
-delivery on its own thread. :class:`Outputs` is the only thing that crosses
+Predictions are sent by the scorer (on the inference thread, or inline), dead letters
+also by the intake (on the loop thread); the client reports each delivery on its own
+thread. :class:`Outputs` is the only thing that crosses
 those threads: it counts what is in flight (held against the pending bounds,
 so a broker that stops acknowledging cannot make it grow without end) and
 queues each result for :meth:`Outputs.settle`, which the loop calls on its own
@@ -93,7 +94,7 @@ class Outputs:
     def nbytes(self) -> int:
         return self.interval.nbytes
 
-    # ------------------------------------------------------------ inference thread
+    # ------------------------------------------------------------ any sending thread
 
     def prediction(
         self, key: bytes, value: bytes, sources: tuple[SourceRef, ...], last_part_ms: int

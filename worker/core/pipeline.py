@@ -30,6 +30,7 @@ from worker.core.checkpoint import Checkpoint
 from worker.core.dispatch import Dispatch
 from worker.core.filters import EventFilter, Everything
 from worker.core.guarantee import AtLeastOnce, ExactlyOnce, Guarantee, Parts
+from worker.core.incomplete import IncompletePolicy
 from worker.core.intake import Intake
 from worker.core.liveness import Liveness
 from worker.core.outputs import Outputs
@@ -80,6 +81,8 @@ class Worker:
     ) -> None:
         self.config, self.runner, self.clock = config, runner, clock
         exactly_once = config.guarantee == "exactly-once"
+        events = events or Everything()
+        policy = IncompletePolicy.of(config, events, runner.manifest.accepts_missing)
         self.stats = WorkerStats(provider=runner.info.provider)
         self.sensor = Sensors([StatsSensor(self.stats, clock), *sensors])
         # Exactly-once, outcomes count once their transaction commits (dropped on abort).
@@ -103,9 +106,9 @@ class Worker:
         )  # fmt: skip
         self.batcher = Batcher(config.max_batch_size, config.max_batch_delay_ms)
         self.intake = Intake(
-            config, runner.manifest, runner.required_parts, consumer=self.consumer,
+            config, runner.manifest, runner.required_parts, policy=policy, consumer=self.consumer,
             checkpoint=self.checkpoint, outputs=self.outputs, outcomes=outcomes,
-            sensor=self.sensor, events=events or Everything(), batcher=self.batcher, clock=clock,
+            sensor=self.sensor, events=events, batcher=self.batcher, clock=clock,
         )  # fmt: skip
         self.backpressure = Backpressure(config.max_pending_events, config.max_pending_bytes)
         scorer = Scorer(runner, self.outputs, self.sensor, clock)

@@ -161,10 +161,12 @@ class Sensors(Sensor):
         self.sensors = tuple(sensors)
         for name in CALLS:
             base = getattr(Sensor, name)
-            observers = [
-                getattr(s, name) for s in self.sensors if getattr(type(s), name) is not base
-            ]
-            setattr(self, name, _fan_out(observers))
+            calls = [getattr(s, name) for s in self.sensors]
+            # A bound method of the base is a no-op; anything else (an override, a nested
+            # fan-out's own function) observes the call.
+            setattr(
+                self, name, _fan_out([c for c in calls if getattr(c, "__func__", c) is not base])
+            )
 
 
 def _fan_out(calls: Sequence[Callable[..., None]]) -> Callable[..., None]:

@@ -51,10 +51,11 @@ REFUSED_COMMIT: Mapping[str, bool] = {
     "REBALANCE_IN_PROGRESS": True,
     "ILLEGAL_GENERATION": True,
     "UNKNOWN_MEMBER_ID": True,
-    "FENCED_INSTANCE_ID": True,
     "_ASSIGNMENT_LOST": True,
     "COMMIT_FAILED": False,  # kafka-python's own, after a rebalance it already handled
 }
+# A static member fenced by a newer one with its group.instance.id (FENCED_INSTANCE_ID) is
+# not in the table: it cannot rejoin, so it keeps the client's flag (not retriable).
 #: A newer producer with this transactional id is active.
 FENCED = frozenset({"PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH", "_FENCED"})
 #: Authorization failures, by the resource they are about.

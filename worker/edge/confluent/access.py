@@ -21,6 +21,18 @@ from worker.edge.common import check_access as common_check_access
 
 log = logging.getLogger(__name__)
 
+#: What a group's coordinator answers before it is ready (librdkafka does not flag these
+#: retriable in an admin result).
+_NOT_READY = frozenset(
+    {
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+    }
+)
+
 
 def _error(exc: BaseException) -> KafkaError | None:
     if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
@@ -74,7 +86,8 @@ class AdminProbe:
                 if err is not None and err.code() == KafkaError.GROUP_AUTHORIZATION_FAILED:
                     return "denied"
                 # The coordinator may not be ready on a fresh cluster: try again briefly.
-                if err is None or not err.retriable() or time.monotonic() >= deadline:
+                waiting = err is not None and (err.retriable() or err.code() in _NOT_READY)
+                if not waiting or time.monotonic() >= deadline:
                     log.debug("group access check skipped: %r", exc)
                     return None
                 time.sleep(0.2)

@@ -261,7 +261,7 @@ def _confluent_read(
 ) -> ReadTiming:
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
-    from worker.edge.confluent.clients import FETCH_SETTINGS
+    from worker.edge.confluent.settings import FETCH_SETTINGS
 
     consumer = Consumer(
         {
