@@ -15,13 +15,11 @@ import pytest
 
 from worker.cli.main import build_parser
 from worker.contract.errors import ConfigError
-from worker.tools.bench import (
-    BenchConfig,
-    format_summary,
-    percentiles,
-    run_bench,
-    side_by_side,
-)
+from worker.tools.bench.config import BenchConfig
+from worker.tools.bench.plot import side_by_side
+from worker.tools.bench.report import format_summary
+from worker.tools.bench.results import percentiles
+from worker.tools.bench.run import run_bench
 
 
 def positive(x: Any) -> bool:

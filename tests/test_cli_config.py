@@ -244,7 +244,7 @@ def test_every_worker_setting_has_a_flag_and_every_flag_a_setting() -> None:
     [
         ("produce", "worker.tools.produce", "ProduceConfig"),
         ("demo", "worker.tools.demo", "DemoConfig"),
-        ("bench", "worker.tools.bench", "BenchConfig"),
+        ("bench", "worker.tools.bench.config", "BenchConfig"),
     ],
 )
 def test_other_commands_flags_match_their_config(command: str, module: str, cls: str) -> None:

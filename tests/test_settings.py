@@ -37,7 +37,7 @@ from worker.config import (
     settings_of,
 )
 from worker.contract.errors import ConfigError
-from worker.tools.bench import BenchConfig
+from worker.tools.bench.config import BenchConfig
 from worker.tools.demo import DemoConfig
 from worker.tools.produce import ProduceConfig
 

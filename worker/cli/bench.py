@@ -1,5 +1,5 @@
 """``mmstream bench``: raw ORT, raw consume, the worker end to end and under load
-(flags: :class:`worker.tools.bench.BenchConfig`)."""
+(flags: :class:`worker.tools.bench.config.BenchConfig`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 
 from worker.cli.common import Command
 from worker.config import add_config_args, config_from_args
-from worker.tools.bench import BenchConfig
+from worker.tools.bench.config import BenchConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,7 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from worker.tools.bench import format_summary, run_bench
+    from worker.tools.bench.report import format_summary
+    from worker.tools.bench.run import run_bench
 
     print(format_summary(run_bench(config_from_args(BenchConfig, args))))
     return 0
