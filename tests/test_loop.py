@@ -714,7 +714,7 @@ def test_replay_is_the_worker_with_a_range_a_window_and_a_pacer() -> None:
         clock=broker.clock, clients=FakeClients(broker),
     )  # fmt: skip
     assert isinstance(worker.dispatch.admission, Paced) and isinstance(
-        worker.intake.events, TimeWindow
+        worker.intake.policy.events, TimeWindow
     )
     began = broker.clock.now_ms
     worker.run(threading.Event())  # ends by itself: the range is exhausted

@@ -26,7 +26,6 @@ from worker.core.backpressure import Backpressure
 from worker.core.batcher import Batcher
 from worker.core.checkpoint import Checkpoint
 from worker.core.decode import Limits, decode_record
-from worker.core.filters import EventFilter
 from worker.core.incomplete import OUTSIDE_WINDOW, IncompletePolicy
 from worker.core.outputs import Outputs
 from worker.core.sensors import Outcomes, Sensor
@@ -51,7 +50,6 @@ class Intake:
         outputs: Outputs,
         outcomes: Outcomes,
         sensor: Sensor,
-        events: EventFilter,
         batcher: Batcher,
         clock: Callable[[], int],
     ) -> None:
@@ -66,7 +64,6 @@ class Intake:
         self.outputs = outputs
         self.outcomes = outcomes
         self.sensor = sensor
-        self.events = events
         self.batcher = batcher
         self.clock = clock
         self.assembler = Assembler(required_parts)
@@ -149,7 +146,7 @@ class Intake:
             self._incomplete(inc)
 
     def _batch(self, event: Event) -> None:
-        if self.events.accepts(event.last_part_ms):
+        if self.policy.events.accepts(event.last_part_ms):
             self.batcher.add(event, self.clock())
         else:
             self.outcomes.outside_window()

@@ -34,29 +34,31 @@ class Liveness:
         now_s = self._now_s()
         self.progress.check(now_s, work_waiting)
         self.membership.check(now_s, out_of_group)
-        problem = self._problem(now_s)
-        if problem is not None:
-            what = "rejoining" if problem.startswith("out of") else "recovering"
+        found = self._problem(now_s)
+        if found is not None:
+            problem, not_doing = found
             raise BrokerError(
                 f"{problem} (--progress-timeout-s {self.timeout_s:g}): the Kafka client is "
-                f"not {what}; stopping so that the worker is restarted"
+                f"not {not_doing}; stopping so that the worker is restarted"
             )
 
     def health(self) -> tuple[bool, str]:
         """For ``/healthz``: unhealthy once the loop would stop for want of progress."""
-        problem = self._problem(self._now_s())
-        return (True, "ok") if problem is None else (False, problem)
+        found = self._problem(self._now_s())
+        return (True, "ok") if found is None else (False, found[0])
 
     def out_of_group_s(self) -> float:
         return self.membership.stalled_s(self._now_s())
 
-    def _problem(self, now_s: float) -> str | None:
+    def _problem(self, now_s: float) -> tuple[str, str] | None:
+        """What is past the timeout, and what the client is therefore not doing."""
         stalled = self.progress.stalled_s(now_s)
         if stalled > self.timeout_s:
-            return f"no commit or transaction completed in {stalled:.0f} s while work waited"
+            waited = f"no commit or transaction completed in {stalled:.0f} s while work waited"
+            return waited, "recovering"
         out = self.membership.stalled_s(now_s)
         if out > self.timeout_s:
-            return f"out of consumer group {self.group_id!r} for {out:.0f} s"
+            return f"out of consumer group {self.group_id!r} for {out:.0f} s", "rejoining"
         return None
 
     def _now_s(self) -> float:

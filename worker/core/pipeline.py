@@ -108,7 +108,7 @@ class Worker:
         self.intake = Intake(
             config, runner.manifest, runner.required_parts, policy=policy, consumer=self.consumer,
             checkpoint=self.checkpoint, outputs=self.outputs, outcomes=outcomes,
-            sensor=self.sensor, events=events, batcher=self.batcher, clock=clock,
+            sensor=self.sensor, batcher=self.batcher, clock=clock,
         )  # fmt: skip
         self.backpressure = Backpressure(config.max_pending_events, config.max_pending_bytes)
         scorer = Scorer(runner, self.outputs, self.sensor, clock)
@@ -160,8 +160,7 @@ class Worker:
         self.stage.check()
         self.liveness.check(self._work_waiting, lambda: not self.consumer.in_group())
         pressure = self.backpressure.decide(
-            self.pending_events() + self.outputs.records,
-            self.intake.pending_bytes + self.outputs.nbytes,
+            self.pending_events() + self.outputs.records, self._bytes_held()
         )
         if pressure.pause:
             self.consumer.pause(self.consumer.assignment())  # also newly assigned ones

@@ -18,6 +18,7 @@ from confluent_kafka.admin import AdminClient
 
 from worker.edge.common import AccessProbe, Allowed, TopicAccess
 from worker.edge.common import check_access as common_check_access
+from worker.edge.confluent.errors import kafka_error
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +33,6 @@ _NOT_READY = frozenset(
         KafkaError._TRANSPORT,
     }
 )
-
-
-def _error(exc: BaseException) -> KafkaError | None:
-    if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
-        return exc.args[0]
-    return None
 
 
 def _allowed(ops: Any) -> Allowed:
@@ -66,7 +61,7 @@ class AdminProbe:
             try:
                 out[name] = _allowed(future.result(timeout=self.timeout_s).authorized_operations)
             except Exception as exc:  # not found, or cannot say: left to the client
-                err = _error(exc)
+                err = kafka_error(exc)
                 if err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
                     out[name] = "denied"
                 else:
@@ -82,7 +77,7 @@ class AdminProbe:
                 )[name]
                 return _allowed(future.result(timeout=self.timeout_s).authorized_operations)
             except Exception as exc:
-                err = _error(exc)
+                err = kafka_error(exc)
                 if err is not None and err.code() == KafkaError.GROUP_AUTHORIZATION_FAILED:
                     return "denied"
                 # The coordinator may not be ready on a fresh cluster: try again briefly.

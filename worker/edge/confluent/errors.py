@@ -78,6 +78,13 @@ def failure(err: KafkaError) -> Failure:
     return Failure(err.name(), err.str(), retriable)
 
 
+def kafka_error(exc: BaseException) -> KafkaError | None:
+    """The ``KafkaError`` a ``KafkaException`` carries (None for anything else)."""
+    if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
+        return exc.args[0]
+    return None
+
+
 def broker_error(
     what: str,
     err: KafkaError | BaseException,
@@ -88,8 +95,8 @@ def broker_error(
     """A librdkafka error through :func:`worker.edge.common.translate`; anything else keeps
     its repr. ``about``: (error name, resource names, operation) when the caller knows
     what a refusal of that name is about."""
-    if isinstance(err, KafkaException) and err.args and isinstance(err.args[0], KafkaError):
-        err = err.args[0]
+    if not isinstance(err, KafkaError):
+        err = kafka_error(err) or err
     if not isinstance(err, KafkaError):
         return BrokerError(f"{what}: {err!r}")
     found, operation = failure(err), ""

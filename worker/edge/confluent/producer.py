@@ -18,7 +18,14 @@ from confluent_kafka import (
 from worker.contract.errors import BrokerError
 from worker.contract.records import OutRecord
 from worker.edge.client import Positions
-from worker.edge.confluent.errors import Errors, broker_error, connect, offsets, wrapped
+from worker.edge.confluent.errors import (
+    Errors,
+    broker_error,
+    connect,
+    kafka_error,
+    offsets,
+    wrapped,
+)
 
 if TYPE_CHECKING:
     pass
@@ -69,8 +76,8 @@ class ConfluentProducer:
                 # A fatal error (e.g. a refused transactional id) is raised by poll too; the
                 # call that met it reports it, and a fatal producer has nothing left to serve.
                 log.debug("delivery reports: %s", exc)
-                err = exc.args[0] if exc.args else None
-                if isinstance(err, KafkaError) and err.fatal():
+                err = kafka_error(exc)
+                if err is not None and err.fatal():
                     return
                 time.sleep(0.1)
 
