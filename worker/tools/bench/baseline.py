@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
-from worker.contract.errors import BrokerError, ConfigError
+from worker.contract.errors import BrokerError
+from worker.edge.choice import clients_for
 from worker.edge.common import FETCH_MAX_BYTES, PARTITION_FETCH_BYTES
 
 #: (key, headers, value) of one consumed record.
@@ -36,6 +37,8 @@ Decode = Callable[[str, str, bytes], Any]
 Score = Callable[[list[str], dict[str, list[Any]]], list[bytes]]
 
 COMMIT_EVERY_S = 1.0
+#: How long the kafka-python loop waits to learn its topic's partitions before it joins.
+METADATA_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -165,12 +168,17 @@ class _KafkaPythonIO:
         from kafka import KafkaConsumer, KafkaProducer
 
         self.consumer = KafkaConsumer(
-            topic,
             bootstrap_servers=bootstrap_servers.split(","),
             group_id=group,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
         )
+        # A member that joins before it knows the topic's partitions is assigned none, and
+        # kafka-python asks again only at its next metadata refresh (5 minutes).
+        deadline = time.monotonic() + METADATA_WAIT_S
+        while not self.consumer.partitions_for_topic(topic) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.consumer.subscribe([topic])
         self.producer = KafkaProducer(bootstrap_servers=bootstrap_servers.split(","), linger_ms=5)
 
     def poll(self) -> Iterator[Message]:
@@ -208,11 +216,8 @@ def timed_read_for(kafka_client: str) -> Callable[[str, str, int, float], ReadTi
     ``read(bootstrap_servers, topic, records, timeout_s)``. The clock starts once the
     consumer knows the topic's partitions (connecting is not timed) and stops at the
     last record."""
-    if kafka_client == "confluent":
-        return _confluent_read
-    if kafka_client == "kafka-python":
-        return _kafka_python_read
-    raise ConfigError(f"--kafka-client must be kafka-python or confluent, not {kafka_client!r}")
+    clients_for(kafka_client)  # refuses an unknown client, or one not installed
+    return _confluent_read if kafka_client == "confluent" else _kafka_python_read
 
 
 def _kafka_python_read(
